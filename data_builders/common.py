@@ -91,25 +91,25 @@ def _text_lines(path: epath.Path) -> Iterator[str]:
 
 
 def _read_header(reader, source: str, required: Sequence[str]) -> list[str]:
-  """Reads and checks the header; tolerates a trailing comma (empty last names)."""
-  try:
-    header = [name.strip() for name in next(reader)]
-  except StopIteration:
-    raise DataError(source, "empty CSV file (no header)", 1) from None
-  while header and not header[-1]:
-    header.pop()
+  """Reads and checks the header (the first non-blank line); tolerates a trailing comma."""
+  header: list[str] = []
+  for cells in reader:
+    header = [name.strip() for name in cells]
+    while header and not header[-1]:
+      header.pop()
+    if header:
+      break
   if not header:
-    raise DataError(source, "empty CSV header", 1)
+    raise DataError(source, "empty CSV file (no header)", 1)
+  line = reader.line_num
   missing = [name for name in required if name not in header]
   if missing:
     raise DataError(
-        source,
-        f"missing required column(s) {missing}; columns found: {header}",
-        1,
+        source, f"missing required column(s) {missing}; columns found: {header}", line
     )
   duplicated = sorted({name for name in header if header.count(name) > 1})
   if duplicated:
-    raise DataError(source, f"duplicated column name(s) {duplicated}", 1)
+    raise DataError(source, f"duplicated column name(s) {duplicated}", line)
   return header
 
 

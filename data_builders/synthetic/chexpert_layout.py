@@ -1,0 +1,152 @@
+"""Writes a synthetic CheXpert-v1.0-small download: train.csv, valid.csv and JPEGs.
+
+The layout (paths, header, cell formats) is exactly the real one, so the real builder reads it.
+The structure (patients, studies, views) depends only on the counts, so the documented numbers
+hold for every seed; the seed picks appearances, labels and pixels. Same seed -> same bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import pathlib
+
+import numpy as np
+
+from data_builders.synthetic import cxr, drawing
+
+ROOT = "CheXpert-v1.0-small"
+HEADER = (
+    "Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,Enlarged Cardiomediastinum,Cardiomegaly,"
+    "Lung Opacity,Lung Lesion,Edema,Consolidation,Pneumonia,Atelectasis,Pneumothorax,"
+    "Pleural Effusion,Pleural Other,Fracture,Support Devices"
+).split(",")
+OBSERVATIONS = HEADER[5:]
+COMPETITION = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
+_UNDRAWN = ("Lung Lesion", "Pneumonia", "Pneumothorax", "Pleural Other", "Fracture")
+
+
+@dataclasses.dataclass(frozen=True)
+class Counts:
+  """How many patients, studies and images `write_chexpert` wrote per split."""
+
+  train_patients: int
+  train_studies: int
+  train_images: int
+  valid_patients: int
+  valid_studies: int
+  valid_images: int
+
+
+def _structure(num_patients: int, study_probs: tuple[float, ...]) -> list[list[int]]:
+  """Returns, per patient, the number of views of each study (seed-independent).
+
+  `study_probs[i]` is the probability of i + 1 studies; each study has a lateral view 40% of the
+  time.
+  """
+  rng = np.random.default_rng([0xC4E5, num_patients])
+  num_studies = rng.choice(len(study_probs), size=num_patients, p=study_probs) + 1
+  return [[1 + int(rng.uniform() < 0.4) for _ in range(n)] for n in num_studies]
+
+
+def _study_labels(rng: np.random.Generator, *, valid: bool) -> tuple[dict[str, str], dict]:
+  """Returns (cell text per observation, finding strengths to draw) for one study."""
+  cells, strengths = {}, {}
+  for name in COMPETITION + ("Support Devices",):
+    positive = rng.uniform() < (0.3 if name in COMPETITION else 0.25)
+    if valid:
+      cells[name] = "1.0" if positive else "0.0"
+    elif positive:
+      cells[name] = "-1.0" if rng.uniform() < 0.2 else "1.0"
+    else:
+      cells[name] = str(rng.choice(["0.0", "", "", "-1.0"], p=[0.45, 0.25, 0.2, 0.1]))
+    strengths[name] = (1.0 if cells[name] == "1.0" else 0.55) if positive else 0.0
+  for name in _UNDRAWN:
+    options = ["0.0", "1.0"] if valid else ["", "0.0", "1.0", "-1.0"]
+    cells[name] = str(rng.choice(options, p=[0.9, 0.1] if valid else [0.8, 0.1, 0.05, 0.05]))
+  opacity = any(strengths[n] for n in ("Atelectasis", "Consolidation", "Edema"))
+  cells["Lung Opacity"] = "1.0" if opacity else ("0.0" if valid else "")
+  cells["Enlarged Cardiomediastinum"] = cells["Cardiomegaly"] if strengths["Cardiomegaly"] else (
+      "0.0" if valid else ""
+  )
+  abnormal = any(cells[n] in ("1.0", "-1.0") for n in OBSERVATIONS if n != "No Finding")
+  cells["No Finding"] = ("0.0" if valid else "") if abnormal else "1.0"
+  return cells, strengths
+
+
+def _write_split(
+    out_dir: pathlib.Path,
+    split: str,
+    structure: list[list[int]],
+    first_patient: int,
+    rng: np.random.Generator,
+    image_size: int,
+) -> int:
+  """Writes the JPEGs and the CSV of one split; returns the number of images."""
+  rows = []
+  for offset, study_views in enumerate(structure):
+    patient = f"patient{first_patient + offset:05d}"
+    anatomy = cxr.sample_anatomy(rng)
+    sex = str(rng.choice(["Male", "Female", "Unknown"], p=[0.55, 0.44, 0.01]))
+    age = int(rng.integers(18, 91))
+    for study, num_views in enumerate(study_views, start=1):
+      cells, strengths = _study_labels(rng, valid=split == "valid")
+      for view in range(1, num_views + 1):
+        lateral = view == 2
+        height = int(image_size + rng.integers(-14, 15))
+        width = int(round(height * rng.uniform(0.78, 0.92)))
+        image = cxr.render(anatomy, strengths, lateral=lateral, height=height, width=width, rng=rng)
+        relative = f"{ROOT}/{split}/{patient}/study{study}/view{view}_{'lateral' if lateral else 'frontal'}.jpg"
+        (out_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+        (out_dir / relative).write_bytes(drawing.encode_jpeg(image))
+        ap_pa = "" if lateral else str(rng.choice(["AP", "PA", "LL"], p=[0.6, 0.39, 0.01]))
+        meta = [relative, sex, str(age + study - 1), "Lateral" if lateral else "Frontal", ap_pa]
+        rows.append(meta + [cells[name] for name in OBSERVATIONS])
+  with open(out_dir / ROOT / f"{split}.csv", "w", newline="") as f:
+    writer = csv.writer(f, lineterminator="\n")
+    writer.writerow(HEADER)
+    writer.writerows(rows)
+  return len(rows)
+
+
+def write_chexpert(
+    out_dir: str | pathlib.Path,
+    *,
+    num_patients: int = 300,
+    seed: int = 0,
+    num_valid_patients: int | None = None,
+    image_size: int = 96,
+) -> Counts:
+  """Writes `out_dir/CheXpert-v1.0-small/{train,valid}.csv` and the JPEGs they list.
+
+  Train patients have 1-3 studies (45/35/20%); each study has a frontal view and, 40% of the time, a lateral
+  one. Valid patients (numbered after the train ones, as in the real release) have one study and
+  only 0/1 labels. The default (300 + 30 patients, ~96 px) writes 738 images in a few seconds.
+
+  Args:
+    out_dir: the folder that will contain `CheXpert-v1.0-small/` (the builder's manual dir).
+    num_patients: number of train patients.
+    seed: picks anatomy, labels and pixels; the same seed writes byte-identical files.
+    num_valid_patients: number of validation patients (default: num_patients // 10, at least 1).
+    image_size: typical image height in pixels (heights vary by ±14, widths are ~0.85 × height).
+
+  Returns:
+    The patient, study and image counts of each split.
+  """
+  out_dir = pathlib.Path(out_dir)
+  (out_dir / ROOT).mkdir(parents=True, exist_ok=True)
+  if num_valid_patients is None:
+    num_valid_patients = max(1, num_patients // 10)
+  train = _structure(num_patients, (0.45, 0.35, 0.2))
+  valid = _structure(num_valid_patients, (1.0,))
+  rng = np.random.default_rng(seed)
+  train_images = _write_split(out_dir, "train", train, 1, rng, image_size)
+  valid_images = _write_split(out_dir, "valid", valid, num_patients + 1, rng, image_size)
+  return Counts(
+      train_patients=num_patients,
+      train_studies=sum(len(s) for s in train),
+      train_images=train_images,
+      valid_patients=num_valid_patients,
+      valid_studies=num_valid_patients,
+      valid_images=valid_images,
+  )

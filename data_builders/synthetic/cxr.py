@@ -1,0 +1,165 @@
+"""Synthetic chest X-rays: patient-specific anatomy plus visible signs of each finding.
+
+Bright = dense (bone, heart, fluid), dark = air (lungs), as on a real radiograph. Every
+competition condition changes something a model can learn: Cardiomegaly widens the heart
+silhouette, Pleural Effusion fills a lung base up to a meniscus (blunting the angle),
+Consolidation adds patchy dense blobs, Edema a bilateral perihilar haze with basal lines,
+Atelectasis a raised hemidiaphragm with a plate-like band; Support Devices draw a tube and
+Nodule/Mass a round opacity. A finding's strength (1 positive, ~0.5 uncertain) scales its sign.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import numpy as np
+
+from data_builders.synthetic import drawing
+
+VISIBLE_FINDINGS = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Pleural Effusion",
+    "Support Devices",
+    "Nodule",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Anatomy:
+  """Appearance shared by all images of one patient."""
+
+  body: float  # overall body size
+  lung_width: float
+  lung_height: float
+  lung_gap: float
+  heart: float  # heart size before any cardiomegaly
+  tissue: float  # soft-tissue brightness
+  air: float  # lung brightness
+  rib_frequency: float
+  gamma: float
+  side: int  # side of most unilateral findings, -1 or +1
+
+
+def sample_anatomy(rng: np.random.Generator) -> Anatomy:
+  """Draws one patient's anatomy and intensity profile."""
+  return Anatomy(
+      body=rng.uniform(0.85, 1.05),
+      lung_width=rng.uniform(0.24, 0.32),
+      lung_height=rng.uniform(0.48, 0.62),
+      lung_gap=rng.uniform(0.08, 0.13),
+      heart=rng.uniform(0.85, 1.05),
+      tissue=rng.uniform(0.45, 0.62),
+      air=rng.uniform(0.08, 0.2),
+      rib_frequency=rng.uniform(4.5, 6.0),
+      gamma=rng.uniform(0.8, 1.25),
+      side=int(rng.choice([-1, 1])),
+  )
+
+
+def _lungs(y, x, a: Anatomy, findings: Mapping[str, float]) -> tuple[np.ndarray, list]:
+  """Returns the lung mask (both sides) and per-side (mask, center, radii)."""
+  sides = []
+  total = np.zeros_like(y)
+  for side in (-1, 1):
+    center = (-0.08 * a.body, side * (a.lung_gap + a.lung_width) * a.body)
+    radii = (a.lung_height * a.body, a.lung_width * a.body)
+    raise_dome = 0.18 * findings.get("Atelectasis", 0.0) * (side == a.side)
+    dome = center[0] + 0.72 * radii[0] - raise_dome - 0.18 * (1 - ((x - center[1]) / radii[1]) ** 2)
+    mask = drawing.soft_ellipse(y, x, center, radii) * drawing.sigmoid((dome - y) / 0.03)
+    sides.append((mask, center, radii))
+    total = np.maximum(total, mask)
+  return total, sides
+
+
+def _frontal(y, x, a: Anatomy, findings: Mapping[str, float], rng) -> np.ndarray:
+  body = drawing.soft_ellipse(y, x, (0.1, 0.0), (1.1 * a.body, 0.78 * a.body), 0.06)
+  image = 0.04 + (a.tissue - 0.04) * body
+  lungs, sides = _lungs(y, x, a, findings)
+  ribs = np.maximum(0.0, np.cos(2 * np.pi * a.rib_frequency * (y + 0.3 * x**2) / 2)) ** 6
+  image = image - (a.tissue - a.air) * lungs + 0.08 * ribs * lungs
+  spine = drawing.sigmoid((0.07 - np.abs(x)) / 0.015) * body
+  image = np.maximum(image, 0.62 * spine) + _lung_findings(y, x, sides, lungs, a, findings, rng)
+  heart_scale = a.heart * (1.0 + 0.5 * findings.get("Cardiomegaly", 0.0))
+  heart = drawing.soft_ellipse(
+      y, x, (0.28 * a.body, 0.1 * a.body), (0.26 * a.heart * a.body, 0.27 * heart_scale * a.body)
+  )
+  return image * (1 - heart) + 0.66 * heart
+
+
+def _lateral(y, x, a: Anatomy, findings: Mapping[str, float], rng) -> np.ndarray:
+  body = drawing.soft_ellipse(y, x, (0.1, 0.0), (1.1 * a.body, 0.62 * a.body), 0.06)
+  image = 0.04 + (a.tissue - 0.04) * body
+  center, radii = (-0.05 * a.body, 0.0), (0.66 * a.lung_height / 0.55 * a.body, 0.45 * a.body)
+  dome = center[0] + 0.7 * radii[0] - 0.15 * (1 - (x / radii[1]) ** 2)
+  lung = drawing.soft_ellipse(y, x, center, radii) * drawing.sigmoid((dome - y) / 0.03)
+  image = image - (a.tissue - a.air) * lung
+  spine = drawing.sigmoid((0.08 - np.abs(x - 0.45 * a.body)) / 0.015) * body
+  image = np.maximum(image, 0.6 * spine * (0.8 + 0.2 * np.cos(14 * y) ** 2))
+  image = image + _lung_findings(y, x, [(lung, center, radii)], lung, a, findings, rng)
+  heart_scale = a.heart * (1.0 + 0.45 * findings.get("Cardiomegaly", 0.0))
+  heart = drawing.soft_ellipse(
+      y, x, (0.25 * a.body, -0.2 * a.body), (0.27 * a.heart * a.body, 0.22 * heart_scale * a.body)
+  )
+  return image * (1 - heart) + 0.64 * heart
+
+
+def _lung_findings(y, x, sides, lungs, a: Anatomy, findings, rng) -> np.ndarray:
+  """Returns the brightness added inside the lungs by effusion, consolidation, edema, etc."""
+  added = np.zeros_like(y)
+  mask, center, radii = sides[0] if len(sides) == 1 or a.side < 0 else sides[1]
+  if (s := findings.get("Pleural Effusion", 0.0)) > 0:
+    level = center[0] + radii[0] * (0.75 - 0.5 * s) - 0.12 * ((x - center[1]) / radii[1]) ** 2
+    fluid = drawing.sigmoid((y - level) / 0.025) * mask
+    added += (a.tissue + 0.05 - a.air) * fluid
+  if (s := findings.get("Consolidation", 0.0)) > 0:
+    patch = drawing.smooth_noise(rng, y.shape, 8)
+    for _ in range(rng.integers(2, 4)):
+      dy, dx = rng.uniform(-0.4, 0.4), rng.uniform(-0.5, 0.5)
+      spot = (center[0] + dy * radii[0], center[1] + dx * radii[1])
+      added += 0.45 * s * drawing.gaussian(y, x, spot, 0.1) * (0.5 + patch) * mask
+  if (s := findings.get("Edema", 0.0)) > 0:
+    haze = sum(drawing.gaussian(y, x, (c[0] + 0.1, c[1] * 0.6), 0.3) for _, c, _ in sides)
+    kerley = np.cos(2 * np.pi * 12 * y) ** 8 * drawing.sigmoid((y - 0.2) / 0.05)
+    added += s * (0.22 * haze + 0.1 * kerley) * lungs
+  if (s := findings.get("Atelectasis", 0.0)) > 0:
+    band = np.exp(-(((y - center[0] - 0.25 * radii[0] - 0.25 * (x - center[1])) / 0.035) ** 2))
+    added += 0.45 * s * band * mask
+  if (s := findings.get("Nodule", 0.0)) > 0:
+    spot = (center[0] - 0.2 * radii[0], center[1] + 0.2 * radii[1])
+    added += 0.35 * s * drawing.soft_ellipse(y, x, spot, (0.07, 0.07), 0.1) * mask
+  if findings.get("Support Devices", 0.0) > 0:
+    path = 0.04 + 0.15 * np.clip(y + 0.8, 0, None) ** 2
+    added += 0.5 * np.exp(-(((x - path) / 0.012) ** 2)) * (y > -1.0) * (y < 0.25)
+  return added
+
+
+def render(
+    anatomy: Anatomy,
+    findings: Mapping[str, float],
+    *,
+    lateral: bool,
+    height: int,
+    width: int,
+    rng: np.random.Generator,
+    noise: float = 0.02,
+) -> np.ndarray:
+  """Draws one chest X-ray as uint8 [height, width, 1].
+
+  Args:
+    anatomy: the patient's appearance (shared across their images).
+    findings: finding name (see `VISIBLE_FINDINGS`) -> strength in [0, 1]; others are ignored.
+    lateral: draw a lateral view instead of a frontal one.
+    height: image height in pixels.
+    width: image width in pixels.
+    rng: source of the per-image shift/rotation/zoom, brightness and noise.
+    noise: standard deviation of the additive pixel noise.
+  """
+  y, x = drawing.jitter(*drawing.grid(height, width), rng)
+  draw = _lateral if lateral else _frontal
+  image = np.clip(draw(y, x, anatomy, findings, rng), 0.0, 1.0) ** anatomy.gamma
+  image = image * rng.uniform(0.9, 1.1) + rng.normal(0.0, noise, image.shape)
+  return drawing.to_uint8(image)
