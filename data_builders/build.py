@@ -20,10 +20,11 @@ from data_builders import common
 
 # TFDS builder name -> package whose import registers it. Add one line per new builder.
 BUILDERS: dict[str, str] = {
-    "chexpert_micle": "data_builders.chexpert",
-    "derm": "data_builders.derm",
-    "nih_cxr14": "data_builders.nih_cxr14",
+  "chexpert_micle": "data_builders.chexpert",
+  "derm": "data_builders.derm",
+  "nih_cxr14": "data_builders.nih_cxr14",
 }
+
 
 def builder_class(name: str) -> type[tfds.core.DatasetBuilder]:
   """Imports the package of builder `name` (registering it) and returns the builder class.
@@ -38,17 +39,19 @@ def builder_class(name: str) -> type[tfds.core.DatasetBuilder]:
     importlib.import_module(package)
   except ModuleNotFoundError as e:
     if e.name and package.startswith(e.name):
-      raise ValueError(f"builder {name!r} should be in package {package}, which does not exist") from e
+      raise ValueError(
+        f"builder {name!r} should be in package {package}, which does not exist"
+      ) from e
     raise
   return tfds.builder_cls(name)
 
 
 def build(
-    name: str,
-    *,
-    manual_dir: str,
-    data_dir: str,
-    skip_unreadable: bool = False,
+  name: str,
+  *,
+  manual_dir: str,
+  data_dir: str,
+  skip_unreadable: bool = False,
 ) -> list[tfds.core.DatasetBuilder]:
   """Prepares `name` ('builder' or 'builder/config') from `manual_dir` into `data_dir`.
 
@@ -74,7 +77,7 @@ def build(
     builder.download_and_prepare(download_config=download_config)
     counts = {split: info.num_examples for split, info in builder.info.splits.items()}
     logging.info(
-        "Built %s/%s in %.1f s: %s", builder_name, config_name, time.perf_counter() - start, counts
+      "Built %s/%s in %.1f s: %s", builder_name, config_name, time.perf_counter() - start, counts
     )
     builders.append(builder)
   return builders
@@ -83,7 +86,9 @@ def build(
 def run(name: str, *, manual_dir: str, data_dir: str, skip_unreadable: bool = False) -> int:
   """Runs `build` for the command line: returns the exit code, printing bad input as one line."""
   try:
-    builders = build(name, manual_dir=manual_dir, data_dir=data_dir, skip_unreadable=skip_unreadable)
+    builders = build(
+      name, manual_dir=manual_dir, data_dir=data_dir, skip_unreadable=skip_unreadable
+    )
   except (common.DataError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
@@ -95,21 +100,25 @@ def run(name: str, *, manual_dir: str, data_dir: str, skip_unreadable: bool = Fa
 
 def _main(argv: list[str]) -> None:
   if len(argv) != 2:
-    raise app.UsageError("Usage: python -m data_builders.build NAME[/CONFIG] --manual_dir=DIR --data_dir=DIR")
+    raise app.UsageError(
+      "Usage: python -m data_builders.build NAME[/CONFIG] --manual_dir=DIR --data_dir=DIR"
+    )
   flag_values = flags.FLAGS
   sys.exit(
-      run(
-          argv[1],
-          manual_dir=flag_values.manual_dir,
-          data_dir=flag_values.data_dir,
-          skip_unreadable=flag_values.skip_unreadable,
-      )
+    run(
+      argv[1],
+      manual_dir=flag_values.manual_dir,
+      data_dir=flag_values.data_dir,
+      skip_unreadable=flag_values.skip_unreadable,
+    )
   )
 
 
 if __name__ == "__main__":
   # Flags are defined only when run as a command, so importing this module defines none.
   flags.DEFINE_string("manual_dir", None, "Folder holding the manual download.", required=True)
-  flags.DEFINE_string("data_dir", None, "TFDS data dir to write the prepared dataset to.", required=True)
+  flags.DEFINE_string(
+    "data_dir", None, "TFDS data dir to write the prepared dataset to.", required=True
+  )
   flags.DEFINE_bool("skip_unreadable", False, "Skip (log and count) missing/undecodable images.")
   app.run(_main)

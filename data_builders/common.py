@@ -104,9 +104,7 @@ def _read_header(reader, source: str, required: Sequence[str]) -> list[str]:
   line = reader.line_num
   missing = [name for name in required if name not in header]
   if missing:
-    raise DataError(
-        source, f"missing required column(s) {missing}; columns found: {header}", line
-    )
+    raise DataError(source, f"missing required column(s) {missing}; columns found: {header}", line)
   duplicated = sorted({name for name in header if header.count(name) > 1})
   if duplicated:
     raise DataError(source, f"duplicated column name(s) {duplicated}", line)
@@ -114,10 +112,10 @@ def _read_header(reader, source: str, required: Sequence[str]) -> list[str]:
 
 
 def read_csv(
-    path: epath.PathLike,
-    required_columns: Sequence[str],
-    *,
-    log_every: int = LOG_EVERY_ROWS,
+  path: epath.PathLike,
+  required_columns: Sequence[str],
+  *,
+  log_every: int = LOG_EVERY_ROWS,
 ) -> Iterator[CsvRow]:
   """Streams the data rows of a CSV file after checking its header.
 
@@ -151,7 +149,7 @@ def read_csv(
       cells = cells[: len(header)]
     if len(cells) != len(header):
       raise DataError(
-          source, f"row has {len(cells)} cells but the header has {len(header)}", reader.line_num
+        source, f"row has {len(cells)} cells but the header has {len(header)}", reader.line_num
       )
     num_rows += 1
     if log_every and num_rows % log_every == 0:
@@ -185,8 +183,8 @@ def find_subdir(manual_dir: epath.PathLike, candidates: Sequence[str]) -> epath.
       return manual_dir / name
   listing = sorted(p.name for p in manual_dir.iterdir())[:20] if manual_dir.exists() else []
   raise DataError(
-      manual_dir,
-      f"found none of {list(candidates)} in the manual dir (it contains: {listing or 'nothing'})",
+    manual_dir,
+    f"found none of {list(candidates)} in the manual dir (it contains: {listing or 'nothing'})",
   )
 
 
@@ -210,7 +208,7 @@ def resolve_under(root: epath.PathLike, relative: str, *, source: str, line: int
     raise DataError(source, "empty image path", line)
   if relative.startswith(("/", "\\")) or _URL_OR_DRIVE.match(relative):
     raise DataError(
-        source, f"image path {relative!r} is absolute; it must be relative to the manual dir", line
+      source, f"image path {relative!r} is absolute; it must be relative to the manual dir", line
     )
   normalised = posixpath.normpath(relative.replace("\\", "/"))
   if normalised == ".." or normalised.startswith("../") or normalised == ".":
@@ -260,7 +258,9 @@ class Skipped:
   def report(self) -> None:
     """Logs how many images were skipped (a warning if any were)."""
     if self.count:
-      logging.warning("skip_unreadable: skipped %d unreadable image(s) in %s", self.count, self.what)
+      logging.warning(
+        "skip_unreadable: skipped %d unreadable image(s) in %s", self.count, self.what
+      )
     else:
       logging.info("No unreadable images in %s", self.what)
 
@@ -321,11 +321,11 @@ class UniqueKeys:
 
 
 def group_by_case(
-    records: Iterable[T],
-    case_of: Callable[[T], K],
-    *,
-    what: str = "records",
-    log_every: int = LOG_EVERY_ROWS,
+  records: Iterable[T],
+  case_of: Callable[[T], K],
+  *,
+  what: str = "records",
+  log_every: int = LOG_EVERY_ROWS,
 ) -> dict[K, list[T]]:
   """Groups small metadata records by case, in order of first appearance (no sorting needed).
 

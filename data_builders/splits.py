@@ -72,11 +72,11 @@ def _strata(patient_ids: Sequence[str], labels: Sequence[Hashable] | None) -> di
 
 
 def label_fraction_subset(
-    patient_ids: Sequence[str],
-    labels: Sequence[Hashable] | None,
-    fraction: float,
-    *,
-    seed: int,
+  patient_ids: Sequence[str],
+  labels: Sequence[Hashable] | None,
+  fraction: float,
+  *,
+  seed: int,
 ) -> set[str]:
   """Returns the patients of a label-fraction subset, stratified by label and nested.
 
@@ -108,7 +108,9 @@ def label_fraction_subset(
   return chosen
 
 
-def filter_by_ids(dataset: tf.data.Dataset, key: str, allowed_ids: Iterable[str]) -> tf.data.Dataset:
+def filter_by_ids(
+  dataset: tf.data.Dataset, key: str, allowed_ids: Iterable[str]
+) -> tf.data.Dataset:
   """Keeps the examples whose string feature `key` is in `allowed_ids` (a tf.lookup table).
 
   Args:
@@ -120,9 +122,9 @@ def filter_by_ids(dataset: tf.data.Dataset, key: str, allowed_ids: Iterable[str]
   if not keys:
     return dataset.filter(lambda example: tf.constant(False))
   table = tf.lookup.StaticHashTable(
-      tf.lookup.KeyValueTensorInitializer(
-          tf.constant(keys, tf.string), tf.ones([len(keys)], tf.int32)
-      ),
-      default_value=0,
+    tf.lookup.KeyValueTensorInitializer(
+      tf.constant(keys, tf.string), tf.ones([len(keys)], tf.int32)
+    ),
+    default_value=0,
   )
   return dataset.filter(lambda example: table.lookup(example[key]) > 0)

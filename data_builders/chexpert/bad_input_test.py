@@ -35,7 +35,7 @@ def _edit_train_csv(manual_dir: pathlib.Path, edit) -> pathlib.Path:
 def _build(manual_dir, data_dir, config="images", **kwargs) -> tfds.core.DatasetBuilder:
   builder = chexpert.ChexpertMicle(config=config, data_dir=data_dir, **kwargs)
   download_config = tfds.download.DownloadConfig(
-      manual_dir=str(manual_dir), compute_stats=tfds.download.ComputeStatsMode.SKIP
+    manual_dir=str(manual_dir), compute_stats=tfds.download.ComputeStatsMode.SKIP
   )
   builder.download_and_prepare(download_config=download_config)
   return builder
@@ -50,17 +50,17 @@ def _replace_line3(old: str, new: str):
 
 
 @pytest.mark.parametrize(
-    "edit, message",
-    [
-        (_replace_line3(LINE3_IMAGE, f"{ROOT}/../../etc/x.jpg"), "escapes the manual dir"),
-        (_replace_line3(LINE3_IMAGE, f"/abs/{LINE3_IMAGE}"), "is absolute"),
-        (_replace_line3(",1.0,", ",2.0,"), "invalid value '2.0'"),
-        (_replace_line3(",1.0,", ",yes,"), "invalid value 'yes'"),
-        (_replace_line3(",Frontal,", ",Sideways,"), "invalid value 'Sideways'"),
-        (_replace_line3(",46,", ",old,"), "invalid value 'old' in column 'Age'"),
-        (_replace_line3(LINE3_IMAGE, LINE3_IMAGE.replace(".jpg", "x.jpg")), "image file not found"),
-    ],
-    ids=["dotdot", "absolute", "label_2.0", "label_yes", "view", "age", "missing_image"],
+  "edit, message",
+  [
+    (_replace_line3(LINE3_IMAGE, f"{ROOT}/../../etc/x.jpg"), "escapes the manual dir"),
+    (_replace_line3(LINE3_IMAGE, f"/abs/{LINE3_IMAGE}"), "is absolute"),
+    (_replace_line3(",1.0,", ",2.0,"), "invalid value '2.0'"),
+    (_replace_line3(",1.0,", ",yes,"), "invalid value 'yes'"),
+    (_replace_line3(",Frontal,", ",Sideways,"), "invalid value 'Sideways'"),
+    (_replace_line3(",46,", ",old,"), "invalid value 'old' in column 'Age'"),
+    (_replace_line3(LINE3_IMAGE, LINE3_IMAGE.replace(".jpg", "x.jpg")), "image file not found"),
+  ],
+  ids=["dotdot", "absolute", "label_2.0", "label_yes", "view", "age", "missing_image"],
 )
 def test_bad_row_names_file_and_line(manual_dir, tmp_path, edit, message):
   csv_path = _edit_train_csv(manual_dir, edit)
@@ -90,11 +90,16 @@ def test_missing_or_renamed_column(manual_dir, tmp_path, old, new):
 
   csv_path = _edit_train_csv(manual_dir, edit)
   expected = old.strip(",")
-  with pytest.raises(common.DataError, match=re.escape(f"{csv_path}, line 1: missing required column(s) ['{expected}']")):
+  with pytest.raises(
+    common.DataError,
+    match=re.escape(f"{csv_path}, line 1: missing required column(s) ['{expected}']"),
+  ):
     _build(manual_dir, tmp_path / "tfds")
 
 
-@pytest.mark.parametrize("keep, message", [(0, "empty CSV file"), (1, "CSV file has a header but no data rows")])
+@pytest.mark.parametrize(
+  "keep, message", [(0, "empty CSV file"), (1, "CSV file has a header but no data rows")]
+)
 def test_empty_csv(manual_dir, tmp_path, keep, message):
   csv_path = _edit_train_csv(manual_dir, lambda lines: lines[:keep])
   with pytest.raises(common.DataError, match=re.escape(f"{csv_path}, line 1: {message}")):

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
@@ -75,16 +74,16 @@ def parse_row(row: common.CsvRow) -> ImageRecord:
     raise row.error(f"invalid value {age_text!r} in column 'Age' (expected an integer or blank)")
   codes = [row.parse(name, labels.CELL_CODES) for name in labels.OBSERVATIONS]
   return ImageRecord(
-      image_id=image_id,
-      patient_id=parts[-3],
-      study_id=f"{parts[-3]}/{parts[-2]}",
-      view=row.parse("Frontal/Lateral", _VIEWS),
-      ap_pa=row.parse("AP/PA", _AP_PA),
-      sex=row.parse("Sex", _SEXES),
-      age=int(age_text) if age_text else -1,
-      observations=np.array(codes, np.int8).tobytes(),
-      source=row.source,
-      line=row.line,
+    image_id=image_id,
+    patient_id=parts[-3],
+    study_id=f"{parts[-3]}/{parts[-2]}",
+    view=row.parse("Frontal/Lateral", _VIEWS),
+    ap_pa=row.parse("AP/PA", _AP_PA),
+    sex=row.parse("Sex", _SEXES),
+    age=int(age_text) if age_text else -1,
+    observations=np.array(codes, np.int8).tobytes(),
+    source=row.source,
+    line=row.line,
   )
 
 
@@ -110,11 +109,11 @@ class ChexpertMicle(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "Images, patients and studies configs; raw observation codes."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_DOWNLOAD_INSTRUCTIONS
   BUILDER_CONFIGS = [
-      ChexpertMicleConfig(name="images", case_by=None, description="One example per image."),
-      ChexpertMicleConfig(
-          name="patients", case_by="patient", description="One example per patient (case)."
-      ),
-      ChexpertMicleConfig(name="studies", case_by="study", description="One example per study."),
+    ChexpertMicleConfig(name="images", case_by=None, description="One example per image."),
+    ChexpertMicleConfig(
+      name="patients", case_by="patient", description="One example per patient (case)."
+    ),
+    ChexpertMicleConfig(name="studies", case_by="study", description="One example per study."),
   ]
   DEFAULT_CONFIG_NAME = "images"
 
@@ -129,52 +128,50 @@ class ChexpertMicle(tfds.core.GeneratorBasedBuilder):
     text = tfds.features.Text()
     if self.builder_config.case_by is None:
       features = {
-          "image": tfds.features.Image(shape=(None, None, 1), encoding_format="jpeg"),
-          "image_id": text,
-          "case_id": text,
-          "patient_id": text,
-          "study_id": text,
-          "view": text,
-          "ap_pa": text,
-          "sex": text,
-          "age": tfds.features.Scalar(dtype=np.int32),
-          "observations": tfds.features.Tensor(shape=(14,), dtype=np.int8),
+        "image": tfds.features.Image(shape=(None, None, 1), encoding_format="jpeg"),
+        "image_id": text,
+        "case_id": text,
+        "patient_id": text,
+        "study_id": text,
+        "view": text,
+        "ap_pa": text,
+        "sex": text,
+        "age": tfds.features.Scalar(dtype=np.int32),
+        "observations": tfds.features.Tensor(shape=(14,), dtype=np.int8),
       }
     else:
       features = {
-          "case_id": text,
-          "patient_id": text,
-          "sex": text,
-          "num_images": tfds.features.Scalar(dtype=np.int32),
-          "images": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
-          "image_ids": tfds.features.Sequence(text),
-          "study_ids": tfds.features.Sequence(text),
-          "views": tfds.features.Sequence(text),
-          "ap_pa": tfds.features.Sequence(text),
-          "ages": tfds.features.Sequence(tfds.features.Scalar(dtype=np.int32)),
-          "observations": tfds.features.Sequence(
-              tfds.features.Tensor(shape=(14,), dtype=np.int8)
-          ),
+        "case_id": text,
+        "patient_id": text,
+        "sex": text,
+        "num_images": tfds.features.Scalar(dtype=np.int32),
+        "images": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
+        "image_ids": tfds.features.Sequence(text),
+        "study_ids": tfds.features.Sequence(text),
+        "views": tfds.features.Sequence(text),
+        "ap_pa": tfds.features.Sequence(text),
+        "ages": tfds.features.Sequence(tfds.features.Scalar(dtype=np.int32)),
+        "observations": tfds.features.Sequence(tfds.features.Tensor(shape=(14,), dtype=np.int8)),
       }
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict(features),
-        supervised_keys=None,
-        homepage="https://stanfordmlgroup.github.io/competitions/chexpert/",
-        citation=_CITATION,
+      features=tfds.features.FeaturesDict(features),
+      supervised_keys=None,
+      homepage="https://stanfordmlgroup.github.io/competitions/chexpert/",
+      citation=_CITATION,
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     manual_dir = epath.Path(dl_manager.manual_dir)
     root = common.find_subdir(manual_dir, ROOTS)
     return {
-        split: self._generate_examples(root / filename, manual_dir)
-        for split, filename in SPLIT_FILES.items()
+      split: self._generate_examples(root / filename, manual_dir)
+      for split, filename in SPLIT_FILES.items()
     }
 
   def _generate_examples(self, csv_path: epath.Path, manual_dir: epath.Path):
     records = read_records(csv_path)
     reader = common.ImageReader(
-        manual_dir, skip_unreadable=self.skip_unreadable, what=f"{self.name} {csv_path}"
+      manual_dir, skip_unreadable=self.skip_unreadable, what=f"{self.name} {csv_path}"
     )
     if self.builder_config.case_by is None:
       yield from _image_examples(records, reader)
@@ -190,7 +187,9 @@ def _image_examples(records: list[ImageRecord], reader: common.ImageReader) -> I
     data = reader.read(record.image_id, source=record.source, line=record.line)
     if data is None:
       continue
-    yield record.image_id, {
+    yield (
+      record.image_id,
+      {
         "image": data,
         "image_id": record.image_id,
         "case_id": record.patient_id,
@@ -201,7 +200,8 @@ def _image_examples(records: list[ImageRecord], reader: common.ImageReader) -> I
         "sex": record.sex,
         "age": record.age,
         "observations": _observations(record),
-    }
+      },
+    )
 
 
 def _case_examples(cases: dict[str, list[ImageRecord]], reader: common.ImageReader) -> Iterator:
@@ -215,7 +215,9 @@ def _case_examples(cases: dict[str, list[ImageRecord]], reader: common.ImageRead
     if not kept:
       logging.warning("skip_unreadable: case %s has no readable image left; skipped", case_id)
       continue
-    yield case_id, {
+    yield (
+      case_id,
+      {
         "case_id": case_id,
         "patient_id": kept[0].patient_id,
         "sex": kept[0].sex,
@@ -227,7 +229,8 @@ def _case_examples(cases: dict[str, list[ImageRecord]], reader: common.ImageRead
         "ap_pa": [r.ap_pa for r in kept],
         "ages": [r.age for r in kept],
         "observations": np.stack([_observations(r) for r in kept]),
-    }
+      },
+    )
 
 
 _CITATION = """\

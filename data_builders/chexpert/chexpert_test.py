@@ -36,7 +36,7 @@ class StudiesTest(tfds.testing.DatasetBuilderTestCase):
 def _build(manual_dir, data_dir, config="images", **kwargs) -> tfds.core.DatasetBuilder:
   builder = chexpert.ChexpertMicle(config=config, data_dir=data_dir, **kwargs)
   download_config = tfds.download.DownloadConfig(
-      manual_dir=str(manual_dir), compute_stats=tfds.download.ComputeStatsMode.SKIP
+    manual_dir=str(manual_dir), compute_stats=tfds.download.ComputeStatsMode.SKIP
   )
   builder.download_and_prepare(download_config=download_config)
   return builder
@@ -48,7 +48,11 @@ def test_patient_case_groups_unsorted_rows(tmp_path):
   case = cases["patient00003"]
   # The study1 row is the last line of train.csv, after other patients' rows.
   assert case["num_images"] == 3
-  assert sorted(i.decode().split("/")[3] for i in case["image_ids"]) == ["study1", "study2", "study2"]
+  assert sorted(i.decode().split("/")[3] for i in case["image_ids"]) == [
+    "study1",
+    "study2",
+    "study2",
+  ]
   assert case["observations"].shape == (3, 14)
   assert [tf.io.decode_jpeg(i).shape[-1] for i in case["images"]] == [1, 1, 1]
   assert [v.decode() for v in case["views"]].count("lateral") == 1
@@ -70,30 +74,30 @@ def test_image_features_match_csv(tmp_path):
 
 # Observation rows in CSV order; competition5 columns are indices 8, 2, 6, 5, 10.
 _ROWS = np.array(
-    [
-        # Atel=-1, Card=1, Cons=-2 (blank), Edema=-1, Eff=0
-        [-2, 1, 1, 1, -2, -1, -2, -2, -1, -2, 0, -2, -2, -2],
-        # Atel=0, Card=-1, Cons=1, Edema=-2, Eff=-1
-        [0, 0, -1, 1, 0, -2, 1, 0, 0, 0, -1, 0, 0, 0],
-    ],
-    np.int8,
+  [
+    # Atel=-1, Card=1, Cons=-2 (blank), Edema=-1, Eff=0
+    [-2, 1, 1, 1, -2, -1, -2, -2, -1, -2, 0, -2, -2, -2],
+    # Atel=0, Card=-1, Cons=1, Edema=-2, Eff=-1
+    [0, 0, -1, 1, 0, -2, 1, 0, 0, 0, -1, 0, 0, 0],
+  ],
+  np.int8,
 )
 
 
 @pytest.mark.parametrize(
-    "policy, targets, mask",
-    [
-        ("ones", [[1, 1, 0, 1, 0], [0, 1, 1, 0, 1]], [[1] * 5, [1] * 5]),
-        ("zeros", [[0, 1, 0, 0, 0], [0, 0, 1, 0, 0]], [[1] * 5, [1] * 5]),
-        ("ignore", [[0, 1, 0, 0, 0], [0, 0, 1, 0, 0]], [[0, 1, 1, 0, 1], [1, 0, 1, 1, 0]]),
-        (
-            labels.per_condition_policy(
-                "zeros", {"Atelectasis": "ones", "Edema": "ones"}, label_set="competition5"
-            ),
-            [[1, 1, 0, 1, 0], [0, 0, 1, 0, 0]],
-            [[1] * 5, [1] * 5],
-        ),
-    ],
+  "policy, targets, mask",
+  [
+    ("ones", [[1, 1, 0, 1, 0], [0, 1, 1, 0, 1]], [[1] * 5, [1] * 5]),
+    ("zeros", [[0, 1, 0, 0, 0], [0, 0, 1, 0, 0]], [[1] * 5, [1] * 5]),
+    ("ignore", [[0, 1, 0, 0, 0], [0, 0, 1, 0, 0]], [[0, 1, 1, 0, 1], [1, 0, 1, 1, 0]]),
+    (
+      labels.per_condition_policy(
+        "zeros", {"Atelectasis": "ones", "Edema": "ones"}, label_set="competition5"
+      ),
+      [[1, 1, 0, 1, 0], [0, 0, 1, 0, 0]],
+      [[1] * 5, [1] * 5],
+    ),
+  ],
 )
 def test_policies_numpy_and_tf_agree(policy, targets, mask):
   np_targets, np_mask = labels.targets_and_mask(_ROWS, policy=policy, label_set="competition5")
@@ -102,7 +106,7 @@ def test_policies_numpy_and_tf_agree(policy, targets, mask):
   assert np_targets.dtype == np_mask.dtype == np.float32
 
   ds = tf.data.Dataset.from_tensor_slices(_ROWS).map(
-      lambda obs: labels.targets_and_mask(obs, policy=policy, label_set="competition5")
+    lambda obs: labels.targets_and_mask(obs, policy=policy, label_set="competition5")
   )
   tf_targets, tf_mask = (np.stack(x) for x in zip(*tfds.as_numpy(ds), strict=True))
   np.testing.assert_array_equal(tf_targets, np_targets)
@@ -119,7 +123,7 @@ def test_all14_policy_and_errors():
     labels.targets_and_mask(_ROWS, policy={"Atelactasis": "ones"}, label_set="competition5")
   with pytest.raises(ValueError, match="Edema"):
     labels.targets_and_mask(
-        _ROWS, policy={n: "ones" for n in labels.COMPETITION_TASKS[:3]}, label_set="competition5"
+      _ROWS, policy={n: "ones" for n in labels.COMPETITION_TASKS[:3]}, label_set="competition5"
     )
   with pytest.raises(ValueError, match="'top3'"):
     labels.targets_and_mask(_ROWS, policy="ones", label_set="top3")

@@ -15,44 +15,44 @@ import numpy as np
 import tensorflow as tf
 
 OBSERVATIONS: tuple[str, ...] = (
-    "No Finding",
-    "Enlarged Cardiomediastinum",
-    "Cardiomegaly",
-    "Lung Opacity",
-    "Lung Lesion",
-    "Edema",
-    "Consolidation",
-    "Pneumonia",
-    "Atelectasis",
-    "Pneumothorax",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Fracture",
-    "Support Devices",
+  "No Finding",
+  "Enlarged Cardiomediastinum",
+  "Cardiomegaly",
+  "Lung Opacity",
+  "Lung Lesion",
+  "Edema",
+  "Consolidation",
+  "Pneumonia",
+  "Atelectasis",
+  "Pneumothorax",
+  "Pleural Effusion",
+  "Pleural Other",
+  "Fracture",
+  "Support Devices",
 )
 COMPETITION_TASKS: tuple[str, ...] = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Consolidation",
-    "Edema",
-    "Pleural Effusion",
+  "Atelectasis",
+  "Cardiomegaly",
+  "Consolidation",
+  "Edema",
+  "Pleural Effusion",
 )
 LABEL_SETS: dict[str, tuple[str, ...]] = {
-    "competition5": COMPETITION_TASKS,
-    "all14": OBSERVATIONS,
+  "competition5": COMPETITION_TASKS,
+  "all14": OBSERVATIONS,
 }
 POLICIES: tuple[str, ...] = ("ones", "zeros", "ignore")
 
 POSITIVE, NEGATIVE, UNCERTAIN, UNMENTIONED = 1, 0, -1, -2
 # Cell text -> code. The real CSVs write '1.0', '0.0', '-1.0' or leave the cell blank.
 CELL_CODES: dict[str, int] = {
-    "1.0": POSITIVE,
-    "1": POSITIVE,
-    "0.0": NEGATIVE,
-    "0": NEGATIVE,
-    "-1.0": UNCERTAIN,
-    "-1": UNCERTAIN,
-    "": UNMENTIONED,
+  "1.0": POSITIVE,
+  "1": POSITIVE,
+  "0.0": NEGATIVE,
+  "0": NEGATIVE,
+  "-1.0": UNCERTAIN,
+  "-1": UNCERTAIN,
+  "": UNMENTIONED,
 }
 
 Policy = str | Mapping[str, str]
@@ -66,7 +66,7 @@ def label_names(label_set: str) -> tuple[str, ...]:
 
 
 def per_condition_policy(
-    default: str, overrides: Mapping[str, str] | None = None, *, label_set: str
+  default: str, overrides: Mapping[str, str] | None = None, *, label_set: str
 ) -> dict[str, str]:
   """Returns a full condition -> policy dict: `default` everywhere except `overrides`.
 

@@ -15,7 +15,9 @@ from data_builders import synthetic
 _LAYOUT = flags.DEFINE_enum("layout", None, ["chexpert", "ham10000", "nih"], "Download layout.")
 _OUT = flags.DEFINE_string("out", None, "Folder to write (the builder's manual dir).")
 _SEED = flags.DEFINE_integer("seed", 0, "Same seed -> byte-identical files.")
-_NUM_CASES = flags.DEFINE_integer("num_cases", 300, "Patients (chexpert, nih) or lesions (ham10000).")
+_NUM_CASES = flags.DEFINE_integer(
+  "num_cases", 300, "Patients (chexpert, nih) or lesions (ham10000)."
+)
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 96, "Typical image height in pixels.")
 flags.mark_flags_as_required(["layout", "out"])
 

@@ -17,9 +17,9 @@ from data_builders.synthetic import cxr, drawing
 
 ROOT = "CheXpert-v1.0-small"
 HEADER = (
-    "Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,Enlarged Cardiomediastinum,Cardiomegaly,"
-    "Lung Opacity,Lung Lesion,Edema,Consolidation,Pneumonia,Atelectasis,Pneumothorax,"
-    "Pleural Effusion,Pleural Other,Fracture,Support Devices"
+  "Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,Enlarged Cardiomediastinum,Cardiomegaly,"
+  "Lung Opacity,Lung Lesion,Edema,Consolidation,Pneumonia,Atelectasis,Pneumothorax,"
+  "Pleural Effusion,Pleural Other,Fracture,Support Devices"
 ).split(",")
 OBSERVATIONS = HEADER[5:]
 COMPETITION = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
@@ -66,8 +66,8 @@ def _study_labels(rng: np.random.Generator, *, valid: bool) -> tuple[dict[str, s
     cells[name] = str(rng.choice(options, p=[0.9, 0.1] if valid else [0.8, 0.1, 0.05, 0.05]))
   opacity = any(strengths[n] for n in ("Atelectasis", "Consolidation", "Edema"))
   cells["Lung Opacity"] = "1.0" if opacity else ("0.0" if valid else "")
-  cells["Enlarged Cardiomediastinum"] = cells["Cardiomegaly"] if strengths["Cardiomegaly"] else (
-      "0.0" if valid else ""
+  cells["Enlarged Cardiomediastinum"] = (
+    cells["Cardiomegaly"] if strengths["Cardiomegaly"] else ("0.0" if valid else "")
   )
   abnormal = any(cells[n] in ("1.0", "-1.0") for n in OBSERVATIONS if n != "No Finding")
   cells["No Finding"] = ("0.0" if valid else "") if abnormal else "1.0"
@@ -75,12 +75,12 @@ def _study_labels(rng: np.random.Generator, *, valid: bool) -> tuple[dict[str, s
 
 
 def _write_split(
-    out_dir: pathlib.Path,
-    split: str,
-    structure: list[list[int]],
-    first_patient: int,
-    rng: np.random.Generator,
-    image_size: int,
+  out_dir: pathlib.Path,
+  split: str,
+  structure: list[list[int]],
+  first_patient: int,
+  rng: np.random.Generator,
+  image_size: int,
 ) -> int:
   """Writes the JPEGs and the CSV of one split; returns the number of images."""
   rows = []
@@ -96,7 +96,8 @@ def _write_split(
         height = int(image_size + rng.integers(-14, 15))
         width = int(round(height * rng.uniform(0.78, 0.92)))
         image = cxr.render(anatomy, strengths, lateral=lateral, height=height, width=width, rng=rng)
-        relative = f"{ROOT}/{split}/{patient}/study{study}/view{view}_{'lateral' if lateral else 'frontal'}.jpg"
+        kind = "lateral" if lateral else "frontal"
+        relative = f"{ROOT}/{split}/{patient}/study{study}/view{view}_{kind}.jpg"
         (out_dir / relative).parent.mkdir(parents=True, exist_ok=True)
         (out_dir / relative).write_bytes(drawing.encode_jpeg(image))
         ap_pa = "" if lateral else str(rng.choice(["AP", "PA", "LL"], p=[0.6, 0.39, 0.01]))
@@ -110,18 +111,19 @@ def _write_split(
 
 
 def write_chexpert(
-    out_dir: str | pathlib.Path,
-    *,
-    num_patients: int = 300,
-    seed: int = 0,
-    num_valid_patients: int | None = None,
-    image_size: int = 96,
+  out_dir: str | pathlib.Path,
+  *,
+  num_patients: int = 300,
+  seed: int = 0,
+  num_valid_patients: int | None = None,
+  image_size: int = 96,
 ) -> Counts:
   """Writes `out_dir/CheXpert-v1.0-small/{train,valid}.csv` and the JPEGs they list.
 
-  Train patients have 1-3 studies (45/35/20%); each study has a frontal view and, 40% of the time, a lateral
-  one. Valid patients (numbered after the train ones, as in the real release) have one study and
-  only 0/1 labels. The default (300 + 30 patients, ~96 px) writes 738 images in a few seconds.
+  Train patients have 1-3 studies (45/35/20%); each study has a frontal view and, 40% of the
+  time, a lateral one. Valid patients (numbered after the train ones, as in the real release)
+  have one study and only 0/1 labels. The default (300 + 30 patients, ~96 px) writes 516 train
+  studies with 715 images and 30 valid studies with 45 images, in about 5 s.
 
   Args:
     out_dir: the folder that will contain `CheXpert-v1.0-small/` (the builder's manual dir).
@@ -143,10 +145,10 @@ def write_chexpert(
   train_images = _write_split(out_dir, "train", train, 1, rng, image_size)
   valid_images = _write_split(out_dir, "valid", valid, num_patients + 1, rng, image_size)
   return Counts(
-      train_patients=num_patients,
-      train_studies=sum(len(s) for s in train),
-      train_images=train_images,
-      valid_patients=num_valid_patients,
-      valid_studies=num_valid_patients,
-      valid_images=valid_images,
+    train_patients=num_patients,
+    train_studies=sum(len(s) for s in train),
+    train_images=train_images,
+    valid_patients=num_valid_patients,
+    valid_studies=num_valid_patients,
+    valid_images=valid_images,
   )

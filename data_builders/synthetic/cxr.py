@@ -18,13 +18,13 @@ import numpy as np
 from data_builders.synthetic import drawing
 
 VISIBLE_FINDINGS = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Consolidation",
-    "Edema",
-    "Pleural Effusion",
-    "Support Devices",
-    "Nodule",
+  "Atelectasis",
+  "Cardiomegaly",
+  "Consolidation",
+  "Edema",
+  "Pleural Effusion",
+  "Support Devices",
+  "Nodule",
 )
 
 
@@ -47,16 +47,16 @@ class Anatomy:
 def sample_anatomy(rng: np.random.Generator) -> Anatomy:
   """Draws one patient's anatomy and intensity profile."""
   return Anatomy(
-      body=rng.uniform(0.85, 1.05),
-      lung_width=rng.uniform(0.24, 0.32),
-      lung_height=rng.uniform(0.48, 0.62),
-      lung_gap=rng.uniform(0.08, 0.13),
-      heart=rng.uniform(0.85, 1.05),
-      tissue=rng.uniform(0.45, 0.62),
-      air=rng.uniform(0.08, 0.2),
-      rib_frequency=rng.uniform(4.5, 6.0),
-      gamma=rng.uniform(0.8, 1.25),
-      side=int(rng.choice([-1, 1])),
+    body=rng.uniform(0.85, 1.05),
+    lung_width=rng.uniform(0.24, 0.32),
+    lung_height=rng.uniform(0.48, 0.62),
+    lung_gap=rng.uniform(0.08, 0.13),
+    heart=rng.uniform(0.85, 1.05),
+    tissue=rng.uniform(0.45, 0.62),
+    air=rng.uniform(0.08, 0.2),
+    rib_frequency=rng.uniform(4.5, 6.0),
+    gamma=rng.uniform(0.8, 1.25),
+    side=int(rng.choice([-1, 1])),
   )
 
 
@@ -85,7 +85,7 @@ def _frontal(y, x, a: Anatomy, findings: Mapping[str, float], rng) -> np.ndarray
   image = np.maximum(image, 0.62 * spine) + _lung_findings(y, x, sides, lungs, a, findings, rng)
   heart_scale = a.heart * (1.0 + 0.5 * findings.get("Cardiomegaly", 0.0))
   heart = drawing.soft_ellipse(
-      y, x, (0.28 * a.body, 0.1 * a.body), (0.26 * a.heart * a.body, 0.27 * heart_scale * a.body)
+    y, x, (0.28 * a.body, 0.1 * a.body), (0.26 * a.heart * a.body, 0.27 * heart_scale * a.body)
   )
   return image * (1 - heart) + 0.66 * heart
 
@@ -102,7 +102,7 @@ def _lateral(y, x, a: Anatomy, findings: Mapping[str, float], rng) -> np.ndarray
   image = image + _lung_findings(y, x, [(lung, center, radii)], lung, a, findings, rng)
   heart_scale = a.heart * (1.0 + 0.45 * findings.get("Cardiomegaly", 0.0))
   heart = drawing.soft_ellipse(
-      y, x, (0.25 * a.body, -0.2 * a.body), (0.27 * a.heart * a.body, 0.22 * heart_scale * a.body)
+    y, x, (0.25 * a.body, -0.2 * a.body), (0.27 * a.heart * a.body, 0.22 * heart_scale * a.body)
   )
   return image * (1 - heart) + 0.64 * heart
 
@@ -138,14 +138,14 @@ def _lung_findings(y, x, sides, lungs, a: Anatomy, findings, rng) -> np.ndarray:
 
 
 def render(
-    anatomy: Anatomy,
-    findings: Mapping[str, float],
-    *,
-    lateral: bool,
-    height: int,
-    width: int,
-    rng: np.random.Generator,
-    noise: float = 0.02,
+  anatomy: Anatomy,
+  findings: Mapping[str, float],
+  *,
+  lateral: bool,
+  height: int,
+  width: int,
+  rng: np.random.Generator,
+  noise: float = 0.02,
 ) -> np.ndarray:
   """Draws one chest X-ray as uint8 [height, width, 1].
 

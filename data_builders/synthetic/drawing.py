@@ -18,13 +18,13 @@ def grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def jitter(
-    y: np.ndarray,
-    x: np.ndarray,
-    rng: np.random.Generator,
-    *,
-    max_shift: float = 0.06,
-    max_degrees: float = 6.0,
-    zoom: tuple[float, float] = (0.93, 1.07),
+  y: np.ndarray,
+  x: np.ndarray,
+  rng: np.random.Generator,
+  *,
+  max_shift: float = 0.06,
+  max_degrees: float = 6.0,
+  zoom: tuple[float, float] = (0.93, 1.07),
 ) -> tuple[np.ndarray, np.ndarray]:
   """Applies a random small shift, rotation and zoom to the coordinate grid."""
   angle = np.deg2rad(rng.uniform(-max_degrees, max_degrees))
@@ -35,11 +35,11 @@ def jitter(
 
 
 def soft_ellipse(
-    y: np.ndarray,
-    x: np.ndarray,
-    center: tuple[float, float],
-    radii: tuple[float, float],
-    softness: float = 0.04,
+  y: np.ndarray,
+  x: np.ndarray,
+  center: tuple[float, float],
+  radii: tuple[float, float],
+  softness: float = 0.04,
 ) -> np.ndarray:
   """Returns a [0, 1] mask of an axis-aligned ellipse with a soft (sigmoid) edge."""
   r = np.sqrt(((y - center[0]) / radii[0]) ** 2 + ((x - center[1]) / radii[1]) ** 2)

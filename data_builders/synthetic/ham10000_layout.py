@@ -12,7 +12,15 @@ from data_builders.synthetic import derm, drawing
 
 HEADER = ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"]
 # Roughly the real class frequencies (nv dominates), flattened so every class appears.
-DX_PROBS = {"akiec": 0.08, "bcc": 0.1, "bkl": 0.14, "df": 0.05, "mel": 0.14, "nv": 0.44, "vasc": 0.05}
+DX_PROBS = {
+  "akiec": 0.08,
+  "bcc": 0.1,
+  "bkl": 0.14,
+  "df": 0.05,
+  "mel": 0.14,
+  "nv": 0.44,
+  "vasc": 0.05,
+}
 LOCALIZATIONS = ("back", "lower extremity", "trunk", "upper extremity", "abdomen", "face", "chest")
 
 
@@ -25,12 +33,12 @@ class Counts:
 
 
 def write_ham10000(
-    out_dir: str | pathlib.Path,
-    *,
-    num_lesions: int = 300,
-    seed: int = 0,
-    image_size: int = 96,
-    with_dataset_column: bool = False,
+  out_dir: str | pathlib.Path,
+  *,
+  num_lesions: int = 300,
+  seed: int = 0,
+  image_size: int = 96,
+  with_dataset_column: bool = False,
 ) -> Counts:
   """Writes `HAM10000_metadata.csv` and `HAM10000_images_part_{1,2}/ISIC_NNNNNNN.jpg`.
 
@@ -57,7 +65,11 @@ def write_ham10000(
     age = "" if rng.uniform() < 0.03 else f"{5 * rng.integers(1, 18)}.0"
     sex = str(rng.choice(["male", "female", "unknown"], p=[0.52, 0.46, 0.02]))
     where = str(rng.choice(LOCALIZATIONS))
-    dx_type = "histo" if dx in ("mel", "bcc", "akiec") else str(rng.choice(["follow_up", "consensus", "histo"]))
+    dx_type = (
+      "histo"
+      if dx in ("mel", "bcc", "akiec")
+      else str(rng.choice(["follow_up", "consensus", "histo"]))
+    )
     for _ in range(num_images):
       image_id = f"ISIC_{24306 + len(images):07d}"
       image = derm.render(lesion, height=image_size, width=image_size * 4 // 3, rng=rng)

@@ -14,14 +14,20 @@ import numpy as np
 from data_builders.synthetic import cxr, drawing
 
 HEADER = (
-    "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
-    "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]"
+  "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+  "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]"
 )
 FINDINGS = (
     "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis",
     "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax",
 )  # fmt: skip
-PREVALENCE = {"Atelectasis": 0.15, "Cardiomegaly": 0.1, "Consolidation": 0.08, "Edema": 0.06, "Effusion": 0.15}
+PREVALENCE = {
+  "Atelectasis": 0.15,
+  "Cardiomegaly": 0.1,
+  "Consolidation": 0.08,
+  "Edema": 0.06,
+  "Effusion": 0.15,
+}
 # NIH finding -> what cxr.render draws for it.
 _DRAWN_AS = {"Effusion": "Pleural Effusion", "Mass": "Nodule", "Nodule": "Nodule"}
 
@@ -41,14 +47,14 @@ def _findings(rng: np.random.Generator) -> list[str]:
 
 
 def write_nih(
-    out_dir: str | pathlib.Path,
-    *,
-    num_patients: int = 300,
-    seed: int = 0,
-    image_size: int = 96,
-    images_per_folder: int = 500,
-    test_fraction: float = 0.2,
-    legacy_csv: bool = False,
+  out_dir: str | pathlib.Path,
+  *,
+  num_patients: int = 300,
+  seed: int = 0,
+  image_size: int = 96,
+  images_per_folder: int = 500,
+  test_fraction: float = 0.2,
+  legacy_csv: bool = False,
 ) -> Counts:
   """Writes `Data_Entry_2017_v2020.csv`, `train_val_list.txt`, `test_list.txt` and PNGs.
 
@@ -80,16 +86,20 @@ def write_nih(
       name = f"{patient:08d}_{follow_up:03d}.png"
       found = _findings(rng)
       strengths = {_DRAWN_AS.get(f, f): 1.0 for f in found}
-      image = cxr.render(anatomy, strengths, lateral=False, height=image_size, width=image_size, rng=rng)
+      image = cxr.render(
+        anatomy, strengths, lateral=False, height=image_size, width=image_size, rng=rng
+      )
       image = drawing.to_uint8((image / 255.0) ** 0.8)
       folder = out_dir / f"images_{1 + len(rows) // images_per_folder:03d}" / "images"
       folder.mkdir(parents=True, exist_ok=True)
       (folder / name).write_bytes(drawing.encode_png(image))
       view = str(rng.choice(["PA", "AP"], p=[0.6, 0.4]))
-      patient_id, patient_age = (f"{patient:05d}", f"{age:03d}Y") if legacy_csv else (str(patient), str(age))
+      patient_id, patient_age = (
+        (f"{patient:05d}", f"{age:03d}Y") if legacy_csv else (str(patient), str(age))
+      )
       rows.append(
-          [name, "|".join(found), str(follow_up), patient_id, patient_age, sex, view]
-          + [str(image_size), str(image_size), "0.143", "0.143"]
+        [name, "|".join(found), str(follow_up), patient_id, patient_age, sex, view]
+        + [str(image_size), str(image_size), "0.143", "0.143"]
       )
       (test if in_test else train_val).append(name)
   if legacy_csv:

@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from data_builders import build, common, synthetic
 from data_builders.synthetic import chexpert_layout, ham10000_layout, nih_layout
@@ -21,9 +20,9 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 def _digests(folder: pathlib.Path) -> dict[str, str]:
   return {
-      str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-      for p in sorted(folder.rglob("*"))
-      if p.is_file()
+    str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+    for p in sorted(folder.rglob("*"))
+    if p.is_file()
   }
 
 
@@ -37,13 +36,13 @@ def test_chexpert_builds_with_real_builder_and_counts_match(tmp_path):
   assert (counts.train_patients, counts.valid_patients) == (12, 1)
   for name in ("images", "patients", "studies"):
     (builder,) = build.build(
-        f"chexpert_micle/{name}", manual_dir=str(tmp_path / "manual"), data_dir=str(tmp_path / "tfds")
+      f"chexpert_micle/{name}", manual_dir=str(tmp_path / "manual"), data_dir=str(tmp_path / "tfds")
     )
     splits = {s: i.num_examples for s, i in builder.info.splits.items()}
     expected = {
-        "images": (counts.train_images, counts.valid_images),
-        "patients": (counts.train_patients, counts.valid_patients),
-        "studies": (counts.train_studies, counts.valid_studies),
+      "images": (counts.train_images, counts.valid_images),
+      "patients": (counts.train_patients, counts.valid_patients),
+      "studies": (counts.train_studies, counts.valid_studies),
     }[name]
     assert (splits["train"], splits["validation"]) == expected
   rows = _csv(tmp_path / "manual" / chexpert_layout.ROOT / "train.csv")
@@ -52,7 +51,9 @@ def test_chexpert_builds_with_real_builder_and_counts_match(tmp_path):
   assert cells == {"", "0.0", "1.0", "-1.0"}
   valid = _csv(tmp_path / "manual" / chexpert_layout.ROOT / "valid.csv")
   assert {c for row in valid[1:] for c in row[5:]} <= {"0.0", "1.0"}
-  heights = {tf.io.decode_jpeg((tmp_path / "manual" / r[0]).read_bytes()).shape[0] for r in rows[1:]}
+  heights = {
+    tf.io.decode_jpeg((tmp_path / "manual" / r[0]).read_bytes()).shape[0] for r in rows[1:]
+  }
   assert len(heights) > 3 and min(heights) >= 48 - 14
 
 
@@ -62,13 +63,13 @@ def test_default_chexpert_counts_are_documented():
 
 
 @pytest.mark.parametrize(
-    "write, kwargs",
-    [
-        (synthetic.write_chexpert, {"num_patients": 6}),
-        (synthetic.write_ham10000, {"num_lesions": 8}),
-        (synthetic.write_nih, {"num_patients": 6, "images_per_folder": 5}),
-    ],
-    ids=["chexpert", "ham10000", "nih"],
+  "write, kwargs",
+  [
+    (synthetic.write_chexpert, {"num_patients": 6}),
+    (synthetic.write_ham10000, {"num_lesions": 8}),
+    (synthetic.write_nih, {"num_patients": 6, "images_per_folder": 5}),
+  ],
+  ids=["chexpert", "ham10000", "nih"],
 )
 def test_same_seed_same_bytes(tmp_path, write, kwargs):
   write(tmp_path / "a", seed=5, image_size=40, **kwargs)
@@ -97,7 +98,9 @@ def test_ham10000_layout(tmp_path):
 
 @pytest.mark.parametrize("legacy", [False, True])
 def test_nih_layout(tmp_path, legacy):
-  counts = synthetic.write_nih(tmp_path, num_patients=10, seed=0, image_size=32, images_per_folder=8, legacy_csv=legacy)
+  counts = synthetic.write_nih(
+    tmp_path, num_patients=10, seed=0, image_size=32, images_per_folder=8, legacy_csv=legacy
+  )
   name = "Data_Entry_2017.csv" if legacy else "Data_Entry_2017_v2020.csv"
   raw = (tmp_path / name).read_bytes()
   assert (b"\r\n" in raw) == legacy
@@ -105,7 +108,10 @@ def test_nih_layout(tmp_path, legacy):
   assert len(rows) == counts.images
   listed = [t for _, t in common.read_lines(tmp_path / "train_val_list.txt")]
   test = [t for _, t in common.read_lines(tmp_path / "test_list.txt")]
-  assert sorted(listed + test) == sorted(r["Image Index"] for r in rows) and len(test) == counts.test_images
+  assert (
+    sorted(listed + test) == sorted(r["Image Index"] for r in rows)
+    and len(test) == counts.test_images
+  )
   patients = lambda names: {n.split("_")[0] for n in names}  # noqa: E731
   assert not patients(listed) & patients(test)
   pngs = sorted(tmp_path.glob("images_*/images/*.png"))
@@ -128,12 +134,14 @@ def test_unknown_or_missing_builder_is_a_clear_error(tmp_path):
 def test_command_lines(tmp_path):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(REPO))
   script = (
-      f"{sys.executable} -m data_builders.synthetic --layout=chexpert --out={tmp_path}/m"
-      " --num_cases=4 --image_size=40 --seed=1 && "
-      f"{sys.executable} -m data_builders.build chexpert_micle/patients --manual_dir={tmp_path}/m"
-      f" --data_dir={tmp_path}/tfds"
+    f"{sys.executable} -m data_builders.synthetic --layout=chexpert --out={tmp_path}/m"
+    " --num_cases=4 --image_size=40 --seed=1 && "
+    f"{sys.executable} -m data_builders.build chexpert_micle/patients --manual_dir={tmp_path}/m"
+    f" --data_dir={tmp_path}/tfds"
   )
-  result = subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  result = subprocess.run(
+    ["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert "chexpert_micle/patients/1.0.0: {'train': 4, 'validation': 1}" in result.stdout
 
@@ -142,7 +150,9 @@ def test_build_run_prints_bad_input_as_one_line(tmp_path, capsys):
   synthetic.write_chexpert(tmp_path / "m", num_patients=3, seed=0, image_size=40)
   csv_path = tmp_path / "m" / "CheXpert-v1.0-small" / "train.csv"
   csv_path.write_text("Path,Sex\n")
-  code = build.run("chexpert_micle/images", manual_dir=str(tmp_path / "m"), data_dir=str(tmp_path / "t"))
+  code = build.run(
+    "chexpert_micle/images", manual_dir=str(tmp_path / "m"), data_dir=str(tmp_path / "t")
+  )
   assert code == 1
   last_line = capsys.readouterr().err.splitlines()[-1]  # After TFDS's progress bars.
   assert last_line.startswith(f"error: {csv_path}, line 1: missing required column(s)")
