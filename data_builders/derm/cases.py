@@ -29,7 +29,7 @@ class Case:
 
 
 def _single(
-    images: Sequence[DermImage], value_of: Callable[[DermImage], str | None], what: str, owner: str
+  images: Sequence[DermImage], value_of: Callable[[DermImage], str | None], what: str, owner: str
 ) -> str | None:
   """Returns the one value of `value_of` over `images`; `DataError` naming the rows otherwise."""
   values = {value_of(image) for image in images}
@@ -39,15 +39,15 @@ def _single(
   rows = ", ".join(f"line {image.line}: {value_of(image)!r}" for image in images)
   conflict = next(image for image in images if value_of(image) != value_of(first))
   raise common.DataError(
-      first.source, f"{owner} has images with different {what} ({rows})", conflict.line
+    first.source, f"{owner} has images with different {what} ({rows})", conflict.line
   )
 
 
 def make_cases(
-    images: Iterable[DermImage],
-    *,
-    split_seed: int,
-    fractions: Mapping[str, float] = SPLIT_FRACTIONS,
+  images: Iterable[DermImage],
+  *,
+  split_seed: int,
+  fractions: Mapping[str, float] = SPLIT_FRACTIONS,
 ) -> list[Case]:
   """Groups `images` by case, checks each case, and assigns every case a split.
 
@@ -80,10 +80,10 @@ def make_cases(
     first_split, first_image = patient_split.setdefault(patient_id, (split, case_images[0]))
     if first_split != split:
       raise common.DataError(
-          case_images[0].source,
-          f"patient {patient_id!r} is in split {split!r} here but in {first_split!r} on line "
-          f"{first_image.line}; all cases of a patient must share a split",
-          case_images[0].line,
+        case_images[0].source,
+        f"patient {patient_id!r} is in split {split!r} here but in {first_split!r} on line "
+        f"{first_image.line}; all cases of a patient must share a split",
+        case_images[0].line,
       )
     if split not in SPLITS:
       raise ValueError(f"unexpected split {split!r} for patient {patient_id!r}")

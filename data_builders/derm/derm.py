@@ -21,20 +21,20 @@ from data_builders.derm import cases as cases_lib
 from data_builders.derm import sources
 
 _READERS = {
-    "generic": sources.read_generic,
-    "ham10000": sources.read_ham10000,
-    "pad_ufes20": sources.read_pad_ufes20,
+  "generic": sources.read_generic,
+  "ham10000": sources.read_ham10000,
+  "pad_ufes20": sources.read_pad_ufes20,
 }
 # Class names fixed by the source; None: the sorted unique labels found in the CSV.
 _CLASSES: dict[str, Sequence[str] | None] = {
-    "generic": None,
-    "ham10000": sources.HAM10000_CLASSES,
-    "pad_ufes20": sources.PAD_UFES20_CLASSES,
+  "generic": None,
+  "ham10000": sources.HAM10000_CLASSES,
+  "pad_ufes20": sources.PAD_UFES20_CLASSES,
 }
 _DESCRIPTIONS = {
-    "generic": "a generic case CSV (`cases.csv`)",
-    "ham10000": "HAM10000 dermoscopy (case = lesion)",
-    "pad_ufes20": "PAD-UFES-20 smartphone photos (case = lesion)",
+  "generic": "a generic case CSV (`cases.csv`)",
+  "ham10000": "HAM10000 dermoscopy (case = lesion)",
+  "pad_ufes20": "PAD-UFES-20 smartphone photos (case = lesion)",
 }
 IMAGES = "images"
 CASES = "cases"
@@ -60,12 +60,12 @@ def _make_configs() -> list[DermConfig]:
   for source, description in _DESCRIPTIONS.items():
     for level in (IMAGES, CASES):
       configs.append(
-          DermConfig(
-              name=f"{source}_{level}",
-              description=f"One example per {level[:-1]}, from {description}.",
-              source=source,
-              level=level,
-          )
+        DermConfig(
+          name=f"{source}_{level}",
+          description=f"One example per {level[:-1]}, from {description}.",
+          source=source,
+          level=level,
+        )
       )
   return configs
 
@@ -97,31 +97,31 @@ class Derm(tfds.core.GeneratorBasedBuilder):
     config = self.builder_config
     label = tfds.features.ClassLabel(names=_CLASSES[config.source])
     ids = {
-        "case_id": tfds.features.Text(),
-        "patient_id": tfds.features.Text(),
+      "case_id": tfds.features.Text(),
+      "patient_id": tfds.features.Text(),
     }
     if config.level == IMAGES:
       features = {
-          "image": tfds.features.Image(shape=(None, None, 3)),
-          "image_id": tfds.features.Text(),
-          **ids,
-          "label": label,
-          "age": tfds.features.Scalar(dtype=tf.int32),
-          "sex": tfds.features.Text(),
-          "localization": tfds.features.Text(),
+        "image": tfds.features.Image(shape=(None, None, 3)),
+        "image_id": tfds.features.Text(),
+        **ids,
+        "label": label,
+        "age": tfds.features.Scalar(dtype=tf.int32),
+        "sex": tfds.features.Text(),
+        "localization": tfds.features.Text(),
       }
     else:
       features = {
-          **ids,
-          "num_images": tfds.features.Scalar(dtype=tf.int32),
-          "images": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=tf.string)),
-          "image_ids": tfds.features.Sequence(tfds.features.Text()),
-          "label": label,
+        **ids,
+        "num_images": tfds.features.Scalar(dtype=tf.int32),
+        "images": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=tf.string)),
+        "image_ids": tfds.features.Sequence(tfds.features.Text()),
+        "label": label,
       }
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict(features),
-        supervised_keys=("image", "label") if config.level == IMAGES else None,
-        homepage="https://github.com/google-research/simclr",
+      features=tfds.features.FeaturesDict(features),
+      supervised_keys=("image", "label") if config.level == IMAGES else None,
+      homepage="https://github.com/google-research/simclr",
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
@@ -140,18 +140,18 @@ class Derm(tfds.core.GeneratorBasedBuilder):
       if split not in by_split:
         logging.warning("%s: split %r has no cases and is not written", config.name, split)
     return {
-        split: self._generate_examples(by_split[split], manual_dir, split)
-        for split in sources.SPLITS
-        if split in by_split
+      split: self._generate_examples(by_split[split], manual_dir, split)
+      for split in sources.SPLITS
+      if split in by_split
     }
 
   def _generate_examples(
-      self, cases: Sequence[cases_lib.Case], manual_dir: epath.Path, split: str
+    self, cases: Sequence[cases_lib.Case], manual_dir: epath.Path, split: str
   ) -> Iterator[tuple[str, dict[str, Any]]]:
     reader = common.ImageReader(
-        manual_dir,
-        skip_unreadable=self._skip_unreadable,
-        what=f"{self.builder_config.name} {split}",
+      manual_dir,
+      skip_unreadable=self._skip_unreadable,
+      what=f"{self.builder_config.name} {split}",
     )
     generate = _image_examples if self.builder_config.level == IMAGES else _case_examples
     yield from generate(cases, reader)
@@ -159,7 +159,7 @@ class Derm(tfds.core.GeneratorBasedBuilder):
 
 
 def _image_examples(
-    cases: Sequence[cases_lib.Case], reader: common.ImageReader
+  cases: Sequence[cases_lib.Case], reader: common.ImageReader
 ) -> Iterator[tuple[str, dict[str, Any]]]:
   """Yields one example per readable image, keyed by its path."""
   for case in cases:
@@ -167,7 +167,9 @@ def _image_examples(
       data = reader.read(image.image_id, source=image.source, line=image.line)
       if data is None:
         continue
-      yield image.image_id, {
+      yield (
+        image.image_id,
+        {
           "image": data,
           "image_id": image.image_id,
           "case_id": case.case_id,
@@ -176,11 +178,12 @@ def _image_examples(
           "age": image.age,
           "sex": image.sex,
           "localization": image.localization,
-      }
+        },
+      )
 
 
 def _case_examples(
-    cases: Sequence[cases_lib.Case], reader: common.ImageReader
+  cases: Sequence[cases_lib.Case], reader: common.ImageReader
 ) -> Iterator[tuple[str, dict[str, Any]]]:
   """Yields one example per case with its readable images' encoded bytes, keyed by case id."""
   for case in cases:
@@ -193,11 +196,14 @@ def _case_examples(
     if not encoded:
       logging.warning("skip_unreadable: case %r has no readable image left; dropped", case.case_id)
       continue
-    yield case.case_id, {
+    yield (
+      case.case_id,
+      {
         "case_id": case.case_id,
         "patient_id": case.patient_id,
         "num_images": len(encoded),
         "images": encoded,
         "image_ids": image_ids,
         "label": case.label,
-    }
+      },
+    )

@@ -76,11 +76,11 @@ def _builder(manual: epath.Path, config: str, **kwargs) -> derm.Derm:
 def _build(manual: epath.Path, config: str, **kwargs) -> dict[str, list[dict]]:
   builder = _builder(manual, config, **kwargs)
   download_config = tfds.download.DownloadConfig(
-      manual_dir=manual, compute_stats=tfds.download.ComputeStatsMode.SKIP
+    manual_dir=manual, compute_stats=tfds.download.ComputeStatsMode.SKIP
   )
   builder.download_and_prepare(download_config=download_config)
   return {
-      split: list(tfds.as_numpy(builder.as_dataset(split=split))) for split in builder.info.splits
+    split: list(tfds.as_numpy(builder.as_dataset(split=split))) for split in builder.info.splits
   }
 
 
@@ -116,8 +116,8 @@ def test_ham10000_lower_case_folders_and_old_header(tmp_path):
   examples = [ex for split in _build(manual, "ham10000_images").values() for ex in split]
   assert len(examples) == 12
   assert {ex["image_id"].split(b"/")[0] for ex in examples} == {
-      b"ham10000_images_part_1",
-      b"ham10000_images_part_2",
+    b"ham10000_images_part_1",
+    b"ham10000_images_part_2",
   }
   unknown_age = [ex for ex in examples if ex["age"] == -1]
   assert len(unknown_age) == 1 and unknown_age[0]["sex"] == b"unknown"
@@ -152,64 +152,64 @@ def test_pad_ufes20_patient_level_split_and_nested_images(tmp_path):
 
 # name -> (source, CSV edit, expected message after "CSV_NAME, ").
 _BAD_CSV = {
-    "generic_escaping_path": (
-        "generic",
-        _replace_line(3, "images/case_a_2.jpg", "images/../../secret.jpg"),
-        r"line 3: image path 'images/../../secret.jpg' escapes the manual dir",
-    ),
-    "generic_absolute_path": (
-        "generic",
-        _replace_line(2, "images/case_a_1.jpg", "/etc/passwd"),
-        r"line 2: image path '/etc/passwd' is absolute",
-    ),
-    "generic_renamed_column": (
-        "generic",
-        _replace_line(1, "label", "diagnosis"),
-        r"line 1: missing required column.*'label'",
-    ),
-    "generic_empty_csv": ("generic", lambda lines: [], r"line 1: empty CSV"),
-    "generic_duplicated_path": (
-        "generic",
-        _replace_line(3, "case_a_2.jpg", "case_a_1.jpg"),
-        r"line 3: duplicated image_path 'images/case_a_1.jpg' \(first on line 2\)",
-    ),
-    "generic_empty_label": ("generic", _replace_line(4, "psoriasis", ""), r"line 4: empty value"),
-    "generic_bad_split": (
-        "generic",
-        _replace_line(5, "train", "dev"),
-        r"line 5: invalid value 'dev' in column 'split'",
-    ),
-    "generic_case_labels_disagree": (
-        "generic",
-        _replace_line(9, "eczema", "psoriasis"),
-        r"line 9: case 'case_e' has images with different labels \(line 8: 'eczema'",
-    ),
-    "generic_patient_straddles_splits": (
-        "generic",
-        _replace_line(5, "pat_2", "pat_3"),
-        r"line 6: patient 'pat_3' is in split 'validation' here but in 'train' on line 5",
-    ),
-    "ham_unknown_dx": (
-        "ham10000",
-        _replace_line(5, ",nv,", ",nevus,"),
-        r"line 5: invalid value 'nevus' in column 'dx'",
-    ),
-    "ham_duplicated_image_id": (
-        "ham10000",
-        _replace_line(3, "ISIC_0024307", "ISIC_0024306"),
-        r"line 3: duplicated image_id 'ISIC_0024306' \(first on line 2\)",
-    ),
-    "ham_header_only": ("ham10000", lambda lines: lines[:1], r"line 1: .* header but no data"),
-    "pad_unknown_diagnostic": (
-        "pad_ufes20",
-        _replace_line(5, ",ACK,", ",AK,"),
-        r"line 5: invalid value 'AK' in column 'diagnostic'",
-    ),
-    "pad_renamed_column": (
-        "pad_ufes20",
-        _replace_line(1, "img_id", "image_id"),
-        r"line 1: missing required column.*'img_id'",
-    ),
+  "generic_escaping_path": (
+    "generic",
+    _replace_line(3, "images/case_a_2.jpg", "images/../../secret.jpg"),
+    r"line 3: image path 'images/../../secret.jpg' escapes the manual dir",
+  ),
+  "generic_absolute_path": (
+    "generic",
+    _replace_line(2, "images/case_a_1.jpg", "/etc/passwd"),
+    r"line 2: image path '/etc/passwd' is absolute",
+  ),
+  "generic_renamed_column": (
+    "generic",
+    _replace_line(1, "label", "diagnosis"),
+    r"line 1: missing required column.*'label'",
+  ),
+  "generic_empty_csv": ("generic", lambda lines: [], r"line 1: empty CSV"),
+  "generic_duplicated_path": (
+    "generic",
+    _replace_line(3, "case_a_2.jpg", "case_a_1.jpg"),
+    r"line 3: duplicated image_path 'images/case_a_1.jpg' \(first on line 2\)",
+  ),
+  "generic_empty_label": ("generic", _replace_line(4, "psoriasis", ""), r"line 4: empty value"),
+  "generic_bad_split": (
+    "generic",
+    _replace_line(5, "train", "dev"),
+    r"line 5: invalid value 'dev' in column 'split'",
+  ),
+  "generic_case_labels_disagree": (
+    "generic",
+    _replace_line(9, "eczema", "psoriasis"),
+    r"line 9: case 'case_e' has images with different labels \(line 8: 'eczema'",
+  ),
+  "generic_patient_straddles_splits": (
+    "generic",
+    _replace_line(5, "pat_2", "pat_3"),
+    r"line 6: patient 'pat_3' is in split 'validation' here but in 'train' on line 5",
+  ),
+  "ham_unknown_dx": (
+    "ham10000",
+    _replace_line(5, ",nv,", ",nevus,"),
+    r"line 5: invalid value 'nevus' in column 'dx'",
+  ),
+  "ham_duplicated_image_id": (
+    "ham10000",
+    _replace_line(3, "ISIC_0024307", "ISIC_0024306"),
+    r"line 3: duplicated image_id 'ISIC_0024306' \(first on line 2\)",
+  ),
+  "ham_header_only": ("ham10000", lambda lines: lines[:1], r"line 1: .* header but no data"),
+  "pad_unknown_diagnostic": (
+    "pad_ufes20",
+    _replace_line(5, ",ACK,", ",AK,"),
+    r"line 5: invalid value 'AK' in column 'diagnostic'",
+  ),
+  "pad_renamed_column": (
+    "pad_ufes20",
+    _replace_line(1, "img_id", "image_id"),
+    r"line 1: missing required column.*'img_id'",
+  ),
 }
 _CSV_NAME = {"generic": "cases.csv", "ham10000": HAM_CSV, "pad_ufes20": "metadata.csv"}
 
@@ -249,9 +249,9 @@ def test_skip_unreadable_skips_and_counts(tmp_path):
   (manual / "images/more/case_c_1.jpg").unlink()
   images = _build(manual, "generic_images", skip_unreadable=True)
   assert {split: len(examples) for split, examples in images.items()} == {
-      "train": 2,
-      "validation": 2,
-      "test": 3,
+    "train": 2,
+    "validation": 2,
+    "test": 3,
   }
   cases = _build(manual, "generic_cases", skip_unreadable=True)
   train = {ex["case_id"]: ex["num_images"] for ex in cases["train"]}
@@ -263,7 +263,7 @@ def test_skip_unreadable_skips_and_counts(tmp_path):
 def test_synthetic_ham10000_builds(tmp_path, with_dataset_column):
   manual = epath.Path(tmp_path) / "manual"
   counts = synthetic.write_ham10000(
-      manual, num_lesions=10, image_size=12, with_dataset_column=with_dataset_column
+    manual, num_lesions=10, image_size=12, with_dataset_column=with_dataset_column
   )
   splits = _build(manual, "ham10000_cases")
   cases = [ex for examples in splits.values() for ex in examples]

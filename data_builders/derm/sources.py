@@ -84,10 +84,10 @@ def _required(row: common.CsvRow, column: str) -> str:
 
 
 def index_images(
-    manual_dir: epath.Path,
-    folders: Sequence[epath.Path],
-    *,
-    key_of: Callable[[epath.Path], str] = lambda path: path.name,
+  manual_dir: epath.Path,
+  folders: Sequence[epath.Path],
+  *,
+  key_of: Callable[[epath.Path], str] = lambda path: path.name,
 ) -> dict[str, str]:
   """Indexes the image files under `folders` (recursively) in one walk.
 
@@ -114,7 +114,7 @@ def index_images(
         first = index.setdefault(key_of(path), relative)
         if first != relative:
           raise common.DataError(
-              manual_dir, f"two image files for {key_of(path)!r}: {first}, {relative}"
+            manual_dir, f"two image files for {key_of(path)!r}: {first}, {relative}"
           )
   logging.info("Indexed %d images under %s", len(index), [str(f) for f in folders])
   return index
@@ -145,16 +145,16 @@ def read_generic(manual_dir: epath.PathLike) -> Iterator[DermImage]:
     case_id = _required(row, "case_id")
     site_column = "localization" if "localization" in row.values else "site"
     yield DermImage(
-        source=row.source,
-        line=row.line,
-        image_id=image_id,
-        case_id=case_id,
-        patient_id=row.values.get("patient_id") or case_id,
-        label=_required(row, "label"),
-        age=_age(row, "age"),
-        sex=_text(row, "sex"),
-        localization=_text(row, site_column),
-        split=split,
+      source=row.source,
+      line=row.line,
+      image_id=image_id,
+      case_id=case_id,
+      patient_id=row.values.get("patient_id") or case_id,
+      label=_required(row, "label"),
+      age=_age(row, "age"),
+      sex=_text(row, "sex"),
+      localization=_text(row, site_column),
+      split=split,
     )
 
 
@@ -197,15 +197,15 @@ def read_ham10000(manual_dir: epath.PathLike) -> Iterator[DermImage]:
     ids.add(image_name, source=row.source, line=row.line)
     lesion_id = _required(row, "lesion_id")
     yield DermImage(
-        source=row.source,
-        line=row.line,
-        image_id=_indexed(index, image_name, f"{HAM10000_IMAGE_DIRS[0]}/{image_name}.jpg", row),
-        case_id=lesion_id,
-        patient_id=lesion_id,
-        label=row.parse("dx", classes),
-        age=_age(row, "age"),
-        sex=_text(row, "sex"),
-        localization=_text(row, "localization"),
+      source=row.source,
+      line=row.line,
+      image_id=_indexed(index, image_name, f"{HAM10000_IMAGE_DIRS[0]}/{image_name}.jpg", row),
+      case_id=lesion_id,
+      patient_id=lesion_id,
+      label=row.parse("dx", classes),
+      age=_age(row, "age"),
+      sex=_text(row, "sex"),
+      localization=_text(row, "localization"),
     )
 
 
@@ -226,13 +226,13 @@ def read_pad_ufes20(manual_dir: epath.PathLike) -> Iterator[DermImage]:
     image_name = _required(row, "img_id")
     ids.add(image_name, source=row.source, line=row.line)
     yield DermImage(
-        source=row.source,
-        line=row.line,
-        image_id=_indexed(index, image_name, f"images/{image_name}", row),
-        case_id=_required(row, "lesion_id"),
-        patient_id=_required(row, "patient_id"),
-        label=row.parse("diagnostic", classes),
-        age=_age(row, "age"),
-        sex=_text(row, "gender"),
-        localization=_text(row, "region"),
+      source=row.source,
+      line=row.line,
+      image_id=_indexed(index, image_name, f"images/{image_name}", row),
+      case_id=_required(row, "lesion_id"),
+      patient_id=_required(row, "patient_id"),
+      label=row.parse("diagnostic", classes),
+      age=_age(row, "age"),
+      sex=_text(row, "gender"),
+      localization=_text(row, "region"),
     )

@@ -4,10 +4,10 @@ from data_builders.nih_cxr14.labels import CHEXPERT5, NIH_FINDINGS, parse_findin
 from data_builders.nih_cxr14.nih_cxr14 import NihCxr14, NihCxr14Config
 
 __all__ = [
-    "CHEXPERT5",
-    "NIH_FINDINGS",
-    "NihCxr14",
-    "NihCxr14Config",
-    "parse_findings",
-    "to_chexpert5",
+  "CHEXPERT5",
+  "NIH_FINDINGS",
+  "NihCxr14",
+  "NihCxr14Config",
+  "parse_findings",
+  "to_chexpert5",
 ]

@@ -14,33 +14,33 @@ import numpy as np
 import tensorflow as tf
 
 NIH_FINDINGS: tuple[str, ...] = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Consolidation",
-    "Edema",
-    "Effusion",
-    "Emphysema",
-    "Fibrosis",
-    "Hernia",
-    "Infiltration",
-    "Mass",
-    "Nodule",
-    "Pleural_Thickening",
-    "Pneumonia",
-    "Pneumothorax",
+  "Atelectasis",
+  "Cardiomegaly",
+  "Consolidation",
+  "Edema",
+  "Effusion",
+  "Emphysema",
+  "Fibrosis",
+  "Hernia",
+  "Infiltration",
+  "Mass",
+  "Nodule",
+  "Pleural_Thickening",
+  "Pneumonia",
+  "Pneumothorax",
 )
 NO_FINDING = "No Finding"
 CHEXPERT5: tuple[str, ...] = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Consolidation",
-    "Edema",
-    "Pleural Effusion",
+  "Atelectasis",
+  "Cardiomegaly",
+  "Consolidation",
+  "Edema",
+  "Pleural Effusion",
 )
 # NIH name of each CheXpert-5 condition, in CHEXPERT5 order.
 _NIH_NAME_OF_CHEXPERT5 = {"Pleural Effusion": "Effusion"}
 CHEXPERT5_INDICES: tuple[int, ...] = tuple(
-    NIH_FINDINGS.index(_NIH_NAME_OF_CHEXPERT5.get(name, name)) for name in CHEXPERT5
+  NIH_FINDINGS.index(_NIH_NAME_OF_CHEXPERT5.get(name, name)) for name in CHEXPERT5
 )
 
 ArrayT = TypeVar("ArrayT", np.ndarray, tf.Tensor)

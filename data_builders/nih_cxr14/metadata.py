@@ -23,13 +23,13 @@ CSV_NAMES: tuple[str, ...] = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv"
 SPLIT_LISTS: dict[str, str] = {"train_val_list.txt": "train", "test_list.txt": "test"}
 IMAGE_GLOBS: tuple[str, ...] = ("images_*/images/*.png", "images/*.png")
 REQUIRED_COLUMNS: tuple[str, ...] = (
-    "Image Index",
-    "Finding Labels",
-    "Follow-up #",
-    "Patient ID",
-    "Patient Age",
-    "Patient Gender",
-    "View Position",
+  "Image Index",
+  "Finding Labels",
+  "Follow-up #",
+  "Patient ID",
+  "Patient Age",
+  "Patient Gender",
+  "View Position",
 )
 VIEWS: tuple[str, ...] = ("PA", "AP")
 
@@ -126,7 +126,7 @@ def index_images(manual_dir: epath.Path) -> dict[str, str]:
       first = index.setdefault(path.name, relative)
       if first != relative:
         raise common.DataError(
-            manual_dir, f"two image files named {path.name!r}: {first}, {relative}"
+          manual_dir, f"two image files named {path.name!r}: {first}, {relative}"
         )
   logging.info("Indexed %d images under %s", len(index), manual_dir)
   return index
@@ -143,16 +143,16 @@ def _parse_row(row: common.CsvRow, image_id: str, split: str) -> NihImage:
   if not follow_up.isdigit():
     raise row.error(f"invalid Follow-up # {follow_up!r} (expected digits)")
   return NihImage(
-      source=row.source,
-      line=row.line,
-      image_id=image_id,
-      patient_id=patient_id,
-      follow_up=int(follow_up),
-      age=age,
-      sex=row["Patient Gender"],
-      view=row.parse("View Position", {view: view for view in VIEWS}),
-      findings=findings,
-      split=split,
+    source=row.source,
+    line=row.line,
+    image_id=image_id,
+    patient_id=patient_id,
+    follow_up=int(follow_up),
+    age=age,
+    sex=row["Patient Gender"],
+    view=row.parse("View Position", {view: view for view in VIEWS}),
+    findings=findings,
+    split=split,
   )
 
 

@@ -38,12 +38,12 @@ class NihCxr14(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [
-      NihCxr14Config(name=IMAGES, description="One example per image.", level=IMAGES),
-      NihCxr14Config(
-          name=PATIENTS,
-          description="One example per patient: encoded bytes of all their images.",
-          level=PATIENTS,
-      ),
+    NihCxr14Config(name=IMAGES, description="One example per image.", level=IMAGES),
+    NihCxr14Config(
+      name=PATIENTS,
+      description="One example per patient: encoded bytes of all their images.",
+      level=PATIENTS,
+    ),
   ]
   DEFAULT_BUILDER_CONFIG_NAME = IMAGES
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
@@ -66,32 +66,32 @@ class NihCxr14(tfds.core.GeneratorBasedBuilder):
     text = tfds.features.Text()
     ids = {"case_id": text, "patient_id": text}
     per_image = {
-        "follow_up": int32,
-        "age": int32,
-        "sex": text,
-        "view": text,
-        "findings": findings,
-        "chexpert5": chexpert5,
+      "follow_up": int32,
+      "age": int32,
+      "sex": text,
+      "view": text,
+      "findings": findings,
+      "chexpert5": chexpert5,
     }
     if self.builder_config.level == IMAGES:
       features = {
-          "image": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
-          "image_id": text,
-          **ids,
-          **per_image,
+        "image": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
+        "image_id": text,
+        **ids,
+        **per_image,
       }
     else:
       features = {
-          **ids,
-          "num_images": int32,
-          "images": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=tf.string)),
-          "image_ids": tfds.features.Sequence(text),
-          **{name: tfds.features.Sequence(feature) for name, feature in per_image.items()},
+        **ids,
+        "num_images": int32,
+        "images": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=tf.string)),
+        "image_ids": tfds.features.Sequence(text),
+        **{name: tfds.features.Sequence(feature) for name, feature in per_image.items()},
       }
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict(features),
-        homepage="https://nihcc.app.box.com/v/ChestXray-NIHCC",
-        citation="""@inproceedings{wang2017chestxray,
+      features=tfds.features.FeaturesDict(features),
+      homepage="https://nihcc.app.box.com/v/ChestXray-NIHCC",
+      citation="""@inproceedings{wang2017chestxray,
   title={ChestX-ray8: Hospital-scale Chest X-ray Database and Benchmarks},
   author={Wang, Xiaosong and Peng, Yifan and Lu, Le and Lu, Zhiyong and
           Bagheri, Mohammadhadi and Summers, Ronald M},
@@ -101,7 +101,7 @@ class NihCxr14(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     manual_dir = epath.Path(dl_manager.manual_dir)
     patients = common.group_by_case(
-        metadata.read_entries(manual_dir), lambda image: image.patient_id, what="images"
+      metadata.read_entries(manual_dir), lambda image: image.patient_id, what="images"
     )
     by_split: dict[str, list[list[metadata.NihImage]]] = {"train": [], "test": []}
     for images in patients.values():
@@ -110,16 +110,16 @@ class NihCxr14(tfds.core.GeneratorBasedBuilder):
       if not split_patients:
         logging.warning("nih_cxr14: split %r has no images and is not written", split)
     return {
-        split: self._generate_examples(split_patients, manual_dir, split)
-        for split, split_patients in by_split.items()
-        if split_patients
+      split: self._generate_examples(split_patients, manual_dir, split)
+      for split, split_patients in by_split.items()
+      if split_patients
     }
 
   def _generate_examples(
-      self, patients: Sequence[Sequence[metadata.NihImage]], manual_dir: epath.Path, split: str
+    self, patients: Sequence[Sequence[metadata.NihImage]], manual_dir: epath.Path, split: str
   ) -> Iterator[tuple[str, dict[str, Any]]]:
     reader = common.ImageReader(
-        manual_dir, skip_unreadable=self._skip_unreadable, what=f"nih_cxr14 {split}"
+      manual_dir, skip_unreadable=self._skip_unreadable, what=f"nih_cxr14 {split}"
     )
     if self.builder_config.level == IMAGES:
       yield from _image_examples(patients, reader)
@@ -134,28 +134,28 @@ def _patient_split(images: Sequence[metadata.NihImage]) -> str:
   for image in images[1:]:
     if image.split != first.split:
       raise common.DataError(
-          first.source,
-          f"patient {first.patient_id!r} has images in both splits: line {first.line} "
-          f"({first.split}) and line {image.line} ({image.split}); the lists must be "
-          "patient-disjoint",
-          image.line,
+        first.source,
+        f"patient {first.patient_id!r} has images in both splits: line {first.line} "
+        f"({first.split}) and line {image.line} ({image.split}); the lists must be "
+        "patient-disjoint",
+        image.line,
       )
   return first.split
 
 
 def _per_image_features(image: metadata.NihImage) -> dict[str, Any]:
   return {
-      "follow_up": image.follow_up,
-      "age": image.age,
-      "sex": image.sex,
-      "view": image.view,
-      "findings": image.findings,
-      "chexpert5": labels.to_chexpert5(image.findings),
+    "follow_up": image.follow_up,
+    "age": image.age,
+    "sex": image.sex,
+    "view": image.view,
+    "findings": image.findings,
+    "chexpert5": labels.to_chexpert5(image.findings),
   }
 
 
 def _image_examples(
-    patients: Sequence[Sequence[metadata.NihImage]], reader: common.ImageReader
+  patients: Sequence[Sequence[metadata.NihImage]], reader: common.ImageReader
 ) -> Iterator[tuple[str, dict[str, Any]]]:
   """Yields one example per readable image, keyed by its path."""
   for images in patients:
@@ -163,17 +163,20 @@ def _image_examples(
       data = reader.read(image.image_id, source=image.source, line=image.line)
       if data is None:
         continue
-      yield image.image_id, {
+      yield (
+        image.image_id,
+        {
           "image": data,
           "image_id": image.image_id,
           "case_id": image.patient_id,
           "patient_id": image.patient_id,
           **_per_image_features(image),
-      }
+        },
+      )
 
 
 def _patient_examples(
-    patients: Sequence[Sequence[metadata.NihImage]], reader: common.ImageReader
+  patients: Sequence[Sequence[metadata.NihImage]], reader: common.ImageReader
 ) -> Iterator[tuple[str, dict[str, Any]]]:
   """Yields one example per patient with the encoded bytes of their readable images."""
   for images in patients:
@@ -184,16 +187,20 @@ def _patient_examples(
         kept.append(image)
         encoded.append(data)
     if not kept:
-      logging.warning("skip_unreadable: patient %r has no readable image left; dropped",
-                      images[0].patient_id)
+      logging.warning(
+        "skip_unreadable: patient %r has no readable image left; dropped", images[0].patient_id
+      )
       continue
     per_image = [_per_image_features(image) for image in kept]
     patient_id = kept[0].patient_id
-    yield patient_id, {
+    yield (
+      patient_id,
+      {
         "case_id": patient_id,
         "patient_id": patient_id,
         "num_images": len(kept),
         "images": encoded,
         "image_ids": [image.image_id for image in kept],
         **{name: [features[name] for features in per_image] for name in per_image[0]},
-    }
+      },
+    )

@@ -44,11 +44,11 @@ def manual_dir(tmp_path: epath.Path) -> epath.Path:
 def _build(manual: epath.Path, config: str = "images", **kwargs) -> dict[str, list[dict]]:
   builder = nih_cxr14.NihCxr14(config=config, data_dir=str(manual.parent / "out"), **kwargs)
   download_config = tfds.download.DownloadConfig(
-      manual_dir=manual, compute_stats=tfds.download.ComputeStatsMode.SKIP
+    manual_dir=manual, compute_stats=tfds.download.ComputeStatsMode.SKIP
   )
   builder.download_and_prepare(download_config=download_config)
   return {
-      split: list(tfds.as_numpy(builder.as_dataset(split=split))) for split in builder.info.splits
+    split: list(tfds.as_numpy(builder.as_dataset(split=split))) for split in builder.info.splits
   }
 
 
@@ -115,27 +115,27 @@ def _delete(manual: epath.Path) -> None:
 
 
 _BAD_CSV = {
-    "unknown_finding": (_replace_line(3, "Emphysema", "Emphysma"), r"line 3: .*unknown finding"),
-    "renamed_column": (
-        _replace_line(1, "Finding Labels", "Findings"),
-        r"line 1: missing required column.*Finding Labels",
-    ),
-    "empty_csv": (lambda lines: [], r"line 1: empty CSV"),
-    "header_only": (lambda lines: lines[:1], r"line 1: CSV file has a header but no data rows"),
-    "duplicated_image": (
-        _replace_line(3, "00000001_001.png", "00000001_000.png"),
-        r"line 3: duplicated Image Index '00000001_000.png' \(first on line 2\)",
-    ),
-    "path_in_image_index": (
-        _replace_line(2, "00000001_000.png", "../00000001_000.png"),
-        r"line 2: invalid Image Index",
-    ),
-    "bad_view": (_replace_line(4, ",AP,", ",LL,"), r"line 4: invalid value 'LL'"),
-    "bad_age": (_replace_line(5, ",81,", ",eighty,"), r"line 5: invalid Patient Age"),
-    "not_in_lists": (
-        lambda lines: [*lines, lines[-1].replace("00000004_001", "00000005_000")],
-        r"line 10: image '00000005_000.png' is in neither",
-    ),
+  "unknown_finding": (_replace_line(3, "Emphysema", "Emphysma"), r"line 3: .*unknown finding"),
+  "renamed_column": (
+    _replace_line(1, "Finding Labels", "Findings"),
+    r"line 1: missing required column.*Finding Labels",
+  ),
+  "empty_csv": (lambda lines: [], r"line 1: empty CSV"),
+  "header_only": (lambda lines: lines[:1], r"line 1: CSV file has a header but no data rows"),
+  "duplicated_image": (
+    _replace_line(3, "00000001_001.png", "00000001_000.png"),
+    r"line 3: duplicated Image Index '00000001_000.png' \(first on line 2\)",
+  ),
+  "path_in_image_index": (
+    _replace_line(2, "00000001_000.png", "../00000001_000.png"),
+    r"line 2: invalid Image Index",
+  ),
+  "bad_view": (_replace_line(4, ",AP,", ",LL,"), r"line 4: invalid value 'LL'"),
+  "bad_age": (_replace_line(5, ",81,", ",eighty,"), r"line 5: invalid Patient Age"),
+  "not_in_lists": (
+    lambda lines: [*lines, lines[-1].replace("00000004_001", "00000005_000")],
+    r"line 10: image '00000005_000.png' is in neither",
+  ),
 }
 
 
@@ -148,11 +148,11 @@ def test_bad_csv_names_file_and_row(manual_dir, name):
 
 
 @pytest.mark.parametrize(
-    "damage, match",
-    [
-        (_delete, rf"{V2020}, line 6: image file not found: .*00000003_000\.png"),
-        (_corrupt, rf"{V2020}, line 3: .*00000001_001\.png: cannot decode image"),
-    ],
+  "damage, match",
+  [
+    (_delete, rf"{V2020}, line 6: image file not found: .*00000003_000\.png"),
+    (_corrupt, rf"{V2020}, line 3: .*00000001_001\.png: cannot decode image"),
+  ],
 )
 def test_unreadable_image_names_file_and_row(manual_dir, damage, match):
   damage(manual_dir)
@@ -197,7 +197,7 @@ def test_to_chexpert5_numpy_and_tf():
 def test_synthetic_download_builds(tmp_path, legacy_csv):
   manual = epath.Path(tmp_path) / "manual"
   counts = synthetic.write_nih(
-      manual, num_patients=8, image_size=16, images_per_folder=6, legacy_csv=legacy_csv
+    manual, num_patients=8, image_size=16, images_per_folder=6, legacy_csv=legacy_csv
   )
   splits = _build(manual, "patients")
   assert sum(len(examples) for examples in splits.values()) == counts.patients
