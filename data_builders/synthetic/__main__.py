@@ -12,29 +12,44 @@ from absl import app, flags, logging
 
 from data_builders import synthetic
 
-_LAYOUT = flags.DEFINE_enum("layout", None, ["chexpert", "ham10000", "nih"], "Download layout.")
-_OUT = flags.DEFINE_string("out", None, "Folder to write (the builder's manual dir).")
-_SEED = flags.DEFINE_integer("seed", 0, "Same seed -> byte-identical files.")
-_NUM_CASES = flags.DEFINE_integer(
-  "num_cases", 300, "Patients (chexpert, nih) or lesions (ham10000)."
-)
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 96, "Typical image height in pixels.")
-flags.mark_flags_as_required(["layout", "out"])
+LAYOUTS = ("chexpert", "ham10000", "nih")
 
 
-def main(argv: list[str]) -> None:
+def write(layout: str, out: str, *, seed: int = 0, num_cases: int = 300, image_size: int = 96):
+  """Writes `layout` ('chexpert', 'ham10000' or 'nih') to `out`; returns the writer's counts.
+
+  `num_cases` is the number of patients (chexpert, nih) or lesions (ham10000).
+  """
+  common = dict(seed=seed, image_size=image_size)
+  if layout == "chexpert":
+    return synthetic.write_chexpert(out, num_patients=num_cases, **common)
+  if layout == "ham10000":
+    return synthetic.write_ham10000(out, num_lesions=num_cases, **common)
+  if layout == "nih":
+    return synthetic.write_nih(out, num_patients=num_cases, **common)
+  raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+
+
+def _main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  common = dict(seed=_SEED.value, image_size=_IMAGE_SIZE.value)
-  if _LAYOUT.value == "chexpert":
-    counts = synthetic.write_chexpert(_OUT.value, num_patients=_NUM_CASES.value, **common)
-  elif _LAYOUT.value == "ham10000":
-    counts = synthetic.write_ham10000(_OUT.value, num_lesions=_NUM_CASES.value, **common)
-  else:
-    counts = synthetic.write_nih(_OUT.value, num_patients=_NUM_CASES.value, **common)
-  logging.info("Wrote synthetic %s to %s: %s", _LAYOUT.value, _OUT.value, counts)
+  values = flags.FLAGS
+  counts = write(
+    values.layout,
+    values.out,
+    seed=values.seed,
+    num_cases=values.num_cases,
+    image_size=values.image_size,
+  )
+  logging.info("Wrote synthetic %s to %s: %s", values.layout, values.out, counts)
   print(counts)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  # Flags are defined only when run as a command, so importing this module defines none.
+  flags.DEFINE_enum("layout", None, list(LAYOUTS), "Download layout.", required=True)
+  flags.DEFINE_string("out", None, "Folder to write (the builder's manual dir).", required=True)
+  flags.DEFINE_integer("seed", 0, "Same seed -> byte-identical files.")
+  flags.DEFINE_integer("num_cases", 300, "Patients (chexpert, nih) or lesions (ham10000).")
+  flags.DEFINE_integer("image_size", 96, "Typical image height in pixels.")
+  app.run(_main)

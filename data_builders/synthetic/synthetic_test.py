@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 from data_builders import build, common, synthetic
+from data_builders.synthetic import __main__ as synthetic_main
 from data_builders.synthetic import chexpert_layout, ham10000_layout, nih_layout
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -130,18 +131,23 @@ def test_unknown_or_missing_builder_is_a_clear_error(tmp_path):
     del build.BUILDERS["ghost"]
 
 
+def test_synthetic_command_writer(tmp_path):
+  counts = synthetic_main.write("chexpert", str(tmp_path), seed=1, num_cases=4, image_size=40)
+  assert counts.train_patients == 4 and (tmp_path / chexpert_layout.ROOT / "valid.csv").exists()
+  assert (
+    synthetic_main.write("ham10000", str(tmp_path / "h"), num_cases=2, image_size=32).lesions == 2
+  )
+  with pytest.raises(ValueError, match="'mri'"):
+    synthetic_main.write("mri", str(tmp_path))
+
+
 @pytest.mark.slow
-def test_command_lines(tmp_path):
+def test_build_command_line(tmp_path):
+  synthetic.write_chexpert(tmp_path / "m", num_patients=4, seed=1, image_size=40)
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(REPO))
-  script = (
-    f"{sys.executable} -m data_builders.synthetic --layout=chexpert --out={tmp_path}/m"
-    " --num_cases=4 --image_size=40 --seed=1 && "
-    f"{sys.executable} -m data_builders.build chexpert_micle/patients --manual_dir={tmp_path}/m"
-    f" --data_dir={tmp_path}/tfds"
-  )
-  result = subprocess.run(
-    ["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
-  )
+  command = [sys.executable, "-m", "data_builders.build", "chexpert_micle/patients"]
+  command += [f"--manual_dir={tmp_path}/m", f"--data_dir={tmp_path}/tfds"]
+  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   assert "chexpert_micle/patients/1.0.0: {'train': 4, 'validation': 1}" in result.stdout
 
