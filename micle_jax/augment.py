@@ -11,7 +11,11 @@ Python `if`s only look at Python arguments. Public functions are therefore marke
 
 Images are float32 in [0, 1], HWC (uint8/uint16 inputs are rescaled); grayscale inputs are
 replicated to 3 channels. Outputs are float32 in [0, 1] with 3 channels and no mean/std
-normalisation, as in SimCLR. The view recipes built from these ops live in `augment_presets`.
+normalisation, as in SimCLR.
+
+This module holds the seed and dtype helpers and the geometric ops (crops, decoding, flip,
+rotation); `augment_photometric` holds colour jitter, grayscale and blur, and `augment_presets`
+the view recipes built from both.
 """
 
 import functools
@@ -24,8 +28,6 @@ import tensorflow as tf
 _WHOLE_IMAGE_BOX = (((0.0, 0.0, 1.0, 1.0),),)
 # SimCLR's `min_object_covered`: with the whole-image box it is a second lower bound on the area.
 _MIN_OBJECT_COVERED = 0.1
-# Output rows per banded matmul in `gaussian_blur` (16 was fastest on CPU at 224 px).
-_BLUR_BLOCK = 16
 
 WindowFn = Callable[[tf.Tensor], tf.Tensor]
 
@@ -51,10 +53,11 @@ def _uniform(seed: tf.Tensor, low: float, high: float) -> tf.Tensor:
   return tf.random.stateless_uniform([], _as_seed(seed), minval=low, maxval=high)
 
 
-def _maybe_apply(
+@tf.autograph.experimental.do_not_convert
+def random_apply(
   image: tf.Tensor, seed: tf.Tensor, p: float, fn: Callable[[tf.Tensor], tf.Tensor]
 ) -> tf.Tensor:
-  """Returns `fn(image)` with probability `p`, else `image` (no op at all for p ∈ {0, 1})."""
+  """Returns `fn(image)` with probability `p`, else `image` (no random op for p ∈ {0, 1})."""
   if p <= 0.0:
     return image
   if p >= 1.0:
@@ -275,145 +278,6 @@ def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   """Flips left-right with probability 0.5."""
   image = to_rgb_float(image)
   return tf.cond(_coin(seed, 0.5), lambda: tf.reverse(image, axis=[1]), lambda: image)
-
-
-def _jitter_ops(
-  seeds: Sequence[tf.Tensor], strength: float
-) -> list[Callable[[tf.Tensor], tf.Tensor]]:
-  """SimCLR's brightness, contrast, saturation and hue ops for colour strength `strength`."""
-  b = c = s = 0.8 * strength
-  h = min(0.2 * strength, 0.5)
-  return [
-    lambda x: x * _uniform(seeds[0], max(0.0, 1.0 - b), 1.0 + b),
-    lambda x: tf.image.adjust_contrast(x, _uniform(seeds[1], max(0.0, 1.0 - c), 1.0 + c)),
-    lambda x: tf.image.adjust_saturation(x, _uniform(seeds[2], max(0.0, 1.0 - s), 1.0 + s)),
-    lambda x: tf.image.adjust_hue(x, _uniform(seeds[3], -h, h)),
-  ]
-
-
-@tf.autograph.experimental.do_not_convert
-def color_jitter(
-  image: tf.Tensor, seed: tf.Tensor, *, strength: float, random_order: bool = True
-) -> tf.Tensor:
-  """SimCLR colour jitter: brightness, contrast, saturation, hue, each clipped to [0, 1].
-
-  Brightness is multiplicative with factor U[max(0, 1-0.8s), 1+0.8s]; contrast and saturation
-  factors are U[max(0, 1-0.8s), 1+0.8s]; the hue shift is U[-0.2s, 0.2s]. With `random_order` the
-  four ops run in a seeded random permutation (a `tf.switch_case` per position).
-
-  Args:
-    image: HWC image in [0, 1].
-    seed: shape-[2] stateless seed.
-    strength: colour strength s ≥ 0; 0 returns the (RGB, float) image unchanged.
-    random_order: shuffle the op order (SimCLR does); otherwise b, c, s, h.
-
-  Returns:
-    float32 HW3 in [0, 1].
-  """
-  if strength < 0:
-    raise ValueError(f"colour jitter strength must be >= 0, got {strength}")
-  image = to_rgb_float(image)
-  if strength == 0:
-    return image
-  order_seed, *op_seeds = split_seed(seed, 5)
-  ops = _jitter_ops(op_seeds, strength)
-  if not random_order:
-    for op in ops:
-      image = tf.clip_by_value(op(image), 0.0, 1.0)
-    return image
-  order = tf.argsort(tf.random.stateless_uniform([len(ops)], order_seed))
-  for position in range(len(ops)):
-    branches = [lambda op=op, x=image: op(x) for op in ops]
-    image = tf.clip_by_value(tf.switch_case(order[position], branches), 0.0, 1.0)
-  return image
-
-
-@tf.autograph.experimental.do_not_convert
-def random_color_jitter(
-  image: tf.Tensor, seed: tf.Tensor, *, strength: float, p: float = 0.8
-) -> tf.Tensor:
-  """Applies `color_jitter` with probability `p`."""
-  apply_seed, jitter_seed = split_seed(seed, 2)
-  image = to_rgb_float(image)
-  return _maybe_apply(
-    image, apply_seed, p, lambda x: color_jitter(x, jitter_seed, strength=strength)
-  )
-
-
-@tf.autograph.experimental.do_not_convert
-def to_grayscale(image: tf.Tensor) -> tf.Tensor:
-  """Luma (ITU-R 601-2, `tf.image.rgb_to_grayscale`) replicated to 3 channels."""
-  return tf.tile(tf.image.rgb_to_grayscale(to_rgb_float(image)), [1, 1, 3])
-
-
-@tf.autograph.experimental.do_not_convert
-def random_grayscale(image: tf.Tensor, seed: tf.Tensor, p: float = 0.2) -> tf.Tensor:
-  """Converts to 3-channel grayscale with probability `p`."""
-  return _maybe_apply(to_rgb_float(image), seed, p, to_grayscale)
-
-
-def _blur_rows(image: tf.Tensor, kernel: tf.Tensor, radius: tf.Tensor) -> tf.Tensor:
-  """Convolves the rows (axis 0) of HWC `image` with `kernel`, reflect-padded.
-
-  Output rows come in blocks of `_BLUR_BLOCK`; block b reads input rows [b·B - radius,
-  (b+1)·B + radius), all blocks in one [B, B + 2·radius] banded matmul. On CPU this is ~20x faster
-  than `tf.nn.depthwise_conv2d` with SimCLR's 23-tap kernel, and equal to it up to rounding.
-  """
-  n = tf.shape(image)[0]
-  width = _BLUR_BLOCK + 2 * radius
-  num_blocks = (n + _BLUR_BLOCK - 1) // _BLUR_BLOCK
-  rows = tf.range(width)[:, None] - radius + tf.range(num_blocks)[None, :] * _BLUR_BLOCK
-  rows = tf.abs(rows)  # Reflect at the top (edge not repeated, like tf.pad's REFLECT) ...
-  rows = tf.where(rows > n - 1, 2 * (n - 1) - rows, rows)  # ... and at the bottom.
-  rows = tf.clip_by_value(rows, 0, n - 1)  # Rows past the last block's end are dropped below.
-  diagonal = tf.range(width)[None, :] - tf.range(_BLUR_BLOCK)[:, None]
-  in_band = (diagonal >= 0) & (diagonal <= 2 * radius)
-  band = tf.where(in_band, tf.gather(kernel, tf.clip_by_value(diagonal, 0, 2 * radius)), 0.0)
-  windows = tf.reshape(tf.gather(tf.reshape(image, [n, -1]), rows), [width, -1])
-  blurred = tf.reshape(tf.matmul(band, windows), [_BLUR_BLOCK, num_blocks, -1])
-  blurred = tf.reshape(tf.transpose(blurred, [1, 0, 2]), [num_blocks * _BLUR_BLOCK, -1])
-  return tf.reshape(blurred[:n], tf.shape(image))
-
-
-@tf.autograph.experimental.do_not_convert
-def gaussian_blur(image: tf.Tensor, sigma: float | tf.Tensor) -> tf.Tensor:
-  """Separable Gaussian blur with reflect padding; the kernel spans ≈10% of the shorter side.
-
-  As in SimCLR, the kernel has 2·(side // 20) + 1 taps (23 at 224 px); padding reflects the
-  image so that borders are not darkened (a constant image stays constant).
-
-  Args:
-    image: HWC image in [0, 1].
-    sigma: standard deviation in pixels (> 0).
-
-  Returns:
-    float32 HW3 in [0, 1].
-  """
-  image = to_rgb_float(image)
-  shape = tf.shape(image)
-  radius = tf.minimum(shape[0], shape[1]) // 20
-  taps = tf.cast(tf.range(-radius, radius + 1), tf.float32)
-  sigma = tf.cast(sigma, tf.float32)
-  kernel = tf.exp(-tf.square(taps) / (2.0 * tf.square(sigma)))
-  kernel /= tf.reduce_sum(kernel)
-  blurred = _blur_rows(image, kernel, radius)
-  blurred = tf.transpose(_blur_rows(tf.transpose(blurred, [1, 0, 2]), kernel, radius), [1, 0, 2])
-  blurred.set_shape(image.shape)
-  return tf.clip_by_value(blurred, 0.0, 1.0)
-
-
-@tf.autograph.experimental.do_not_convert
-def random_gaussian_blur(
-  image: tf.Tensor,
-  seed: tf.Tensor,
-  *,
-  p: float = 0.5,
-  sigma_range: Sequence[float] = (0.1, 2.0),
-) -> tf.Tensor:
-  """Applies `gaussian_blur` with σ ~ U(sigma_range) with probability `p`."""
-  apply_seed, sigma_seed = split_seed(seed, 2)
-  sigma = _uniform(sigma_seed, sigma_range[0], sigma_range[1])
-  return _maybe_apply(to_rgb_float(image), apply_seed, p, lambda x: gaussian_blur(x, sigma))
 
 
 @tf.autograph.experimental.do_not_convert

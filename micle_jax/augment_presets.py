@@ -14,7 +14,7 @@ import dataclasses
 
 import tensorflow as tf
 
-from micle_jax import augment
+from micle_jax import augment, augment_photometric
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,11 +114,11 @@ def _apply_view(image_or_bytes: tf.Tensor, seed: tf.Tensor, preset: ViewPreset, 
   if preset.rotation_degrees > 0:
     image = augment.random_rotate(image, rotate_seed, max_degrees=preset.rotation_degrees)
   if preset.jitter_strength > 0:
-    image = augment.random_color_jitter(
+    image = augment_photometric.random_color_jitter(
       image, jitter_seed, strength=preset.jitter_strength, p=preset.jitter_p
     )
-  image = augment.random_grayscale(image, gray_seed, p=preset.grayscale_p)
-  image = augment.random_gaussian_blur(image, blur_seed, p=preset.blur_p)
+  image = augment_photometric.random_grayscale(image, gray_seed, p=preset.grayscale_p)
+  image = augment_photometric.random_gaussian_blur(image, blur_seed, p=preset.blur_p)
   image.set_shape([size, size, 3])
   return image
 

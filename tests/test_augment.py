@@ -1,4 +1,4 @@
-"""Tests for micle_jax.augment and micle_jax.augment_presets (small images, CPU, no network)."""
+"""Tests for micle_jax.augment, augment_photometric and augment_presets (small images, CPU)."""
 
 import dataclasses
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from micle_jax import augment, augment_presets
+from micle_jax import augment, augment_photometric, augment_presets
 
 _SIZE = 32
 _SEED = (3, 7)
@@ -56,13 +56,16 @@ _RANDOM_OPS = {
   ),
   "decode_rrc_png": (lambda x, s: augment.decode_and_random_resized_crop(x, s, size=_SIZE), _PNG),
   "random_flip": (augment.random_flip, _RGB),
-  "color_jitter": (lambda x, s: augment.color_jitter(x, s, strength=1.0), _RGB),
+  "color_jitter": (lambda x, s: augment_photometric.color_jitter(x, s, strength=1.0), _RGB),
   "random_color_jitter": (
-    lambda x, s: augment.random_color_jitter(x, s, strength=1.0, p=0.5),
+    lambda x, s: augment_photometric.random_color_jitter(x, s, strength=1.0, p=0.5),
     _RGB,
   ),
-  "random_grayscale": (lambda x, s: augment.random_grayscale(x, s, p=0.5), _RGB),
-  "random_gaussian_blur": (lambda x, s: augment.random_gaussian_blur(x, s, p=0.5), _RGB),
+  "random_grayscale": (lambda x, s: augment_photometric.random_grayscale(x, s, p=0.5), _RGB),
+  "random_gaussian_blur": (
+    lambda x, s: augment_photometric.random_gaussian_blur(x, s, p=0.5),
+    _RGB,
+  ),
   "random_rotate": (lambda x, s: augment.random_rotate(x, s, max_degrees=45.0), _RGB),
   "pretrain_view_simclr": (
     lambda x, s: augment_presets.pretrain_view(x, s, preset="simclr", size=_SIZE),
@@ -219,35 +222,37 @@ def test_random_flip_mirrors_or_keeps():
 
 def test_color_jitter_strength_zero_is_identity():
   for random_order in (True, False):
-    out = augment.color_jitter(_RGB, _seed(), strength=0.0, random_order=random_order)
+    out = augment_photometric.color_jitter(_RGB, _seed(), strength=0.0, random_order=random_order)
     np.testing.assert_array_equal(out.numpy(), _RGB)
-  out = augment.random_color_jitter(_RGB, _seed(), strength=0.0, p=1.0)
+  out = augment_photometric.random_color_jitter(_RGB, _seed(), strength=0.0, p=1.0)
   np.testing.assert_array_equal(out.numpy(), _RGB)
 
 
 def test_color_jitter_changes_colour_and_order_is_seeded():
-  fixed = augment.color_jitter(_RGB, _seed(), strength=1.0, random_order=False).numpy()
+  fixed = augment_photometric.color_jitter(_RGB, _seed(), strength=1.0, random_order=False).numpy()
   assert np.abs(fixed - _RGB).max() > 0.01
   # A seed fixes the four factors whatever the order, so a shuffled run differs from the fixed
   # order exactly when the seeded permutation is not the identity (p = 23/24 per seed).
   differs = [
     not np.array_equal(
-      augment.color_jitter(_RGB, _seed(i, 3), strength=1.0).numpy(),
-      augment.color_jitter(_RGB, _seed(i, 3), strength=1.0, random_order=False).numpy(),
+      augment_photometric.color_jitter(_RGB, _seed(i, 3), strength=1.0).numpy(),
+      augment_photometric.color_jitter(_RGB, _seed(i, 3), strength=1.0, random_order=False).numpy(),
     )
     for i in range(4)
   ]
   assert any(differs)
   with pytest.raises(ValueError, match="strength"):
-    augment.color_jitter(_RGB, _seed(), strength=-1.0)
+    augment_photometric.color_jitter(_RGB, _seed(), strength=-1.0)
 
 
 def test_grayscale_has_equal_channels_and_luma():
-  out = augment.random_grayscale(_RGB, _seed(), p=1.0).numpy()
+  out = augment_photometric.random_grayscale(_RGB, _seed(), p=1.0).numpy()
   luma = _RGB @ np.array([0.2989, 0.5870, 0.1140], np.float32)
   for channel in range(3):
     np.testing.assert_allclose(out[..., channel], luma, atol=1e-4)
-  np.testing.assert_array_equal(augment.random_grayscale(_RGB, _seed(), p=0.0).numpy(), _RGB)
+  np.testing.assert_array_equal(
+    augment_photometric.random_grayscale(_RGB, _seed(), p=0.0).numpy(), _RGB
+  )
 
 
 def _blur_reference(image: np.ndarray, sigma: float) -> np.ndarray:
@@ -267,14 +272,16 @@ def _blur_reference(image: np.ndarray, sigma: float) -> np.ndarray:
 def test_gaussian_blur_matches_float64_reference(shape, sigma):
   image = _smooth_image(*shape, seed=5)
   image = np.clip(image + np.random.default_rng(6).normal(0, 0.1, shape), 0, 1).astype(np.float32)
-  out = augment.gaussian_blur(image, sigma).numpy()
+  out = augment_photometric.gaussian_blur(image, sigma).numpy()
   np.testing.assert_allclose(out, _blur_reference(image, sigma), rtol=0, atol=1e-6)
 
 
 def test_blur_of_constant_image_is_constant():
   image = np.full((64, 64, 3), 0.3, np.float32)
-  np.testing.assert_allclose(augment.gaussian_blur(image, 1.7).numpy(), image, atol=1e-6)
-  out = augment.random_gaussian_blur(image, _seed(), p=1.0).numpy()
+  np.testing.assert_allclose(
+    augment_photometric.gaussian_blur(image, 1.7).numpy(), image, atol=1e-6
+  )
+  out = augment_photometric.random_gaussian_blur(image, _seed(), p=1.0).numpy()
   np.testing.assert_allclose(out, image, atol=1e-6)
 
 
