@@ -97,7 +97,9 @@ def _is_encoded(image_or_bytes: tf.Tensor) -> bool:
   return tf.convert_to_tensor(image_or_bytes).dtype == tf.string
 
 
-def _apply_view(image_or_bytes: tf.Tensor, seed: tf.Tensor, preset: ViewPreset, size: int):
+def _apply_view(
+  image_or_bytes: tf.Tensor, seed: tf.Tensor, preset: ViewPreset, size: int
+) -> tf.Tensor:
   """Runs `preset` on one image; one sub-seed per op, fixed whatever the preset enables."""
   crop_seed, flip_seed, rotate_seed, jitter_seed, gray_seed, blur_seed = augment.split_seed(seed, 6)
   crop_kwargs = dict(
@@ -117,8 +119,10 @@ def _apply_view(image_or_bytes: tf.Tensor, seed: tf.Tensor, preset: ViewPreset, 
     image = augment_photometric.random_color_jitter(
       image, jitter_seed, strength=preset.jitter_strength, p=preset.jitter_p
     )
-  image = augment_photometric.random_grayscale(image, gray_seed, p=preset.grayscale_p)
-  image = augment_photometric.random_gaussian_blur(image, blur_seed, p=preset.blur_p)
+  if preset.grayscale_p > 0:
+    image = augment_photometric.random_grayscale(image, gray_seed, p=preset.grayscale_p)
+  if preset.blur_p > 0:
+    image = augment_photometric.random_gaussian_blur(image, blur_seed, p=preset.blur_p)
   image.set_shape([size, size, 3])
   return image
 
