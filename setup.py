@@ -13,18 +13,20 @@ def _requirements(name: str) -> list[str]:
 
 
 setuptools.setup(
-    name="micle_jax",
-    version="0.1.0",
-    description="SimCLR and MICLe self-supervised pretraining for medical images, in JAX/Flax.",
-    long_description=(_HERE / "README.md").read_text(),
-    long_description_content_type="text/markdown",
-    python_requires=">=3.11",
-    packages=setuptools.find_packages(include=["micle_jax", "micle_jax.*", "data_builders", "data_builders.*"]),
-    package_data={"data_builders": ["*/dummy_data/**/*", "*/README.md", "*/*.txt"]},
-    include_package_data=True,
-    install_requires=_requirements("requirements.txt"),
-    extras_require={
-        "test": _requirements("requirements-test.txt"),
-        "notebooks": ["matplotlib", "pandas", "jupyter", "nbconvert", "nbformat"],
-    },
+  name="micle_jax",
+  version="0.1.0",
+  description="SimCLR and MICLe self-supervised pretraining for medical images, in JAX/Flax.",
+  long_description=(_HERE / "README.md").read_text(),
+  long_description_content_type="text/markdown",
+  python_requires=">=3.11",
+  packages=setuptools.find_packages(
+    include=["micle_jax", "micle_jax.*", "data_builders", "data_builders.*"]
+  ),
+  package_data={"data_builders": ["*/dummy_data/**/*", "*/README.md", "*/*.txt"]},
+  include_package_data=True,
+  install_requires=_requirements("requirements.txt"),
+  extras_require={
+    "test": _requirements("requirements-test.txt"),
+    "notebooks": ["matplotlib", "pandas", "jupyter", "nbconvert", "nbformat"],
+  },
 )

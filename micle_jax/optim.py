@@ -1,0 +1,137 @@
+"""Optimizers and learning-rate schedules, built from a plain spec with optax (no hand-written maths).
+
+Pretraining uses LARS as in SimCLR (DESIGN.md §3): weight decay is added to the gradient first,
+then the trust ratio η‖w‖/‖g‖, then momentum on lr·trust·g — exactly `optax.lars`. BatchNorm
+parameters and biases are excluded from both the decay and the trust ratio. As in SimCLR, the
+supervised head's kernel is decayed (SimCLR adds its L2 to the loss) but gets no trust ratio.
+"""
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+
+OPTIMIZERS = ("lars", "sgd", "adamw")
+LR_SCALINGS = ("linear", "sqrt", "none")
+SUPERVISED_HEAD = "head_supervised"
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+  """What `create_optimizer` builds.
+
+  Attributes:
+    name: "lars" (pretraining), "sgd" (momentum SGD) or "adamw" (fine-tuning).
+    base_learning_rate: lr before batch scaling (SimCLR: 0.3 linear, 0.075 sqrt).
+    lr_scaling: "linear" (base·B/256), "sqrt" (base·√B) or "none" (base).
+    weight_decay: decay on kernels (SimCLRv2: 1e-6).
+    momentum: LARS/SGD momentum (adamw: b1).
+    trust_coefficient: LARS η.
+    warmup_epochs: linear warm-up length, converted to steps by the caller.
+    b2: AdamW second-moment decay.
+  """
+
+  name: str = "lars"
+  base_learning_rate: float = 0.3
+  lr_scaling: str = "linear"
+  weight_decay: float = 1e-6
+  momentum: float = 0.9
+  trust_coefficient: float = 0.001
+  warmup_epochs: float = 10.0
+  b2: float = 0.999
+
+  def __post_init__(self):
+    if self.name not in OPTIMIZERS:
+      raise ValueError(f"optimizer.name={self.name!r} not in {OPTIMIZERS}")
+    if self.lr_scaling not in LR_SCALINGS:
+      raise ValueError(f"optimizer.lr_scaling={self.lr_scaling!r} not in {LR_SCALINGS}")
+    for key in ("base_learning_rate", "weight_decay", "warmup_epochs"):
+      if getattr(self, key) < 0:
+        raise ValueError(f"optimizer.{key}={getattr(self, key)} must be >= 0")
+
+
+def scaled_learning_rate(base: float, batch_size: int, scaling: str) -> float:
+  """SimCLR's peak learning rate for a global batch size."""
+  if scaling == "linear":
+    return base * batch_size / 256.0
+  if scaling == "sqrt":
+    return base * math.sqrt(batch_size)
+  if scaling == "none":
+    return base
+  raise ValueError(f"optimizer.lr_scaling={scaling!r} not in {LR_SCALINGS}")
+
+
+def warmup_cosine_schedule(peak: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
+  """Linear warm-up from 0 to `peak` over `warmup_steps`, then cosine decay to 0 at `total_steps`."""
+  if total_steps <= 0:
+    raise ValueError(f"total_steps={total_steps} must be > 0")
+  warmup_steps = min(max(warmup_steps, 0), total_steps)
+  if warmup_steps == total_steps:
+    return optax.linear_schedule(0.0, peak, max(warmup_steps, 1))
+  return optax.warmup_cosine_decay_schedule(
+    init_value=0.0,
+    peak_value=peak,
+    warmup_steps=warmup_steps,
+    decay_steps=total_steps,
+    end_value=0.0,
+  )
+
+
+def _path_names(path: tuple[Any, ...]) -> list[str]:
+  return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+
+
+def is_decayed(path: tuple[Any, ...], _: Any = None) -> bool:
+  """Kernels (conv and dense) are decayed; BatchNorm scales/biases and dense biases are not."""
+  return _path_names(path)[-1] == "kernel"
+
+
+def is_trust_scaled(path: tuple[Any, ...], _: Any = None) -> bool:
+  """Kernels get LARS's trust ratio, except the supervised head's (as in SimCLR)."""
+  names = _path_names(path)
+  return names[-1] == "kernel" and SUPERVISED_HEAD not in names
+
+
+def lars_masks(params: Any) -> tuple[Any, Any]:
+  """(weight-decay mask, trust-ratio mask) pytrees of booleans shaped like `params`."""
+  return (
+    jax.tree_util.tree_map_with_path(is_decayed, params),
+    jax.tree_util.tree_map_with_path(is_trust_scaled, params),
+  )
+
+
+def create_optimizer(
+  spec: OptimizerSpec, params: Any, learning_rate: Callable[[Any], Any] | float
+) -> optax.GradientTransformation:
+  """Builds the optimizer for `params` (used only for the masks' structure)."""
+  decay_mask, trust_mask = lars_masks(params)
+  if spec.name == "lars":
+    return optax.lars(
+      learning_rate,
+      weight_decay=spec.weight_decay,
+      weight_decay_mask=decay_mask,
+      trust_coefficient=spec.trust_coefficient,
+      eps=0.0,
+      trust_ratio_mask=trust_mask,
+      momentum=spec.momentum,
+    )
+  if spec.name == "sgd":
+    return optax.chain(
+      optax.add_decayed_weights(spec.weight_decay, mask=decay_mask),
+      optax.sgd(learning_rate, momentum=spec.momentum),
+    )
+  return optax.adamw(
+    learning_rate, b1=spec.momentum, b2=spec.b2, weight_decay=spec.weight_decay, mask=decay_mask
+  )
+
+
+def create_schedule(
+  spec: OptimizerSpec, *, batch_size: int, total_steps: int, steps_per_epoch: float
+) -> optax.Schedule:
+  """The learning-rate schedule: scaled peak, `warmup_epochs` of linear warm-up, cosine to 0."""
+  peak = scaled_learning_rate(spec.base_learning_rate, batch_size, spec.lr_scaling)
+  warmup_steps = int(round(spec.warmup_epochs * steps_per_epoch))
+  return warmup_cosine_schedule(peak, total_steps, warmup_steps)

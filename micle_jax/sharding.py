@@ -1,0 +1,79 @@
+"""Data parallelism with `jax.jit` + `Mesh` + `NamedSharding` (no pmap).
+
+The mesh has a `data` axis over every device of every process, and room for a `model` axis.
+Batches are sharded along `data`; parameters and optimizer state are replicated. Under jit, the
+contrastive logits are one global matmul and BatchNorm sees the global batch.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA_AXIS = "data"
+MODEL_AXIS = "model"
+
+
+def create_mesh(devices: Sequence[jax.Device] | None = None, model_parallelism: int = 1) -> Mesh:
+  """A (data, model) mesh over `devices` (default: all devices of all processes)."""
+  devices = list(jax.devices() if devices is None else devices)
+  if model_parallelism < 1 or len(devices) % model_parallelism:
+    raise ValueError(
+      f"model_parallelism={model_parallelism} must divide the {len(devices)} devices"
+    )
+  grid = np.asarray(devices).reshape(len(devices) // model_parallelism, model_parallelism)
+  return Mesh(
+    grid,
+    (DATA_AXIS, MODEL_AXIS),
+    axis_types=(jax.sharding.AxisType.Auto, jax.sharding.AxisType.Auto),
+  )
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over `data`; the rest replicated."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Fully replicated over the mesh."""
+  return NamedSharding(mesh, P())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return mesh.shape[DATA_AXIS]
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh, key: str = "batch_size") -> None:
+  """Fails with the config key named when the batch does not split evenly over devices/hosts."""
+  n = data_parallel_size(mesh)
+  if global_batch_size <= 0 or global_batch_size % n:
+    raise ValueError(
+      f"{key}={global_batch_size} must be a positive multiple of the {n} data-parallel devices"
+    )
+  if global_batch_size % jax.process_count():
+    raise ValueError(f"{key}={global_batch_size} must divide over {jax.process_count()} processes")
+
+
+def local_batch_size(global_batch_size: int) -> int:
+  """The slice of the global batch that this process reads."""
+  return global_batch_size // jax.process_count()
+
+
+def make_global_batch(local_batch: Any, mesh: Mesh) -> Any:
+  """Turns each process's local batch (a pytree of NumPy arrays) into global sharded jax.Arrays.
+
+  Every process passes its own `local_batch_size` rows; the result has the global batch size
+  along axis 0, sharded over `data`. Works the same on 1 device, 8 CPU devices or a pod.
+  """
+  sharding = data_sharding(mesh)
+  return jax.tree_util.tree_map(
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+  )
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Places a pytree (params, optimizer state) replicated on every device of the mesh."""
+  return jax.device_put(tree, replicated(mesh))

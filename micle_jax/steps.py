@@ -1,0 +1,109 @@
+"""Pure, jittable contrastive pretraining step, and its compilation with explicit shardings.
+
+Batch layout (global, sharded over `data`): `view1`, `view2` [N, H, W, 3] float in [0, 1] —
+row i of view2 is the positive of row i of view1 (two augmentations of one image for SimCLR; two
+distinct images of one case for MICLe) — plus optional supervised-monitor labels: `label` [N]
+int32 (multi-class) or `targets` / `target_mask` [N, K] float32 (multi-label), and optional
+`multi_image` [N] (1.0 where the pair came from two different images), reported as a metric.
+"""
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from micle_jax import losses, sharding
+from micle_jax.train_state import TrainState
+
+TASKS = ("none", "multiclass", "multilabel")
+
+
+def interleave_views(view1: jnp.ndarray, view2: jnp.ndarray) -> jnp.ndarray:
+  """[N, ...] × 2 -> [2N, ...] with rows (v1[0], v2[0], v1[1], ...): each shard stays local."""
+  return jnp.stack([view1, view2], axis=1).reshape(-1, *view1.shape[1:])
+
+
+def supervised_loss(
+  logits: jnp.ndarray, batch: dict[str, jnp.ndarray], task: str, repeats: int = 1
+) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+  """Loss and metrics of the supervised head; labels are repeated for interleaved views."""
+  if task == "multiclass":
+    labels = jnp.repeat(batch["label"], repeats, axis=0)
+    loss = losses.softmax_cross_entropy(logits, labels)
+    return loss, {"sup_loss": loss, "sup_acc": jnp.mean(jnp.argmax(logits, -1) == labels)}
+  if task == "multilabel":
+    targets = jnp.repeat(batch["targets"], repeats, axis=0)
+    mask = jnp.repeat(batch["target_mask"], repeats, axis=0)
+    loss = losses.masked_sigmoid_cross_entropy(logits, targets, mask)
+    correct = ((logits > 0) == (targets > 0.5)) * mask
+    acc = jnp.sum(correct) / jnp.maximum(jnp.sum(mask), 1.0)
+    return loss, {"sup_loss": loss, "sup_acc": acc}
+  raise ValueError(f"task={task!r} not in {TASKS}")
+
+
+def pretrain_step(
+  state: TrainState,
+  batch: dict[str, jnp.ndarray],
+  *,
+  temperature: float,
+  task: str = "none",
+  learning_rate_fn: optax.Schedule | None = None,
+) -> tuple[TrainState, dict[str, jnp.ndarray]]:
+  """One SimCLR/MICLe step: NT-Xent on the projections (+ the stop-gradient supervised monitor).
+
+  Both views go through the network as one batch of 2N, so BatchNorm statistics cover both views
+  of the whole global batch, as in SimCLR.
+
+  Returns:
+    (new state, metrics) with `loss` (total), `contrast_loss`, the NT-Xent metrics, the
+    supervised monitor's `sup_loss` / `sup_acc` when `task` != "none", `multi_image_fraction`
+    when the batch reports it, `learning_rate` and `grad_norm`.
+  """
+  n = batch["view1"].shape[0]
+  images = interleave_views(batch["view1"], batch["view2"])
+
+  def loss_fn(params):
+    outputs, new_vars = state.apply_fn(
+      {"params": params, "batch_stats": state.batch_stats},
+      images,
+      train=True,
+      mutable=["batch_stats"],
+    )
+    z = outputs["projection"].reshape(n, 2, -1)
+    contrast_loss, metrics = losses.nt_xent(z[:, 0], z[:, 1], temperature=temperature)
+    metrics["contrast_loss"] = contrast_loss
+    total = contrast_loss
+    if task != "none":
+      sup_loss, sup_metrics = supervised_loss(outputs["logits"], batch, task, repeats=2)
+      metrics.update(sup_metrics)
+      total = total + sup_loss
+    metrics["loss"] = total
+    return total, (new_vars["batch_stats"], metrics)
+
+  grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics["grad_norm"] = optax.global_norm(grads)
+  if learning_rate_fn is not None:
+    metrics["learning_rate"] = learning_rate_fn(state.step)
+  if "multi_image" in batch:
+    metrics["multi_image_fraction"] = jnp.mean(batch["multi_image"].astype(jnp.float32))
+  new_state = state.replace(
+    step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+  )
+  return new_state, metrics
+
+
+def compile_pretrain_step(mesh: Mesh, **step_kwargs: Any):
+  """`pretrain_step` under `jax.jit`: state replicated and donated, batch sharded over `data`."""
+  if step_kwargs.get("task", "none") not in TASKS:
+    raise ValueError(f"task={step_kwargs['task']!r} not in {TASKS}")
+  return jax.jit(
+    functools.partial(pretrain_step, **step_kwargs),
+    in_shardings=(sharding.replicated(mesh), sharding.data_sharding(mesh)),
+    out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
+    donate_argnums=(0,),
+  )
