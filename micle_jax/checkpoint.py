@@ -15,6 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from flax import traverse_util
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_ITEM = "state"
@@ -115,3 +116,45 @@ def load_weights(path: epath.PathLike) -> tuple[dict[str, Any], dict[str, Any], 
   logging.info("Loaded weights from %s (step %d)", root, step)
   to_host = lambda t: jax.tree_util.tree_map(np.asarray, t)  # noqa: E731
   return to_host(tree["params"]), to_host(tree.get("batch_stats", {})), step
+
+
+def merge_pretrained(
+  target: dict[str, Any],
+  loaded: dict[str, Any],
+  *,
+  required_prefixes: tuple[str, ...],
+  source: str = "init_from",
+) -> tuple[dict[str, Any], list[str], list[str]]:
+  """Copies `loaded` leaves into `target` where paths and shapes agree.
+
+  Every target leaf under a `required_prefixes` path (e.g. "backbone") must be present in
+  `loaded` with the same shape; otherwise a ValueError lists every mismatch. Other target leaves
+  (a supervised head with another number of classes, say) keep their fresh values.
+
+  Returns:
+    (merged tree, restored paths, paths left fresh or unused in `loaded`).
+  """
+  flat_target = traverse_util.flatten_dict(target, sep="/")
+  flat_loaded = traverse_util.flatten_dict(loaded, sep="/")
+  merged, restored, fresh, problems = {}, [], [], []
+  for path, value in flat_target.items():
+    required = any(path.startswith(p) for p in required_prefixes)
+    other = flat_loaded.get(path)
+    if other is not None and tuple(other.shape) == tuple(value.shape):
+      merged[path] = np.asarray(other, dtype=value.dtype)
+      restored.append(path)
+      continue
+    if required:
+      found = "missing" if other is None else f"shape {tuple(other.shape)}"
+      problems.append(f"  {path}: expected shape {tuple(value.shape)}, checkpoint has {found}")
+    merged[path] = value
+    fresh.append(path)
+  unused = [p for p in flat_loaded if p not in flat_target]
+  required_unused = [p for p in unused if any(p.startswith(r) for r in required_prefixes)]
+  problems += [f"  {p}: in the checkpoint but not in the model" for p in required_unused]
+  if problems:
+    raise ValueError(
+      f"{source}: the checkpoint's architecture does not match the config "
+      f"({len(problems)} mismatched parameters):\n" + "\n".join(problems)
+    )
+  return traverse_util.unflatten_dict(merged, sep="/"), restored, fresh + unused

@@ -60,7 +60,8 @@ def pretrain_step(
   Returns:
     (new state, metrics) with `loss` (total), `contrast_loss`, the NT-Xent metrics, the
     supervised monitor's `sup_loss` / `sup_acc` when `task` != "none", `multi_image_fraction`
-    when the batch reports it, `learning_rate` and `grad_norm`.
+    when the batch reports it, `learning_rate`, `grad_norm`, and `params_finite` (False once an
+    update made any parameter non-finite).
   """
   n = batch["view1"].shape[0]
   images = interleave_views(batch["view1"], batch["view2"])
@@ -87,6 +88,7 @@ def pretrain_step(
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["params_finite"] = jnp.isfinite(optax.global_norm(params))
   if learning_rate_fn is not None:
     metrics["learning_rate"] = learning_rate_fn(state.step)
   if "multi_image" in batch:

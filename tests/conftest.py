@@ -31,3 +31,24 @@ def pytest_configure(config):
 def num_devices() -> int:
   assert jax.device_count() == 8, "conftest must force 8 host devices before jax is imported"
   return jax.device_count()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compilation_cache(tmp_path_factory):
+  """Reuses compiled executables across the many short training runs of the suite."""
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  yield
+
+
+@pytest.fixture(scope="session")
+def cxr_data_dir(tmp_path_factory) -> str:
+  """A small synthetic CheXpert-style download, built with the real `chexpert_micle` builder."""
+  from data_builders import build, synthetic
+
+  root = tmp_path_factory.mktemp("cxr")
+  synthetic.write_chexpert(
+    root / "manual", num_patients=24, num_valid_patients=8, seed=0, image_size=48
+  )
+  build.build("chexpert_micle", manual_dir=str(root / "manual"), data_dir=str(root / "tfds"))
+  return str(root / "tfds")

@@ -1,0 +1,98 @@
+"""Pieces shared by the configs (imports nothing but ml_collections)."""
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses `get_config`'s argument "demo,method=simclr,width=2" against typed defaults.
+
+  A bare word sets a boolean default to True; `key=value` is converted to the default's type.
+  Unknown keys and badly typed values fail, naming the key.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f"config argument {key!r} unknown; valid: {sorted(defaults)}")
+    default = defaults[key]
+    if not sep:
+      if not isinstance(default, bool):
+        raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
+      out[key] = True
+    elif isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"config argument {key}={value!r} is not a boolean")
+      out[key] = value.lower() in ("true", "1")
+    else:
+      try:
+        out[key] = type(default)(value)
+      except ValueError as e:
+        raise ValueError(
+          f"config argument {key}={value!r}: expected {type(default).__name__}"
+        ) from e
+  return out
+
+
+def pretrain_base() -> ml_collections.ConfigDict:
+  """Keys every pretraining config has, with SimCLR(v2)'s defaults (DESIGN.md §3)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.method = "micle"  # "simclr" (two views of one image) or "micle" (two images of one case)
+  c.temperature = 0.1
+  c.batch_size = 1024  # global, over all devices and hosts
+  c.num_epochs = 100
+  c.num_steps = -1  # > 0 overrides num_epochs
+  c.dataset = ml_collections.ConfigDict(
+    dict(name="", split="train", data_dir="", shuffle_buffer=10_000)
+  )
+  c.augment = ml_collections.ConfigDict(dict(preset="simclr", image_size=224))
+  # Supervised monitor (SimCLR's linear head on stop-gradient features): "none", "multiclass"
+  # (feature `label`) or "chexpert" (raw observations + label_set + uncertainty_policy).
+  c.labels = ml_collections.ConfigDict(
+    dict(task="none", label_set="competition5", uncertainty_policy="ones")
+  )
+  c.model = ml_collections.ConfigDict(
+    dict(
+      depth=50,
+      width=1.0,
+      sk_ratio=0.0,
+      stem="imagenet",
+      dtype="float32",
+      num_proj_layers=3,
+      proj_out_dim=128,
+      supervised_input_layer=0,
+    )
+  )
+  # LARS with lr = 0.075·√B (better than 0.3·B/256 at small batch), 10 warm-up epochs, cosine.
+  c.optimizer = ml_collections.ConfigDict(
+    dict(
+      name="lars",
+      base_learning_rate=0.075,
+      lr_scaling="sqrt",
+      weight_decay=1e-6,
+      momentum=0.9,
+      trust_coefficient=0.001,
+      warmup_epochs=10.0,
+      b2=0.999,
+    )
+  )
+  c.init_from = ""  # a pretraining workdir or Orbax checkpoint (e.g. converted SimCLRv2 weights)
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.max_steps_per_run = -1  # > 0: save and stop after this many steps (time-boxed jobs)
+  c.profile_steps = 0  # > 0: capture a profile of this many steps after the first log
+  return c
+
+
+def make_demo(c: ml_collections.ConfigDict) -> None:
+  """Shrinks a pretraining config to minutes on 2 CPU cores (tiny ResNet, 64 px, few steps)."""
+  c.model.update(depth=18, width=0.25, stem="cifar", num_proj_layers=2, proj_out_dim=64)
+  c.augment.image_size = 32
+  c.batch_size = 64
+  c.num_epochs = 40
+  c.optimizer.update(lr_scaling="none", base_learning_rate=1.0, warmup_epochs=2.0)
+  c.dataset.shuffle_buffer = 1000
+  c.log_every_steps = 10
+  c.checkpoint_every_steps = 50

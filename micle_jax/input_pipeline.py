@@ -1,0 +1,295 @@
+"""Pretraining input pipeline: TFDS builder → SimCLR/MICLe pairs → augmented, batched views.
+
+- `simclr` on an image-level dataset: two augmentations of one image. On a case-level dataset:
+  one image of the case, sampled, then two augmentations of it.
+- `micle` on a case-level dataset: two *distinct* images of the case when it has ≥ 2 (each
+  augmented), else two augmentations of its one image; `multi_image` marks which.
+
+Determinism and resumption: every random choice is a stateless function of
+(config seed, epoch, example id), so an example's views do not depend on where in the stream it
+lands. Epoch e reads this process's shard of the split in file order, shuffles it with a seed
+derived from (seed, e), and batches with the remainder dropped, so the stream position of global
+step s is `divmod(s, steps_per_epoch)`: a resumed run skips the raw records before that position
+(without decoding them) and continues with exactly the batches an uninterrupted run would see.
+
+Multi-host: each process reads `tfds.even_splits(split, process_count)[process_index]`, equal in
+size, so every example is read by exactly one process per epoch and all processes take the same
+number of steps.
+"""
+
+import dataclasses
+import functools
+import importlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from data_builders import build as data_build
+from data_builders.chexpert import labels as chexpert_labels
+from micle_jax import augment_presets
+
+METHODS = ("simclr", "micle")
+TASKS = ("none", "multiclass", "chexpert")
+_HASH_BUCKETS = 2**62
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelSpec:
+  """How the supervised monitor reads labels from an example.
+
+  Attributes:
+    task: "none"; "multiclass" (integer feature `label`); "chexpert" (raw `observations` turned
+      into targets and a mask with `label_set` and `uncertainty_policy`).
+    label_set: CheXpert label set ("competition5" or "all14").
+    uncertainty_policy: "ones" | "zeros" | "ignore", or a {condition: policy} dict.
+  """
+
+  task: str = "none"
+  label_set: str = "competition5"
+  uncertainty_policy: Any = "ones"
+
+  def __post_init__(self):
+    if self.task not in TASKS:
+      raise ValueError(f"task={self.task!r} not in {TASKS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What training needs to know about the prepared dataset before reading it."""
+
+  builder: Any
+  split: str
+  process_split: str
+  num_examples: int
+  num_examples_per_process: int
+  case_level: bool
+  id_feature: str
+  num_classes: int
+
+
+def _register(name: str) -> None:
+  """Imports our builder package for `name` so TFDS knows it (no-op for TFDS's own datasets)."""
+  package = data_build.BUILDERS.get(name.split("/")[0])
+  if package:
+    importlib.import_module(package)
+
+
+def not_prepared_message(name: str, data_dir: str | None) -> str:
+  where = data_dir or "the default TFDS data dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
+  return (
+    f"dataset {name!r} is not prepared in {where}. Prepare it with\n"
+    f"  python -m data_builders.build {name} --manual_dir=DIR --data_dir={data_dir or 'DIR'}\n"
+    "(see data_builders/README.md for where each download goes), or run the demo on synthetic "
+    "data instead:\n  make demo"
+  )
+
+
+def open_dataset(name: str, split: str, data_dir: str | None, label_spec: LabelSpec) -> DatasetInfo:
+  """Opens a prepared TFDS dataset and works out its shape (image- or case-level, classes)."""
+  _register(name)
+  builder = tfds.builder(name, data_dir=data_dir or None)
+  if not builder.is_prepared():
+    raise FileNotFoundError(not_prepared_message(name, data_dir))
+  features = builder.info.features
+  case_level = "images" in features
+  id_feature = next((k for k in ("case_id", "image_id", "file_name") if k in features), None)
+  if id_feature is None:
+    raise ValueError(f"dataset {name!r} has none of the id features case_id/image_id/file_name")
+  num_classes = 0
+  if label_spec.task == "multiclass":
+    if "label" not in features:
+      raise ValueError(f"task='multiclass' needs a `label` feature; {name!r} has {list(features)}")
+    num_classes = features["label"].num_classes
+  elif label_spec.task == "chexpert":
+    if "observations" not in features:
+      raise ValueError(f"task='chexpert' needs `observations`; {name!r} has {list(features)}")
+    num_classes = len(chexpert_labels.label_names(label_spec.label_set))
+  process_split = tfds.even_splits(split, n=jax.process_count(), drop_remainder=True)[
+    jax.process_index()
+  ]
+  total = builder.info.splits[split].num_examples
+  per_process = builder.info.splits[process_split].num_examples
+  return DatasetInfo(
+    builder, split, process_split, total, per_process, case_level, id_feature, num_classes
+  )
+
+
+def example_seed(seed: int, epoch: int | tf.Tensor, example_id: tf.Tensor) -> tf.Tensor:
+  """The stateless [2] seed of one example in one epoch: f(seed, epoch, id)."""
+  base = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
+  key = tf.strings.to_hash_bucket_fast(example_id, _HASH_BUCKETS)
+  return tf.random.experimental.stateless_fold_in(base, key, alg="philox")
+
+
+def sample_pair_indices(
+  num_images: tf.Tensor, seed: tf.Tensor, distinct: bool
+) -> tuple[tf.Tensor, tf.Tensor]:
+  """Two image indices of a case: distinct when `distinct` and the case has ≥ 2 images."""
+  num_images = tf.cast(num_images, tf.int64)
+  s1, s2 = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  i = tf.random.stateless_uniform([], s1, 0, num_images, dtype=tf.int64)
+  if not distinct:
+    return i, i
+  # j = i + 1 + U[0, n − 1) mod n is uniform over the other images; n = 1 gives j = i.
+  other = tf.random.stateless_uniform([], s2, 0, tf.maximum(num_images - 1, 1), dtype=tf.int64)
+  j = tf.where(num_images > 1, (i + 1 + other) % num_images, i)
+  return i, j
+
+
+def _labels(
+  features: dict[str, tf.Tensor], index: tf.Tensor | None, spec: LabelSpec
+) -> dict[str, tf.Tensor]:
+  """The monitor's labels; for case-level per-image labels, those of image `index`."""
+  if spec.task == "multiclass":
+    label = features["label"]
+    if index is not None and label.shape.rank == 1:
+      label = tf.gather(label, index)
+    return {"label": tf.cast(label, tf.int32)}
+  if spec.task == "chexpert":
+    obs = features["observations"]
+    if index is not None:
+      obs = tf.gather(obs, index)
+    targets, mask = chexpert_labels.targets_and_mask(
+      obs, policy=spec.uncertainty_policy, label_set=spec.label_set
+    )
+    return {"targets": targets, "target_mask": mask}
+  return {}
+
+
+def make_pair_fn(
+  *,
+  method: str,
+  case_level: bool,
+  id_feature: str,
+  preset: Any,
+  image_size: int,
+  seed: int,
+  label_spec: LabelSpec,
+) -> Callable[[dict, tf.Tensor], dict]:
+  """The tf.data map (example, epoch) -> {view1, view2, multi_image, labels}; no decode before."""
+  if method not in METHODS:
+    raise ValueError(f"method={method!r} not in {METHODS}")
+  if method == "micle" and not case_level:
+    raise ValueError(
+      "method='micle' needs a case-level dataset (e.g. chexpert_micle/patients, "
+      "derm/ham10000_cases); this one has one image per example"
+    )
+  view = functools.partial(augment_presets.pretrain_view, preset=preset, size=image_size)
+
+  def pair(features, epoch):
+    s_pick, s1, s2 = tf.unstack(
+      tf.random.experimental.stateless_split(example_seed(seed, epoch, features[id_feature]), 3)
+    )
+    if case_level:
+      i, j = sample_pair_indices(features["num_images"], s_pick, distinct=method == "micle")
+      image1 = tf.gather(features["images"], i)
+      image2 = tf.gather(features["images"], j)
+      out = {"multi_image": tf.cast(tf.not_equal(i, j), tf.float32)}
+      out.update(_labels(features, i, label_spec))
+    else:
+      image1 = image2 = features["image"]
+      out = {"multi_image": tf.constant(0.0)}
+      out.update(_labels(features, None, label_spec))
+    out["view1"] = view(image1, s1)
+    out["view2"] = view(image2, s2)
+    return out
+
+  return pair
+
+
+def _shuffle_seed(seed: int, epoch: tf.Tensor) -> tf.Tensor:
+  return (tf.constant(seed, tf.int64) * 1_000_003 + tf.cast(epoch, tf.int64)) % (2**31 - 1)
+
+
+def pretrain_dataset(
+  info: DatasetInfo,
+  *,
+  pair_fn: Callable,
+  local_batch_size: int,
+  seed: int,
+  shuffle_buffer: int,
+  start_step: int,
+) -> tf.data.Dataset:
+  """This process's batches from global step `start_step` on, forever.
+
+  Epoch e = the process's shard in file order, shuffled with a seed f(seed, e), mapped to pairs,
+  batched with the remainder dropped. One dataset graph serves every epoch (the map is traced
+  once); resuming skips the raw records of the steps already taken in the first epoch.
+  """
+  per_epoch = steps_per_epoch(info, local_batch_size)
+  start_epoch, offset = divmod(start_step, per_epoch)
+  decoders = None if info.case_level else {"image": tfds.decode.SkipDecoding()}
+  examples = info.builder.as_dataset(
+    split=info.process_split,
+    shuffle_files=False,
+    decoders=decoders,
+    read_config=tfds.ReadConfig(try_autocache=True),
+  )
+
+  def epoch_dataset(epoch):
+    skip = tf.where(
+      epoch == start_epoch,
+      tf.constant(offset * local_batch_size, tf.int64),
+      tf.constant(0, tf.int64),
+    )
+    ds = examples.shuffle(
+      shuffle_buffer, seed=_shuffle_seed(seed, epoch), reshuffle_each_iteration=False
+    ).skip(skip)
+    ds = ds.map(
+      lambda features: pair_fn(features, epoch),
+      num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=True,
+    )
+    return ds.batch(local_batch_size, drop_remainder=True)
+
+  ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_dataset)
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.with_options(options).prefetch(2)
+
+
+def steps_per_epoch(info: DatasetInfo, local_batch_size: int) -> int:
+  steps = info.num_examples_per_process // local_batch_size
+  if steps == 0:
+    raise ValueError(
+      f"batch_size too large: this process's shard of {info.split!r} has "
+      f"{info.num_examples_per_process} examples < local batch {local_batch_size}"
+    )
+  return steps
+
+
+def pretrain_batches(
+  info: DatasetInfo,
+  *,
+  method: str,
+  preset: Any,
+  image_size: int,
+  local_batch_size: int,
+  seed: int,
+  start_step: int,
+  shuffle_buffer: int,
+  label_spec: LabelSpec,
+) -> Iterator[dict[str, np.ndarray]]:
+  """Yields this process's local NumPy batches from global step `start_step` on, forever."""
+  pair_fn = make_pair_fn(
+    method=method,
+    case_level=info.case_level,
+    id_feature=info.id_feature,
+    preset=preset,
+    image_size=image_size,
+    seed=seed,
+    label_spec=label_spec,
+  )
+  ds = pretrain_dataset(
+    info,
+    pair_fn=pair_fn,
+    local_batch_size=local_batch_size,
+    seed=seed,
+    shuffle_buffer=shuffle_buffer,
+    start_step=start_step,
+  )
+  return ds.as_numpy_iterator()

@@ -1,0 +1,228 @@
+"""Contrastive pretraining (SimCLR / MICLe): `train_and_evaluate(config, workdir) -> TrainState`.
+
+Resume order: the latest checkpoint in `workdir` → `config.init_from` (backbone and heads
+restored, optimizer fresh) → scratch. Checkpoints are saved every `checkpoint_every_steps`, at
+the end, and on SIGTERM; a run killed at any point and restarted with the same command continues
+from its last checkpoint and ends with bit-identical parameters on CPU (the input position is
+derived from the step; see `input_pipeline`). A non-finite loss or parameter stops the run,
+naming the step, without saving over the last good checkpoint.
+"""
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers, parameter_overview, periodic_actions
+from etils import epath
+
+from micle_jax import (
+  augment_presets,
+  checkpoint,
+  input_pipeline,
+  metrics,
+  models,
+  optim,
+  preemption,
+  sharding,
+  steps,
+  train_state,
+)
+
+
+def _spec(cls: type, section: ml_collections.ConfigDict, name: str, **extra: Any) -> Any:
+  """Builds a spec dataclass from a config section; unknown keys fail naming them."""
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(section.keys()) - known)
+  if unknown:
+    raise ValueError(f"config.{name} has unknown keys {unknown}; valid: {sorted(known)}")
+  try:
+    return cls(**{**section.to_dict(), **extra})
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config.{name}: {e}") from e
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Fails before any work, naming the config key, on invalid values."""
+  if config.method not in input_pipeline.METHODS:
+    raise ValueError(f"config.method={config.method!r} not in {input_pipeline.METHODS}")
+  if not config.temperature > 0:
+    raise ValueError(f"config.temperature={config.temperature} must be > 0")
+  if not config.dataset.name:
+    raise ValueError("config.dataset.name is empty")
+  for key in ("batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    if config[key] <= 0:
+      raise ValueError(f"config.{key}={config[key]} must be > 0")
+  if config.num_steps <= 0 and config.num_epochs <= 0:
+    raise ValueError("config.num_steps or config.num_epochs must be > 0")
+  if config.augment.image_size < 8:
+    raise ValueError(f"config.augment.image_size={config.augment.image_size} must be >= 8")
+  try:
+    augment_presets.get_preset(config.augment.preset)
+  except ValueError as e:
+    raise ValueError(f"config.augment.preset: {e}") from e
+  _spec(input_pipeline.LabelSpec, config.labels, "labels")
+  _spec(optim.OptimizerSpec, config.optimizer, "optimizer")
+  models.create_model(_spec(models.ModelSpec, config.model, "model"))
+
+
+def _initial_state(config, workdir, mngr, model, tx_factory, mesh) -> train_state.TrainState:
+  """Resume order: workdir checkpoint → init_from → scratch."""
+  image_shape = (config.augment.image_size, config.augment.image_size, 3)
+  state = train_state.create_train_state(
+    model, tx_factory, seed=config.seed, image_shape=image_shape, mesh=mesh
+  )
+  latest = mngr.latest_step()
+  if latest is not None:
+    logging.info("Resuming from %s/checkpoints step %d", workdir, latest)
+    tree = checkpoint.restore(mngr, latest, checkpoint.state_to_tree(state))
+    return state.replace(**tree)
+  if config.init_from:
+    params, batch_stats, _ = checkpoint.load_weights(config.init_from)
+    params, restored, fresh = checkpoint.merge_pretrained(
+      jax.device_get(state.params), params, required_prefixes=("backbone",)
+    )
+    batch_stats, _, _ = checkpoint.merge_pretrained(
+      jax.device_get(state.batch_stats), batch_stats, required_prefixes=("backbone",)
+    )
+    logging.info(
+      "init_from %s: restored %d parameters; fresh or unused: %s",
+      config.init_from,
+      len(restored),
+      fresh,
+    )
+    # The optimizer starts fresh, but its state must match the loaded parameters' tree.
+    return state.replace(
+      params=sharding.replicate(params, mesh),
+      batch_stats=sharding.replicate(batch_stats, mesh),
+      opt_state=jax.jit(state.tx.init, out_shardings=sharding.replicated(mesh))(params),
+    )
+  logging.info("Training from scratch (seed %d).", config.seed)
+  return state
+
+
+def _check_finite(step: int, step_metrics: dict[str, Any], mngr) -> None:
+  if not (np.isfinite(step_metrics["loss"]) and step_metrics["params_finite"]):
+    mngr.wait_until_finished()
+    raise FloatingPointError(
+      f"non-finite loss or parameters at step {step} (loss={step_metrics['loss']}); "
+      f"stopped without saving; the last good checkpoint is step {mngr.latest_step()}"
+    )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_state.TrainState:
+  """Pretrains with SimCLR or MICLe as `config` says; returns the final state."""
+  validate_config(config)
+  workdir = epath.Path(workdir)
+  mesh = sharding.create_mesh()
+  sharding.check_batch_size(config.batch_size, mesh, key="config.batch_size")
+  local_batch = sharding.local_batch_size(config.batch_size)
+
+  label_spec = _spec(input_pipeline.LabelSpec, config.labels, "labels")
+  info = input_pipeline.open_dataset(
+    config.dataset.name, config.dataset.split, config.dataset.data_dir or None, label_spec
+  )
+  per_epoch = input_pipeline.steps_per_epoch(info, local_batch)
+  total_steps = config.num_steps if config.num_steps > 0 else config.num_epochs * per_epoch
+
+  model_spec = _spec(models.ModelSpec, config.model, "model", num_classes=info.num_classes)
+  model = models.create_model(model_spec)
+  opt_spec = _spec(optim.OptimizerSpec, config.optimizer, "optimizer")
+  schedule = optim.create_schedule(
+    opt_spec, batch_size=config.batch_size, total_steps=total_steps, steps_per_epoch=per_epoch
+  )
+  tx_factory = functools.partial(optim.create_optimizer, opt_spec, learning_rate=schedule)
+
+  mngr = checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints)
+  state = _initial_state(config, workdir, mngr, model, tx_factory, mesh)
+  start_step = int(state.step)
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    parameter_overview.log_parameter_overview(state.params)
+    writer.write_hparams(
+      {
+        "num_params": models.count_params(state.params),
+        "total_steps": total_steps,
+        "steps_per_epoch": per_epoch,
+      }
+    )
+  logging.info(
+    "%s on %s: %d examples, %d steps/epoch, %d total steps, from step %d",
+    config.method,
+    config.dataset.name,
+    info.num_examples,
+    per_epoch,
+    total_steps,
+    start_step,
+  )
+
+  batches = input_pipeline.pretrain_batches(
+    info,
+    method=config.method,
+    preset=config.augment.preset,
+    image_size=config.augment.image_size,
+    local_batch_size=local_batch,
+    seed=config.seed,
+    start_step=start_step,
+    shuffle_buffer=config.dataset.shuffle_buffer,
+    label_spec=label_spec,
+  )
+  step_fn = steps.compile_pretrain_step(
+    mesh,
+    temperature=config.temperature,
+    task=_step_task(label_spec.task),
+    learning_rate_fn=schedule,
+  )
+  state = _loop(
+    config, workdir, mngr, writer, state, step_fn, batches, mesh, start_step, total_steps
+  )
+  mngr.wait_until_finished()
+  mngr.close()
+  writer.flush()
+  return state
+
+
+def _step_task(task: str) -> str:
+  return {"none": "none", "multiclass": "multiclass", "chexpert": "multilabel"}[task]
+
+
+def _loop(config, workdir, mngr, writer, state, step_fn, batches, mesh, start_step, total_steps):
+  """Steps from `start_step` to `total_steps`, logging, checkpointing, and stopping cleanly."""
+  hooks = [
+    periodic_actions.ReportProgress(
+      num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
+    )
+  ]
+  if config.profile_steps > 0 and jax.process_index() == 0:
+    hooks.append(
+      periodic_actions.Profile(num_profile_steps=config.profile_steps, logdir=str(workdir))
+    )
+  window = metrics.WindowAverages()
+  last_step = total_steps
+  if config.max_steps_per_run > 0:
+    last_step = min(total_steps, start_step + config.max_steps_per_run)
+  with preemption.StopRequest() as stop:
+    for step in range(start_step + 1, last_step + 1):
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = sharding.make_global_batch(next(batches), mesh)
+        state, step_metrics = step_fn(state, batch)
+      step_metrics = jax.device_get(step_metrics)
+      _check_finite(step, step_metrics, mngr)
+      window.update({k: v for k, v in step_metrics.items() if k != "params_finite"})
+      for hook in hooks:
+        hook(step)
+      if step % config.log_every_steps == 0 or step == last_step:
+        writer.write_scalars(step, window.compute_and_reset())
+      stopping = stop.should_stop(step)
+      if step % config.checkpoint_every_steps == 0 or step == last_step or stopping:
+        checkpoint.save(mngr, step, checkpoint.state_to_tree(state), force=True)
+      if stopping:
+        logging.warning("Stopped at step %d on request; checkpoint saved.", step)
+        break
+  return state
