@@ -20,7 +20,8 @@ modules in the same creation order, so the k-th source convolution fills the k-t
 
 import dataclasses
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from typing import Any
 
 from micle_jax.models import RESNET_LAYERS
 
@@ -92,7 +93,9 @@ class SourceLayout:
   extra: list[str] = dataclasses.field(default_factory=list)
 
 
-def _add(layers: dict, layer_id, kind: str, name: str, field: str, key: str, **kw) -> bool:
+def _add(
+  layers: dict, layer_id: Hashable, kind: str, name: str, field: str, key: str, **kw: Any
+) -> bool:
   """Adds `field` to the layer `layer_id` (created on first use); False if it clashes."""
   layer = layers.setdefault(layer_id, SourceLayer(kind, name, **kw))
   if layer.kind != kind or field in layer.fields:
@@ -101,7 +104,9 @@ def _add(layers: dict, layer_id, kind: str, name: str, field: str, key: str, **k
   return True
 
 
-def _head_pairs(dense: dict, bns: dict, layout: SourceLayout, fmt: str, name) -> None:
+def _head_pairs(
+  dense: dict, bns: dict, layout: SourceLayout, fmt: str, name: Callable[[int, str], str]
+) -> None:
   """Fills `layout.head` with layers 0..max(j), naming absent ones so they are reported missing."""
   count = max([*dense, *bns], default=-1) + 1
   for j in range(count):

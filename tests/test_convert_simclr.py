@@ -191,7 +191,7 @@ def test_tf2_checkpoint_and_tf1_names_give_the_same_weights(r50_sk):
 
 
 def test_basic_blocks_convert_load_and_train(tmp_path):
-  # 96 px keeps the last feature map at 3×3: XLA's CPU gradient of a 3×3 conv on 2×2 is slow.
+  # 96 px keeps the last feature map at 3×3, not 2×2 (slow conv gradients on CPU, DESIGN.md §5).
   images = np.random.default_rng(1).uniform(size=(2, 96, 96, 3)).astype(np.float32)
   model = ref.Model(depth=18, width=0.125, num_proj_layers=2, proj_out_dim=8, num_classes=3)
   ref.save_tf2(model, str(tmp_path / "tf2"))
@@ -242,9 +242,3 @@ def test_command_line_and_a_model_without_projection_head(tmp_path):
   assert report["tensors"]["skipped_by_rule"]["training step counter"] == 1
   params, _, step = checkpoint.load_weights(tmp_path / "out")
   assert step == 0 and sorted(params) == ["backbone", "head_supervised"]
-  result = subprocess.run(
-    [*command, f"--out={tmp_path / 'bad'}", "--depth=34"], capture_output=True, text=True
-  )
-  assert result.returncode != 0 and "--depth=34, but the checkpoint holds a ResNet-18" in (
-    result.stderr
-  )
