@@ -20,7 +20,7 @@ setuptools.setup(
   long_description_content_type="text/markdown",
   python_requires=">=3.11",
   packages=setuptools.find_packages(
-    include=["micle_jax", "micle_jax.*", "data_builders", "data_builders.*"]
+    include=["micle_jax", "micle_jax.*", "data_builders", "data_builders.*", "configs"]
   ),
   package_data={"data_builders": ["*/dummy_data/**/*", "*/README.md", "*/*.txt"]},
   include_package_data=True,

@@ -6,7 +6,7 @@ fixed padding; the last BatchNorm of each block starts with γ = 0; optional sel
 (`sk_ratio > 0`, which also switch on the ResNet-D stem and avg-pool shortcut). A `cifar` stem
 (3×3 conv, stride 1, no max-pool) serves low-resolution inputs (32–64 px).
 
-Module names are stable and structural (`block_group_1/block_0/conv_1`), because checkpoint
+Module names are stable and structural (`block_group_1_block_0/conv_1`), because checkpoint
 conversion from the published TensorFlow weights matches on them.
 """
 
@@ -82,7 +82,8 @@ class Shortcut(nn.Module):
       if self.strides > 1:
         x = fixed_padding(x, 2)
       padding = "SAME" if self.strides == 1 else "VALID"
-      x = nn.avg_pool(x, (2, 2), (self.strides, self.strides), padding=padding)
+      x = nn.avg_pool(x, (2, 2), (self.strides, self.strides), padding=padding,
+                      count_include_pad=False)
       x = Conv(self.features, 1, dtype=self.dtype, name="conv")(x)
     else:
       x = Conv(self.features, 1, self.strides, dtype=self.dtype, name="conv")(x)

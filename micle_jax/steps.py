@@ -87,8 +87,8 @@ def pretrain_step(
   grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics["grad_norm"] = optax.global_norm(grads)
-  metrics["params_finite"] = jnp.isfinite(optax.global_norm(params))
+  metrics["grad_norm"] = optax.tree.norm(grads)
+  metrics["params_finite"] = jnp.isfinite(optax.tree.norm(params))
   if learning_rate_fn is not None:
     metrics["learning_rate"] = learning_rate_fn(state.step)
   if "multi_image" in batch:

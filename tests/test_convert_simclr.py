@@ -9,7 +9,6 @@ import json
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -152,25 +151,12 @@ def test_every_mismatch_is_listed_and_nothing_written(tmp_path):
   assert not (tmp_path / "out").exists()
 
 
-def test_saved_model_with_selective_kernels_matches_simclr_ops(r50_sk, images, monkeypatch):
-  """Conversion is exact given SimCLR's avg-pool (TF's SAME pooling averages valid inputs only)."""
+def test_saved_model_with_selective_kernels_matches_tf_forward(r50_sk, images):
+  """SK models match, ResNet-D avg-pool shortcut included (SAME pooling averages valid inputs)."""
   model, _, out, report = r50_sk
   assert report["format"] == "tf2_saved_model"
   assert report["model"]["sk_ratio"] == SK
   assert report["tensors"]["skipped_by_rule"] == {"checkpoint metadata": 1}
-  monkeypatch.setattr(
-    nn, "avg_pool", functools.partial(nn.pooling.avg_pool, count_include_pad=False)
-  )
-  _assert_outputs_match(_apply(out, report, images), model(images))
-
-
-@pytest.mark.xfail(
-  strict=True,
-  reason="models.Shortcut: nn.avg_pool(padding='SAME') counts padding (stride-1 group 0 with SK); "
-  "SimCLR's TF AveragePooling2D does not -> needs count_include_pad=False in models.py",
-)
-def test_selective_kernels_match_tf_forward(r50_sk, images):
-  model, _, out, report = r50_sk
   _assert_outputs_match(_apply(out, report, images), model(images))
 
 

@@ -1,0 +1,138 @@
+"""End to end on 8 devices: pretraining writes checkpoints and events, resumes bit for bit,
+stops cleanly on SIGTERM, guards against NaN, and honours init_from."""
+
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+from etils import epath
+
+from configs import cxr
+from micle_jax import checkpoint, steps, train
+
+
+def _config(data_dir, **overrides):
+  config = cxr.get_config("demo")
+  config.dataset.data_dir = data_dir
+  config.batch_size = 8
+  config.augment.image_size = 32
+  config.num_steps = 6
+  config.log_every_steps = 2
+  config.checkpoint_every_steps = 2
+  config.keep_checkpoints = 10
+  config.model.proj_out_dim = 16
+  config.optimizer.warmup_epochs = 1.0
+  for key, value in overrides.items():
+    section, _, name = key.rpartition(".")
+    (config[section] if section else config)[name] = value
+  return config
+
+
+def _assert_trees_equal(a, b):
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b),
+                          strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cxr_data_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  state = train.train_and_evaluate(_config(cxr_data_dir), str(workdir))
+  return workdir, jax.device_get(state)
+
+
+def test_run_writes_checkpoints_events_and_config(uninterrupted, num_devices):
+  workdir, state = uninterrupted
+  assert int(state.step) == 6
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [
+      2, 4, 6]
+  assert list(workdir.glob("events.out.tfevents.*"))
+  assert json.loads((workdir / "config.json").read_text())["method"] == "micle"
+  params, batch_stats, step = checkpoint.load_weights(workdir)
+  assert step == 6
+  _assert_trees_equal(params, state.params)
+  _assert_trees_equal(batch_stats, state.batch_stats)
+
+
+def test_sigterm_saves_and_resume_is_bit_identical(uninterrupted, cxr_data_dir, tmp_path,
+                                                   monkeypatch):
+  _, expected = uninterrupted
+  compile_step = steps.compile_pretrain_step
+
+  def compile_with_sigterm(*args, **kwargs):
+    step_fn = compile_step(*args, **kwargs)
+
+    def step_then_signal(state, batch):
+      out = step_fn(state, batch)
+      if int(out[0].step) == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return out
+
+    return step_then_signal
+
+  monkeypatch.setattr(steps, "compile_pretrain_step", compile_with_sigterm)
+  stopped = train.train_and_evaluate(_config(cxr_data_dir), str(tmp_path))
+  assert int(stopped.step) == 3
+  assert checkpoint.load_weights(tmp_path)[2] == 3  # saved at the signal, off the cadence
+  monkeypatch.setattr(steps, "compile_pretrain_step", compile_step)
+  resumed = jax.device_get(train.train_and_evaluate(_config(cxr_data_dir), str(tmp_path)))
+  assert int(resumed.step) == 6
+  _assert_trees_equal(resumed.params, expected.params)
+  _assert_trees_equal(resumed.batch_stats, expected.batch_stats)
+  _assert_trees_equal(resumed.opt_state, expected.opt_state)
+
+
+def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(cxr_data_dir, tmp_path):
+  first = train.train_and_evaluate(_config(cxr_data_dir, max_steps_per_run=2), str(tmp_path))
+  assert int(first.step) == 2
+  bad = _config(cxr_data_dir, **{"optimizer.base_learning_rate": float("nan")})
+  with pytest.raises(FloatingPointError, match="at step 3 .*last good checkpoint is step 2"):
+    train.train_and_evaluate(bad, str(tmp_path))
+  params, _, step = checkpoint.load_weights(tmp_path)
+  assert step == 2
+  assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
+
+
+def test_init_from_loads_the_pretrained_weights(uninterrupted, cxr_data_dir, tmp_path):
+  source_dir, source = uninterrupted
+  config = _config(cxr_data_dir, init_from=str(source_dir), seed=123, num_steps=1,
+                   **{"optimizer.base_learning_rate": 0.0})
+  state = jax.device_get(train.train_and_evaluate(config, str(tmp_path)))
+  # lr = 0: the step leaves the parameters as loaded (BatchNorm statistics still move).
+  _assert_trees_equal(state.params, source.params)
+  assert int(state.step) == 1  # the optimizer and step start fresh
+
+
+def test_init_from_a_different_architecture_names_the_parameters(uninterrupted, cxr_data_dir,
+                                                                 tmp_path):
+  source_dir, _ = uninterrupted
+  config = _config(cxr_data_dir, init_from=str(source_dir), **{"model.width": 0.5})
+  with pytest.raises(ValueError, match=r"backbone/stem_conv_0/kernel: expected shape"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("method", "byol", "config.method"),
+    ("temperature", 0.0, "config.temperature"),
+    ("batch_size", 12, "config.batch_size=12 must be a positive multiple of the 8"),
+    ("augment.preset", "mri", "config.augment.preset"),
+    ("model.depth", 42, "model.depth=42"),
+    ("optimizer.name", "adam", "optimizer.name"),
+    ("labels.task", "regression", "task='regression'"),
+])
+def test_invalid_config_fails_before_any_work(cxr_data_dir, tmp_path, key, value, message):
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(_config(cxr_data_dir, **{key: value}), str(tmp_path / "w"))
+  assert not epath.Path(tmp_path / "w" / "checkpoints").exists()
+
+
+def test_unknown_config_keys_and_arguments_fail():
+  config = cxr.get_config()
+  with pytest.raises(AttributeError):
+    config.learning_rate = 0.1  # locked: a typo cannot add a key
+  with pytest.raises(ValueError, match="config argument 'widht' unknown"):
+    cxr.get_config("widht=2")
+  assert cxr.get_config("method=simclr,width=2").dataset.name == "chexpert_micle/images"
