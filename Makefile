@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo lint clean
+.PHONY: venv test demo demo-data lint clean
 
 venv: $(STAMP)
 
@@ -22,8 +22,29 @@ $(STAMP): requirements.txt requirements-test.txt setup.py
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist=loadfile -q
 
+DATA := data
+TFDS := $(DATA)/tensorflow_datasets
+DEMO_WORKDIR ?= workdirs/cxr_demo
+
+# Synthetic data in the real download layouts, built with the real TFDS builders (idempotent).
+demo-data: $(STAMP)
+	test -f $(DATA)/manual/chexpert/CheXpert-v1.0-small/train.csv || \
+	  $(PY) -m data_builders.synthetic --layout=chexpert --out=$(DATA)/manual/chexpert --seed=0
+	$(PY) -m data_builders.build chexpert_micle --manual_dir=$(DATA)/manual/chexpert --data_dir=$(TFDS)
+	test -f $(DATA)/manual/ham10000/HAM10000_metadata.csv || \
+	  $(PY) -m data_builders.synthetic --layout=ham10000 --out=$(DATA)/manual/ham10000 --seed=0
+	$(PY) -m data_builders.build derm/ham10000_cases --manual_dir=$(DATA)/manual/ham10000 --data_dir=$(TFDS)
+	$(PY) -m data_builders.build derm/ham10000_images --manual_dir=$(DATA)/manual/ham10000 --data_dir=$(TFDS)
+
+# MICLe pretraining of a small ResNet on synthetic CheXpert-style data.
+demo: demo-data
+	$(PY) -m micle_jax.main --config=configs/cxr.py:demo --workdir=$(DEMO_WORKDIR)
+	@echo "Demo finished. Checkpoints and TensorBoard events: $(DEMO_WORKDIR)"
+	@echo "  $(VENV)/bin/tensorboard --logdir $(DEMO_WORKDIR)"
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check micle_jax configs tests data_builders
+	shellcheck launch/*.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache
