@@ -96,3 +96,71 @@ def make_demo(c: ml_collections.ConfigDict) -> None:
   c.dataset.shuffle_buffer = 1000
   c.log_every_steps = 10
   c.checkpoint_every_steps = 50
+
+
+def finetune_base() -> ml_collections.ConfigDict:
+  """Keys every fine-tuning config has (SimCLRv2-style fine-tuning: LARS, no decay, no warm-up)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # also picks the label-fraction subset and the bootstrap resamples
+  c.init_from = ""  # a pretraining workdir, an Orbax checkpoint, or "" / "scratch"
+  c.mode = "full"  # "full" fine-tuning, or "linear" (frozen backbone, linear head)
+  c.task = "chexpert"  # "chexpert" | "nih" (multi-label AUC) or "multiclass" (top-1/top-3)
+  c.label_fraction = 1.0  # of training patients; nested subsets for one seed
+  c.dataset = ml_collections.ConfigDict(
+    dict(name="", train_split="train", eval_split="validation", data_dir="", shuffle_buffer=10_000)
+  )
+  c.labels = ml_collections.ConfigDict(dict(label_set="competition5", uncertainty_policy="ones"))
+  c.augment = ml_collections.ConfigDict(dict(preset="cxr", image_size=224))
+  # ft_proj_selector = proj_layers_kept = supervised_input_layer (0: head on backbone features).
+  c.model = ml_collections.ConfigDict(
+    dict(
+      depth=50,
+      width=1.0,
+      sk_ratio=0.0,
+      stem="imagenet",
+      dtype="float32",
+      num_proj_layers=3,
+      proj_out_dim=128,
+      proj_layers_kept=0,
+      supervised_input_layer=0,
+    )
+  )
+  c.optimizer = ml_collections.ConfigDict(
+    dict(
+      name="lars",
+      base_learning_rate=0.005,
+      lr_scaling="sqrt",
+      weight_decay=0.0,
+      momentum=0.9,
+      trust_coefficient=0.001,
+      warmup_epochs=0.0,
+      b2=0.999,
+    )
+  )
+  c.batch_size = 256
+  c.eval_batch_size = 256
+  c.num_epochs = 30
+  c.num_steps = -1
+  c.shift = ml_collections.ConfigDict()  # name -> {name, split, data_dir, task}: zero-shot evals
+  c.bootstrap_samples = 1000
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 2
+  c.max_steps_per_run = -1
+  c.profile_steps = 0
+  return c
+
+
+def make_finetune_demo(c: ml_collections.ConfigDict) -> None:
+  """Matches `make_demo`'s tiny model; minutes on 2 CPU cores."""
+  c.model.update(depth=18, width=0.25, stem="cifar", num_proj_layers=2, proj_out_dim=64)
+  c.augment.image_size = 32
+  c.batch_size = 64
+  c.eval_batch_size = 64
+  c.num_epochs = 15
+  c.optimizer.update(name="sgd", base_learning_rate=0.1, lr_scaling="none", warmup_epochs=1.0)
+  c.dataset.data_dir = "data/tensorflow_datasets"
+  c.dataset.shuffle_buffer = 1000
+  c.bootstrap_samples = 200
+  c.log_every_steps = 10
+  c.checkpoint_every_steps = 100

@@ -123,13 +123,17 @@ def merge_pretrained(
   loaded: dict[str, Any],
   *,
   required_prefixes: tuple[str, ...],
+  exact_prefixes: tuple[str, ...] = (),
   source: str = "init_from",
 ) -> tuple[dict[str, Any], list[str], list[str]]:
   """Copies `loaded` leaves into `target` where paths and shapes agree.
 
   Every target leaf under a `required_prefixes` path (e.g. "backbone") must be present in
-  `loaded` with the same shape; otherwise a ValueError lists every mismatch. Other target leaves
-  (a supervised head with another number of classes, say) keep their fresh values.
+  `loaded` with the same shape, and under `exact_prefixes` the checkpoint may hold nothing the
+  target lacks (a deeper backbone is not silently truncated); otherwise a ValueError lists every
+  mismatch. Other target leaves (a supervised head with another number of classes, say) keep
+  their fresh values, and other checkpoint leaves (projection-head layers that fine-tuning drops)
+  are left unused.
 
   Returns:
     (merged tree, restored paths, paths left fresh or unused in `loaded`).
@@ -150,7 +154,7 @@ def merge_pretrained(
     merged[path] = value
     fresh.append(path)
   unused = [p for p in flat_loaded if p not in flat_target]
-  required_unused = [p for p in unused if any(p.startswith(r) for r in required_prefixes)]
+  required_unused = [p for p in unused if any(p.startswith(r) for r in exact_prefixes)]
   problems += [f"  {p}: in the checkpoint but not in the model" for p in required_unused]
   if problems:
     raise ValueError(

@@ -108,14 +108,17 @@ def open_dataset(name: str, split: str, data_dir: str | None, label_spec: LabelS
     if "observations" not in features:
       raise ValueError(f"task='chexpert' needs `observations`; {name!r} has {list(features)}")
     num_classes = len(chexpert_labels.label_names(label_spec.label_set))
-  process_split = tfds.even_splits(split, n=jax.process_count(), drop_remainder=True)[
-    jax.process_index()
-  ]
+  process_split = process_split_of(split)
   total = builder.info.splits[split].num_examples
   per_process = builder.info.splits[process_split].num_examples
   return DatasetInfo(
     builder, split, process_split, total, per_process, case_level, id_feature, num_classes
   )
+
+
+def process_split_of(split: str) -> str:
+  """This process's equal share of `split` (every example read by exactly one process)."""
+  return tfds.even_splits(split, n=jax.process_count(), drop_remainder=True)[jax.process_index()]
 
 
 def example_seed(seed: int, epoch: int | tf.Tensor, example_id: tf.Tensor) -> tf.Tensor:
@@ -205,30 +208,34 @@ def _shuffle_seed(seed: int, epoch: tf.Tensor) -> tf.Tensor:
   return (tf.constant(seed, tf.int64) * 1_000_003 + tf.cast(epoch, tf.int64)) % (2**31 - 1)
 
 
-def pretrain_dataset(
-  info: DatasetInfo,
-  *,
-  pair_fn: Callable,
-  local_batch_size: int,
-  seed: int,
-  shuffle_buffer: int,
-  start_step: int,
-) -> tf.data.Dataset:
-  """This process's batches from global step `start_step` on, forever.
-
-  Epoch e = the process's shard in file order, shuffled with a seed f(seed, e), mapped to pairs,
-  batched with the remainder dropped. One dataset graph serves every epoch (the map is traced
-  once); resuming skips the raw records of the steps already taken in the first epoch.
-  """
-  per_epoch = steps_per_epoch(info, local_batch_size)
-  start_epoch, offset = divmod(start_step, per_epoch)
+def read_examples(info: DatasetInfo) -> tf.data.Dataset:
+  """This process's shard in file order, images left encoded (decoded only when sampled)."""
   decoders = None if info.case_level else {"image": tfds.decode.SkipDecoding()}
-  examples = info.builder.as_dataset(
+  return info.builder.as_dataset(
     split=info.process_split,
     shuffle_files=False,
     decoders=decoders,
     read_config=tfds.ReadConfig(try_autocache=True),
   )
+
+
+def epoch_stream(
+  examples: tf.data.Dataset,
+  *,
+  map_fn: Callable,
+  local_batch_size: int,
+  per_epoch: int,
+  seed: int,
+  shuffle_buffer: int,
+  start_step: int,
+) -> tf.data.Dataset:
+  """Batches from global step `start_step` on, forever; `map_fn(example, epoch)`.
+
+  Epoch e = `examples` shuffled with a seed f(seed, e), mapped, batched with the remainder
+  dropped. One dataset graph serves every epoch (the map is traced once); resuming skips the raw
+  records of the steps already taken in the first epoch.
+  """
+  start_epoch, offset = divmod(start_step, per_epoch)
 
   def epoch_dataset(epoch):
     skip = tf.where(
@@ -240,7 +247,7 @@ def pretrain_dataset(
       shuffle_buffer, seed=_shuffle_seed(seed, epoch), reshuffle_each_iteration=False
     ).skip(skip)
     ds = ds.map(
-      lambda features: pair_fn(features, epoch),
+      lambda features: map_fn(features, epoch),
       num_parallel_calls=tf.data.AUTOTUNE,
       deterministic=True,
     )
@@ -284,10 +291,11 @@ def pretrain_batches(
     seed=seed,
     label_spec=label_spec,
   )
-  ds = pretrain_dataset(
-    info,
-    pair_fn=pair_fn,
+  ds = epoch_stream(
+    read_examples(info),
+    map_fn=pair_fn,
     local_batch_size=local_batch_size,
+    per_epoch=steps_per_epoch(info, local_batch_size),
     seed=seed,
     shuffle_buffer=shuffle_buffer,
     start_step=start_step,

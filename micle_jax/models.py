@@ -82,8 +82,9 @@ class Shortcut(nn.Module):
       if self.strides > 1:
         x = fixed_padding(x, 2)
       padding = "SAME" if self.strides == 1 else "VALID"
-      x = nn.avg_pool(x, (2, 2), (self.strides, self.strides), padding=padding,
-                      count_include_pad=False)
+      x = nn.avg_pool(
+        x, (2, 2), (self.strides, self.strides), padding=padding, count_include_pad=False
+      )
       x = Conv(self.features, 1, dtype=self.dtype, name="conv")(x)
     else:
       x = Conv(self.features, 1, self.strides, dtype=self.dtype, name="conv")(x)
@@ -212,12 +213,14 @@ class ProjectionHead(nn.Module):
   num_layers: int = 3
   out_dim: int = 128
   dtype: Dtype = jnp.float32
+  num_built: int | None = None  # fine-tuning keeps the first k layers of an L-layer head
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> tuple[jnp.ndarray, ...]:
     hiddens = [x]
     mid_dim = x.shape[-1]
-    for j in range(self.num_layers):
+    built = self.num_layers if self.num_built is None else self.num_built
+    for j in range(built):
       last = j == self.num_layers - 1
       x = nn.Dense(
         self.out_dim if last else mid_dim,
@@ -238,28 +241,37 @@ class ContrastiveModel(nn.Module):
 
   Attributes:
     backbone: the ResNet.
-    num_proj_layers: projection-head layers built (pretraining: 3; fine-tuning keeps
-      `ft_proj_selector` of them; 0 = none).
+    num_proj_layers: projection-head layers (SimCLRv2: 3).
+    proj_layers_kept: how many of them are built (-1 = all; fine-tuning keeps
+      `ft_proj_selector` of them, 0 = none).
     proj_out_dim: width of the last projection layer.
     num_classes: supervised head outputs (0 = no supervised head).
     supervised_input_layer: which `hiddens[k]` feeds the supervised head (SimCLR's
       `ft_proj_selector`; 0 = backbone features).
     stop_gradient_supervised: detach the supervised head's input (the linear monitor during
       pretraining; linear evaluation).
+    freeze_backbone: run the backbone in inference mode (running BatchNorm statistics) behind a
+      stop-gradient (linear evaluation).
   """
 
   backbone: ResNet
   num_proj_layers: int = 3
+  proj_layers_kept: int = -1
   proj_out_dim: int = 128
   num_classes: int = 0
   supervised_input_layer: int = 0
   stop_gradient_supervised: bool = True
+  freeze_backbone: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> dict[str, Any]:
-    features = self.backbone(x, train)
+    if self.freeze_backbone:
+      features = jax.lax.stop_gradient(self.backbone(x, False))
+    else:
+      features = self.backbone(x, train)
+    kept = None if self.proj_layers_kept < 0 else self.proj_layers_kept
     hiddens = ProjectionHead(
-      self.num_proj_layers, self.proj_out_dim, self.backbone.dtype, name="projection_head"
+      self.num_proj_layers, self.proj_out_dim, self.backbone.dtype, kept, name="projection_head"
     )(features, train)
     outputs = {"features": features, "hiddens": hiddens, "projection": hiddens[-1]}
     if self.num_classes:
@@ -290,6 +302,8 @@ class ModelSpec:
   num_classes: int = 0
   supervised_input_layer: int = 0
   stop_gradient_supervised: bool = True
+  proj_layers_kept: int = -1
+  freeze_backbone: bool = False
 
 
 def create_model(spec: ModelSpec) -> ContrastiveModel:
@@ -300,10 +314,16 @@ def create_model(spec: ModelSpec) -> ContrastiveModel:
     raise ValueError(f"model.stem={spec.stem!r} not in {STEMS}")
   if spec.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"model.dtype={spec.dtype!r} must be 'float32' or 'bfloat16'")
-  if not 0 <= spec.supervised_input_layer <= spec.num_proj_layers:
+  built = spec.num_proj_layers if spec.proj_layers_kept < 0 else spec.proj_layers_kept
+  if built > spec.num_proj_layers:
+    raise ValueError(
+      f"model.proj_layers_kept={spec.proj_layers_kept} exceeds num_proj_layers="
+      f"{spec.num_proj_layers}"
+    )
+  if not 0 <= spec.supervised_input_layer <= built:
     raise ValueError(
       f"model.supervised_input_layer={spec.supervised_input_layer} must be in "
-      f"[0, num_proj_layers={spec.num_proj_layers}]"
+      f"[0, {built}] (the projection-head layers built)"
     )
   if spec.width <= 0 or spec.sk_ratio < 0:
     raise ValueError(
@@ -312,11 +332,13 @@ def create_model(spec: ModelSpec) -> ContrastiveModel:
   backbone = ResNet(spec.depth, spec.width, spec.sk_ratio, spec.stem, jnp.dtype(spec.dtype))
   return ContrastiveModel(
     backbone,
-    spec.num_proj_layers,
-    spec.proj_out_dim,
-    spec.num_classes,
-    spec.supervised_input_layer,
-    spec.stop_gradient_supervised,
+    num_proj_layers=spec.num_proj_layers,
+    proj_layers_kept=spec.proj_layers_kept,
+    proj_out_dim=spec.proj_out_dim,
+    num_classes=spec.num_classes,
+    supervised_input_layer=spec.supervised_input_layer,
+    stop_gradient_supervised=spec.stop_gradient_supervised,
+    freeze_backbone=spec.freeze_backbone,
   )
 
 

@@ -109,3 +109,61 @@ def compile_pretrain_step(mesh: Mesh, **step_kwargs: Any):
     out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
     donate_argnums=(0,),
   )
+
+
+def finetune_step(
+  state: TrainState,
+  batch: dict[str, jnp.ndarray],
+  *,
+  task: str,
+  learning_rate_fn: optax.Schedule | None = None,
+) -> tuple[TrainState, dict[str, jnp.ndarray]]:
+  """One supervised step on `batch['image']` [N, H, W, 3] with the task's labels."""
+
+  def loss_fn(params):
+    outputs, new_vars = state.apply_fn(
+      {"params": params, "batch_stats": state.batch_stats},
+      batch["image"],
+      train=True,
+      mutable=["batch_stats"],
+    )
+    loss, metrics = supervised_loss(outputs["logits"], batch, task)
+    return loss, (new_vars["batch_stats"], metrics)
+
+  grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics["loss"] = metrics["sup_loss"]
+  metrics["grad_norm"] = optax.tree.norm(grads)
+  metrics["params_finite"] = jnp.isfinite(optax.tree.norm(params))
+  if learning_rate_fn is not None:
+    metrics["learning_rate"] = learning_rate_fn(state.step)
+  new_state = state.replace(
+    step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+  )
+  return new_state, metrics
+
+
+def predict_step(state: TrainState, images: jnp.ndarray, *, task: str) -> jnp.ndarray:
+  """Class probabilities (softmax for multi-class, sigmoid per label for multi-label)."""
+  logits = state.apply_fn(state.variables(), images, train=False)["logits"]
+  return jax.nn.softmax(logits) if task == "multiclass" else jax.nn.sigmoid(logits)
+
+
+def compile_finetune_step(mesh: Mesh, **step_kwargs: Any):
+  """`finetune_step` under `jax.jit`: state replicated and donated, batch sharded over `data`."""
+  return jax.jit(
+    functools.partial(finetune_step, **step_kwargs),
+    in_shardings=(sharding.replicated(mesh), sharding.data_sharding(mesh)),
+    out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
+    donate_argnums=(0,),
+  )
+
+
+def compile_predict_step(mesh: Mesh, *, task: str):
+  """`predict_step` under `jax.jit`, images sharded over `data`."""
+  return jax.jit(
+    functools.partial(predict_step, task=task),
+    in_shardings=(sharding.replicated(mesh), sharding.data_sharding(mesh)),
+    out_shardings=sharding.data_sharding(mesh),
+  )

@@ -8,41 +8,25 @@ derived from the step; see `input_pipeline`). A non-finite loss or parameter sto
 naming the step, without saving over the last good checkpoint.
 """
 
-import dataclasses
 import functools
-from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
-from clu import metric_writers, parameter_overview, periodic_actions
+from clu import metric_writers, parameter_overview
 from etils import epath
 
 from micle_jax import (
   augment_presets,
   checkpoint,
   input_pipeline,
-  metrics,
+  loop,
   models,
   optim,
-  preemption,
   sharding,
   steps,
   train_state,
 )
-
-
-def _spec(cls: type, section: ml_collections.ConfigDict, name: str, **extra: Any) -> Any:
-  """Builds a spec dataclass from a config section; unknown keys fail naming them."""
-  known = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(section.keys()) - known)
-  if unknown:
-    raise ValueError(f"config.{name} has unknown keys {unknown}; valid: {sorted(known)}")
-  try:
-    return cls(**{**section.to_dict(), **extra})
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"config.{name}: {e}") from e
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -64,53 +48,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     augment_presets.get_preset(config.augment.preset)
   except ValueError as e:
     raise ValueError(f"config.augment.preset: {e}") from e
-  _spec(input_pipeline.LabelSpec, config.labels, "labels")
-  _spec(optim.OptimizerSpec, config.optimizer, "optimizer")
-  models.create_model(_spec(models.ModelSpec, config.model, "model"))
-
-
-def _initial_state(config, workdir, mngr, model, tx_factory, mesh) -> train_state.TrainState:
-  """Resume order: workdir checkpoint → init_from → scratch."""
-  image_shape = (config.augment.image_size, config.augment.image_size, 3)
-  state = train_state.create_train_state(
-    model, tx_factory, seed=config.seed, image_shape=image_shape, mesh=mesh
-  )
-  latest = mngr.latest_step()
-  if latest is not None:
-    logging.info("Resuming from %s/checkpoints step %d", workdir, latest)
-    tree = checkpoint.restore(mngr, latest, checkpoint.state_to_tree(state))
-    return state.replace(**tree)
-  if config.init_from:
-    params, batch_stats, _ = checkpoint.load_weights(config.init_from)
-    params, restored, fresh = checkpoint.merge_pretrained(
-      jax.device_get(state.params), params, required_prefixes=("backbone",)
-    )
-    batch_stats, _, _ = checkpoint.merge_pretrained(
-      jax.device_get(state.batch_stats), batch_stats, required_prefixes=("backbone",)
-    )
-    logging.info(
-      "init_from %s: restored %d parameters; fresh or unused: %s",
-      config.init_from,
-      len(restored),
-      fresh,
-    )
-    # The optimizer starts fresh, but its state must match the loaded parameters' tree.
-    return state.replace(
-      params=sharding.replicate(params, mesh),
-      batch_stats=sharding.replicate(batch_stats, mesh),
-      opt_state=jax.jit(state.tx.init, out_shardings=sharding.replicated(mesh))(params),
-    )
-  logging.info("Training from scratch (seed %d).", config.seed)
-  return state
-
-
-def _check_finite(step: int, step_metrics: dict[str, Any], mngr) -> None:
-  if not (np.isfinite(step_metrics["loss"]) and step_metrics["params_finite"]):
-    mngr.wait_until_finished()
-    raise FloatingPointError(
-      f"non-finite loss or parameters at step {step} (loss={step_metrics['loss']}); "
-      f"stopped without saving; the last good checkpoint is step {mngr.latest_step()}"
-    )
+  loop.config_spec(input_pipeline.LabelSpec, config.labels, "labels")
+  loop.config_spec(optim.OptimizerSpec, config.optimizer, "optimizer")
+  models.create_model(loop.config_spec(models.ModelSpec, config.model, "model"))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_state.TrainState:
@@ -121,23 +61,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   sharding.check_batch_size(config.batch_size, mesh, key="config.batch_size")
   local_batch = sharding.local_batch_size(config.batch_size)
 
-  label_spec = _spec(input_pipeline.LabelSpec, config.labels, "labels")
+  label_spec = loop.config_spec(input_pipeline.LabelSpec, config.labels, "labels")
   info = input_pipeline.open_dataset(
     config.dataset.name, config.dataset.split, config.dataset.data_dir or None, label_spec
   )
   per_epoch = input_pipeline.steps_per_epoch(info, local_batch)
   total_steps = config.num_steps if config.num_steps > 0 else config.num_epochs * per_epoch
 
-  model_spec = _spec(models.ModelSpec, config.model, "model", num_classes=info.num_classes)
+  model_spec = loop.config_spec(
+    models.ModelSpec, config.model, "model", num_classes=info.num_classes
+  )
   model = models.create_model(model_spec)
-  opt_spec = _spec(optim.OptimizerSpec, config.optimizer, "optimizer")
+  opt_spec = loop.config_spec(optim.OptimizerSpec, config.optimizer, "optimizer")
   schedule = optim.create_schedule(
     opt_spec, batch_size=config.batch_size, total_steps=total_steps, steps_per_epoch=per_epoch
   )
   tx_factory = functools.partial(optim.create_optimizer, opt_spec, learning_rate=schedule)
 
   mngr = checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints)
-  state = _initial_state(config, workdir, mngr, model, tx_factory, mesh)
+  image_shape = (config.augment.image_size, config.augment.image_size, 3)
+  state = train_state.create_train_state(
+    model, tx_factory, seed=config.seed, image_shape=image_shape, mesh=mesh
+  )
+  state = loop.resume_or_initialize(
+    state,
+    mngr,
+    config.init_from,
+    mesh,
+    required_prefixes=("backbone",),
+    exact_prefixes=("backbone",),
+  )
   start_step = int(state.step)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -179,7 +132,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     task=_step_task(label_spec.task),
     learning_rate_fn=schedule,
   )
-  state = _loop(
+  state = loop.run(
     config, workdir, mngr, writer, state, step_fn, batches, mesh, start_step, total_steps
   )
   mngr.wait_until_finished()
@@ -190,39 +143,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
 
 def _step_task(task: str) -> str:
   return {"none": "none", "multiclass": "multiclass", "chexpert": "multilabel"}[task]
-
-
-def _loop(config, workdir, mngr, writer, state, step_fn, batches, mesh, start_step, total_steps):
-  """Steps from `start_step` to `total_steps`, logging, checkpointing, and stopping cleanly."""
-  hooks = [
-    periodic_actions.ReportProgress(
-      num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
-    )
-  ]
-  if config.profile_steps > 0 and jax.process_index() == 0:
-    hooks.append(
-      periodic_actions.Profile(num_profile_steps=config.profile_steps, logdir=str(workdir))
-    )
-  window = metrics.WindowAverages()
-  last_step = total_steps
-  if config.max_steps_per_run > 0:
-    last_step = min(total_steps, start_step + config.max_steps_per_run)
-  with preemption.StopRequest() as stop:
-    for step in range(start_step + 1, last_step + 1):
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        batch = sharding.make_global_batch(next(batches), mesh)
-        state, step_metrics = step_fn(state, batch)
-      step_metrics = jax.device_get(step_metrics)
-      _check_finite(step, step_metrics, mngr)
-      window.update({k: v for k, v in step_metrics.items() if k != "params_finite"})
-      for hook in hooks:
-        hook(step)
-      if step % config.log_every_steps == 0 or step == last_step:
-        writer.write_scalars(step, window.compute_and_reset())
-      stopping = stop.should_stop(step)
-      if step % config.checkpoint_every_steps == 0 or step == last_step or stopping:
-        checkpoint.save(mngr, step, checkpoint.state_to_tree(state), force=True)
-      if stopping:
-        logging.warning("Stopped at step %d on request; checkpoint saved.", step)
-        break
-  return state

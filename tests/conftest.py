@@ -52,3 +52,14 @@ def cxr_data_dir(tmp_path_factory) -> str:
   )
   build.build("chexpert_micle", manual_dir=str(root / "manual"), data_dir=str(root / "tfds"))
   return str(root / "tfds")
+
+
+@pytest.fixture(scope="session")
+def nih_data_dir(tmp_path_factory) -> str:
+  """A small synthetic NIH ChestX-ray14 download, built with the real `nih_cxr14` builder."""
+  from data_builders import build, synthetic
+
+  root = tmp_path_factory.mktemp("nih")
+  synthetic.write_nih(root / "manual", num_patients=16, seed=0, image_size=48)
+  build.build("nih_cxr14/images", manual_dir=str(root / "manual"), data_dir=str(root / "tfds"))
+  return str(root / "tfds")

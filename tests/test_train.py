@@ -32,8 +32,9 @@ def _config(data_dir, **overrides):
 
 
 def _assert_trees_equal(a, b):
-  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b),
-                          strict=True):
+  for (path, x), y in zip(
+    jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b), strict=True
+  ):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
 
 
@@ -48,7 +49,10 @@ def test_run_writes_checkpoints_events_and_config(uninterrupted, num_devices):
   workdir, state = uninterrupted
   assert int(state.step) == 6
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [
-      2, 4, 6]
+    2,
+    4,
+    6,
+  ]
   assert list(workdir.glob("events.out.tfevents.*"))
   assert json.loads((workdir / "config.json").read_text())["method"] == "micle"
   params, batch_stats, step = checkpoint.load_weights(workdir)
@@ -57,8 +61,9 @@ def test_run_writes_checkpoints_events_and_config(uninterrupted, num_devices):
   _assert_trees_equal(batch_stats, state.batch_stats)
 
 
-def test_sigterm_saves_and_resume_is_bit_identical(uninterrupted, cxr_data_dir, tmp_path,
-                                                   monkeypatch):
+def test_sigterm_saves_and_resume_is_bit_identical(
+  uninterrupted, cxr_data_dir, tmp_path, monkeypatch
+):
   _, expected = uninterrupted
   compile_step = steps.compile_pretrain_step
 
@@ -98,23 +103,31 @@ def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(cxr_data_d
 
 def test_init_from_loads_the_pretrained_weights(uninterrupted, cxr_data_dir, tmp_path):
   source_dir, source = uninterrupted
-  config = _config(cxr_data_dir, init_from=str(source_dir), seed=123, num_steps=1,
-                   **{"optimizer.base_learning_rate": 0.0})
+  config = _config(
+    cxr_data_dir,
+    init_from=str(source_dir),
+    seed=123,
+    num_steps=1,
+    **{"optimizer.base_learning_rate": 0.0},
+  )
   state = jax.device_get(train.train_and_evaluate(config, str(tmp_path)))
   # lr = 0: the step leaves the parameters as loaded (BatchNorm statistics still move).
   _assert_trees_equal(state.params, source.params)
   assert int(state.step) == 1  # the optimizer and step start fresh
 
 
-def test_init_from_a_different_architecture_names_the_parameters(uninterrupted, cxr_data_dir,
-                                                                 tmp_path):
+def test_init_from_a_different_architecture_names_the_parameters(
+  uninterrupted, cxr_data_dir, tmp_path
+):
   source_dir, _ = uninterrupted
   config = _config(cxr_data_dir, init_from=str(source_dir), **{"model.width": 0.5})
   with pytest.raises(ValueError, match=r"backbone/stem_conv_0/kernel: expected shape"):
     train.train_and_evaluate(config, str(tmp_path))
 
 
-@pytest.mark.parametrize("key,value,message", [
+@pytest.mark.parametrize(
+  "key,value,message",
+  [
     ("method", "byol", "config.method"),
     ("temperature", 0.0, "config.temperature"),
     ("batch_size", 12, "config.batch_size=12 must be a positive multiple of the 8"),
@@ -122,7 +135,8 @@ def test_init_from_a_different_architecture_names_the_parameters(uninterrupted, 
     ("model.depth", 42, "model.depth=42"),
     ("optimizer.name", "adam", "optimizer.name"),
     ("labels.task", "regression", "task='regression'"),
-])
+  ],
+)
 def test_invalid_config_fails_before_any_work(cxr_data_dir, tmp_path, key, value, message):
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(_config(cxr_data_dir, **{key: value}), str(tmp_path / "w"))

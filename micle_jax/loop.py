@@ -1,0 +1,129 @@
+"""The step loop shared by pretraining and fine-tuning: log, checkpoint, stop cleanly, guard NaN."""
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from clu import metric_writers, periodic_actions
+from etils import epath
+
+from micle_jax import checkpoint, metrics, preemption, sharding
+
+
+def config_spec(cls: type, section: ml_collections.ConfigDict, name: str, **extra: Any) -> Any:
+  """Builds a spec dataclass from a config section; unknown keys fail naming them."""
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(section.keys()) - known)
+  if unknown:
+    raise ValueError(f"config.{name} has unknown keys {unknown}; valid: {sorted(known)}")
+  try:
+    return cls(**{**section.to_dict(), **extra})
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config.{name}: {e}") from e
+
+
+def resume_or_initialize(
+  state: Any,
+  mngr: ocp.CheckpointManager,
+  init_from: str,
+  mesh: jax.sharding.Mesh,
+  *,
+  required_prefixes: tuple[str, ...],
+  exact_prefixes: tuple[str, ...],
+) -> Any:
+  """Resume order: the latest checkpoint in the workdir → `init_from` → `state` (scratch).
+
+  From `init_from` (a workdir or Orbax checkpoint) only parameters and BatchNorm statistics are
+  taken, matched by path and shape (see `checkpoint.merge_pretrained`); step, optimizer and rng
+  start fresh.
+  """
+  latest = mngr.latest_step()
+  if latest is not None:
+    logging.info("Resuming from %s step %d", mngr.directory, latest)
+    return state.replace(**checkpoint.restore(mngr, latest, checkpoint.state_to_tree(state)))
+  if not init_from or init_from == "scratch":
+    logging.info("Training from scratch.")
+    return state
+  params, batch_stats, _ = checkpoint.load_weights(init_from)
+  merge = functools.partial(
+    checkpoint.merge_pretrained,
+    required_prefixes=required_prefixes,
+    exact_prefixes=exact_prefixes,
+    source=f"init_from={init_from}",
+  )
+  params, restored, fresh = merge(jax.device_get(state.params), params)
+  batch_stats, _, _ = merge(jax.device_get(state.batch_stats), batch_stats)
+  logging.info(
+    "init_from %s: restored %d parameters; fresh or unused: %s", init_from, len(restored), fresh
+  )
+  return state.replace(
+    params=sharding.replicate(params, mesh),
+    batch_stats=sharding.replicate(batch_stats, mesh),
+    opt_state=jax.jit(state.tx.init, out_shardings=sharding.replicated(mesh))(params),
+  )
+
+
+def _check_finite(step: int, step_metrics: dict[str, Any], mngr) -> None:
+  if not (np.isfinite(step_metrics["loss"]) and step_metrics["params_finite"]):
+    mngr.wait_until_finished()
+    raise FloatingPointError(
+      f"non-finite loss or parameters at step {step} (loss={step_metrics['loss']}); "
+      f"stopped without saving; the last good checkpoint is step {mngr.latest_step()}"
+    )
+
+
+def run(
+  config: ml_collections.ConfigDict,
+  workdir: epath.Path,
+  mngr: ocp.CheckpointManager,
+  writer: metric_writers.MetricWriter,
+  state: Any,
+  step_fn: Callable[[Any, Any], tuple[Any, dict[str, Any]]],
+  batches: Iterator[dict[str, np.ndarray]],
+  mesh: jax.sharding.Mesh,
+  start_step: int,
+  total_steps: int,
+) -> Any:
+  """Steps from `start_step` to `total_steps`, logging, checkpointing, and stopping cleanly.
+
+  Reads `log_every_steps`, `checkpoint_every_steps`, `max_steps_per_run` and `profile_steps`
+  from `config`. `step_fn(state, global_batch)` must report `loss` and `params_finite`.
+  """
+  hooks = [
+    periodic_actions.ReportProgress(
+      num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
+    )
+  ]
+  if config.profile_steps > 0 and jax.process_index() == 0:
+    hooks.append(
+      periodic_actions.Profile(num_profile_steps=config.profile_steps, logdir=str(workdir))
+    )
+  window = metrics.WindowAverages()
+  last_step = total_steps
+  if config.max_steps_per_run > 0:
+    last_step = min(total_steps, start_step + config.max_steps_per_run)
+  with preemption.StopRequest() as stop:
+    for step in range(start_step + 1, last_step + 1):
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = sharding.make_global_batch(next(batches), mesh)
+        state, step_metrics = step_fn(state, batch)
+      step_metrics = jax.device_get(step_metrics)
+      _check_finite(step, step_metrics, mngr)
+      window.update({k: v for k, v in step_metrics.items() if k != "params_finite"})
+      for hook in hooks:
+        hook(step)
+      if step % config.log_every_steps == 0 or step == last_step:
+        writer.write_scalars(step, window.compute_and_reset())
+      stopping = stop.should_stop(step)
+      if step % config.checkpoint_every_steps == 0 or step == last_step or stopping:
+        checkpoint.save(mngr, step, checkpoint.state_to_tree(state), force=True)
+      if stopping:
+        logging.warning("Stopped at step %d on request; checkpoint saved.", step)
+        break
+  return state

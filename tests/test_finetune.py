@@ -1,0 +1,117 @@
+"""Fine-tuning end to end on 8 devices: restore, label fractions, evaluation, shift, results."""
+
+import json
+
+import jax
+import numpy as np
+import optax
+import pytest
+from tiny_models import tiny_spec
+
+from configs import finetune_cxr
+from micle_jax import checkpoint, finetune, models, sharding, train_state
+
+RESULT_KEYS = {
+  "init_from",
+  "mode",
+  "task",
+  "label_fraction",
+  "seed",
+  "step",
+  "num_train_images",
+  "num_train_patients",
+  "labels",
+  "eval",
+}
+
+
+def _config(cxr_dir, nih_dir, **overrides):
+  c = finetune_cxr.get_config("demo")
+  c.dataset.data_dir = cxr_dir
+  c.shift.nih.data_dir = nih_dir
+  c.batch_size = 8
+  c.eval_batch_size = 16
+  c.num_steps = 3
+  c.bootstrap_samples = 20
+  c.model.proj_out_dim = 16
+  for key, value in overrides.items():
+    section, _, name = key.rpartition(".")
+    (c[section] if section else c)[name] = value
+  return c
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+  """Weights of a pretraining-shaped model (3 head layers), saved as an Orbax checkpoint."""
+  spec = tiny_spec(num_proj_layers=2, proj_out_dim=16)
+  mesh = sharding.create_mesh()
+  state = train_state.create_train_state(
+    models.create_model(spec), lambda p: optax.sgd(0.1), seed=7, image_shape=(32, 32, 3), mesh=mesh
+  )
+  params = jax.device_get(state.params)
+  # Make every leaf recognisable (not an initialiser's output).
+  params = jax.tree_util.tree_map(lambda x: x + 0.5, params)
+  path = tmp_path_factory.mktemp("pretrained")
+  checkpoint.save_weights(path, params, jax.device_get(state.batch_stats))
+  return path, params
+
+
+def test_finetune_from_a_checkpoint_writes_results_with_shift(
+  pretrained, cxr_data_dir, nih_data_dir, tmp_path, num_devices
+):
+  path, params = pretrained
+  config = _config(
+    cxr_data_dir,
+    nih_data_dir,
+    init_from=str(path),
+    **{
+      "model.proj_layers_kept": 1,
+      "model.supervised_input_layer": 1,
+      "optimizer.base_learning_rate": 0.0,
+    },
+  )
+  results = finetune.train_and_evaluate(config, str(tmp_path))
+  assert RESULT_KEYS <= set(results)
+  assert json.loads((tmp_path / finetune.RESULTS_FILE).read_text()) == results
+  assert set(results["eval"]) == {"in_distribution", "nih"}
+  for key in ("in_distribution", "nih"):
+    metrics = results["eval"][key]["metrics"]
+    assert set(metrics) == {"mean_auc"} | {f"auc/{n}" for n in results["labels"]}
+    for value in metrics.values():
+      assert {"value", "ci_low", "ci_high", "num_units", "num_bootstrap", "dropped"} <= set(value)
+  # lr = 0: the restored backbone and first head layer are exactly the checkpoint's.
+  restored, _, _ = checkpoint.load_weights(tmp_path)
+  for part in ("backbone",):
+    for a, b in zip(
+      jax.tree_util.tree_leaves(restored[part]),
+      jax.tree_util.tree_leaves(params[part]),
+      strict=True,
+    ):
+      np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(
+    restored["projection_head"]["dense_0"]["kernel"], params["projection_head"]["dense_0"]["kernel"]
+  )
+  assert "dense_1" not in restored["projection_head"]  # ft_proj_selector = 1 keeps one layer
+
+
+def test_mismatched_architecture_lists_the_parameters(
+  pretrained, cxr_data_dir, nih_data_dir, tmp_path
+):
+  path, _ = pretrained
+  config = _config(cxr_data_dir, nih_data_dir, init_from=str(path), **{"model.depth": 34})
+  with pytest.raises(ValueError, match=r"(?s)mismatched parameters.*block_group_0_block_2"):
+    finetune.train_and_evaluate(config, str(tmp_path))
+
+
+def test_label_fractions_are_nested_and_leak_free(cxr_data_dir, nih_data_dir, tmp_path):
+  patients = {}
+  for fraction in (0.25, 0.5):
+    workdir = tmp_path / str(fraction)
+    config = _config(
+      cxr_data_dir, nih_data_dir, label_fraction=fraction, num_steps=1, **{"model.depth": 18}
+    )
+    config.shift = type(config.shift)()
+    finetune.train_and_evaluate(config, str(workdir))
+    patients[fraction] = set(json.loads((workdir / finetune.TRAIN_PATIENTS_FILE).read_text()))
+  assert patients[0.25] < patients[0.5]
+  assert 0 < len(patients[0.25]) < len(patients[0.5]) < 24
