@@ -3,9 +3,11 @@
 Runs the real jitted `steps.pretrain_step` (`steps.compile_pretrain_step`) with the config's
 model, optimizer, temperature and global batch on every device of `sharding.create_mesh()`, fed a
 fixed random batch of the config's image size (no dataset; host-to-device transfer of batches is
-not timed). FLOPs come from XLA's cost analysis of the compiled step; the peak to compare them with
-is measured, not looked up: a chain of square matmuls on every device at once (float32, or
-bfloat16 when the model computes in bfloat16). The same code runs on CPU, GPU and TPU.
+not timed). FLOPs are counted twice: by XLA's cost analysis of the compiled step (what one device
+runs; on GPU it misses the convolutions that become cuDNN calls), and from the step's jaxpr (the
+convolutions and matrix products: the model FLOPs that MFU uses). The peak to compare them with is measured, not looked up: a
+chain of square matmuls on every device at once (float32, or bfloat16 when the model computes in
+bfloat16). The same code runs on CPU, GPU and TPU.
 """
 
 import functools
@@ -65,13 +67,15 @@ def random_batch(
   return sharding.make_global_batch(batch, mesh)
 
 
-def per_device_flops(compiled: Any) -> float | None:
-  """FLOPs of one device's partitioned step from `compiled.cost_analysis()`, if XLA reports them.
+def cost_analysis_flops(stage: Any) -> float | None:
+  """The 'flops' of XLA's cost analysis of a `Compiled` (or `Lowered`) stage, if XLA reports them.
 
-  Accepts the dict of current JAX and the list of dicts (one per HLO module) of older releases.
+  For a compiled SPMD program the figure is one device's. On GPU it leaves out convolutions
+  rewritten to cuDNN custom calls. Accepts the dict of current JAX and the list of dicts (one per
+  HLO module) of older releases.
   """
   try:
-    analysis = compiled.cost_analysis()
+    analysis = stage.cost_analysis()
   except Exception as e:  # noqa: BLE001 - backends without cost analysis raise various errors.
     logging.warning("cost_analysis() unavailable: %s", e)
     return None
@@ -80,6 +84,53 @@ def per_device_flops(compiled: Any) -> float | None:
   flops = [float(a["flops"]) for a in analysis or () if a and a.get("flops") is not None]
   total = sum(flops)
   return total if flops and math.isfinite(total) and total > 0 else None
+
+
+def _conv_flops(eqn: Any) -> float:
+  """2 × output elements × (kernel window × input features per group) of a convolution."""
+  rhs = eqn.invars[1].aval.shape
+  rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out features, in features, *spatial)
+  window = math.prod(rhs[d] for d in rhs_spec[2:])
+  return 2.0 * math.prod(eqn.outvars[0].aval.shape) * window * rhs[rhs_spec[1]]
+
+
+def _dot_flops(eqn: Any) -> float:
+  """2 × output elements × contracted size of a dot_general."""
+  (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+  lhs = eqn.invars[0].aval.shape
+  return 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_contract)
+
+
+def _sub_jaxprs(value: Any) -> list[Any]:
+  if hasattr(value, "eqns"):
+    return [value]
+  if hasattr(value, "jaxpr") and hasattr(value.jaxpr, "eqns"):
+    return [value.jaxpr]
+  if isinstance(value, tuple | list):
+    return [j for v in value for j in _sub_jaxprs(v)]
+  return []
+
+
+def jaxpr_matmul_flops(jaxpr: Any) -> float:
+  """FLOPs of the convolutions and matrix products of a (closed) jaxpr, nested ones included.
+
+  These are the model FLOPs that MFU counts (elementwise work is left out). Loops count their
+  body `length` times (scan) or once (while); of the branches of a cond, the largest counts.
+  """
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "conv_general_dilated":
+      total += _conv_flops(eqn)
+    elif name == "dot_general":
+      total += _dot_flops(eqn)
+    subs = [jaxpr_matmul_flops(j) for v in eqn.params.values() for j in _sub_jaxprs(v)]
+    if name == "cond":
+      total += max(subs, default=0.0)
+    else:
+      total += sum(subs) * (eqn.params.get("length", 1) if name == "scan" else 1)
+  return total
 
 
 def peak_memory(compiled: Any) -> tuple[int, str]:
@@ -258,9 +309,12 @@ def benchmark_train(
 
   dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
   peak = measure_peak_matmul(mesh, dtype, size=peak_matmul_size)
-  device_flops = per_device_flops(compiled)
+  device_flops = cost_analysis_flops(compiled)
   flops = device_flops * mesh.devices.size if device_flops is not None else None
-  achieved = flops / step_s if flops is not None else None
+  model_flops = jaxpr_matmul_flops(jax.make_jaxpr(step_fn)(state, batch)) or None
+  mfu_source = "model_flops_per_step" if model_flops is not None else "flops_per_step"
+  counted = model_flops if model_flops is not None else flops
+  achieved = counted / step_s if counted is not None else None
   images = 2 * config.batch_size
   return {
     "method": config.method,
@@ -280,6 +334,8 @@ def benchmark_train(
     "pairs_per_s": config.batch_size / step_s,
     "flops_per_step": flops,
     "flops_per_step_per_device": device_flops,
+    "model_flops_per_step": model_flops,
+    "mfu_flops_source": mfu_source if counted is not None else None,
     "achieved_flops_per_s": achieved,
     "peak_flops_per_s": peak["flops_per_s"],
     "peak_matmul": peak,

@@ -21,6 +21,7 @@ TRAIN_POSITIVE = (
   "pairs_per_s",
   "flops_per_step",
   "flops_per_step_per_device",
+  "model_flops_per_step",
   "achieved_flops_per_s",
   "peak_flops_per_s",
   "mfu",
@@ -77,6 +78,10 @@ def test_train_section(result, num_devices):
   assert train["images_per_s"] == pytest.approx(2 * train["pairs_per_s"])
   assert train["flops_per_step"] == pytest.approx(num_devices * train["flops_per_step_per_device"])
   assert train["mfu"] == pytest.approx(train["achieved_flops_per_s"] / train["peak_flops_per_s"])
+  assert train["mfu_flops_source"] == "model_flops_per_step"
+  assert train["achieved_flops_per_s"] == pytest.approx(
+    train["model_flops_per_step"] / train["step_time_s"]
+  )
   assert train["peak_memory_source"] in (
     "device_memory_stats",
     "compiled_memory_analysis",
@@ -121,10 +126,10 @@ def test_flops_from_cost_analysis_forms():
         raise self.analysis
       return self.analysis
 
-  assert benchmark_train.per_device_flops(Compiled({"flops": 6.0})) == 6.0
-  assert benchmark_train.per_device_flops(Compiled([{"flops": 2.0}, {"flops": 3.0}])) == 5.0
+  assert benchmark_train.cost_analysis_flops(Compiled({"flops": 6.0})) == 6.0
+  assert benchmark_train.cost_analysis_flops(Compiled([{"flops": 2.0}, {"flops": 3.0}])) == 5.0
   for missing in ({}, [], None, [{"bytes accessed": 1.0}], {"flops": -1.0}, NotImplementedError()):
-    assert benchmark_train.per_device_flops(Compiled(missing)) is None
+    assert benchmark_train.cost_analysis_flops(Compiled(missing)) is None
 
 
 def test_micle_cases_have_two_to_four_images():
@@ -133,3 +138,23 @@ def test_micle_cases_have_two_to_four_images():
   assert counts.min() >= 2 and counts.max() <= 4
   for row, count in zip(cases["images"].numpy(), counts, strict=True):
     assert all(row[:count]) and not any(row[count:])
+
+
+def test_jaxpr_flops_match_xla_cpu_for_convolutions_and_matmuls():
+  import jax
+  import jax.numpy as jnp
+
+  def loss(w, v, x):
+    y = jax.lax.conv_general_dilated(
+      x, w, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    return jnp.sum(jnp.einsum("nhwc,cd->nhwd", y, v) ** 2)
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  args = (jnp.ones((3, 3, 8, 16)), jnp.ones((16, 4)), jnp.ones((2, 16, 16, 8)))
+  counted = benchmark_train.jaxpr_matmul_flops(jax.make_jaxpr(grad)(*args))
+  xla = benchmark_train.cost_analysis_flops(grad.lower(*args).compile())
+  conv, dot = 2 * 2 * 8 * 8 * 16 * 9 * 8, 2 * 2 * 8 * 8 * 4 * 16
+  # conv: forward + kernel gradient (x is not differentiated); dot: forward + both gradients.
+  assert counted == pytest.approx(2 * conv + 3 * dot)
+  assert counted == pytest.approx(xla, rel=0.1)
