@@ -2,8 +2,13 @@
 
 Pretraining uses LARS as in SimCLR (DESIGN.md §3): weight decay is added to the gradient first,
 then the trust ratio η‖w‖/‖g‖, then momentum on lr·trust·g — exactly `optax.lars`. BatchNorm
-parameters and biases are excluded from both the decay and the trust ratio. As in SimCLR, the
-supervised head's kernel is decayed (SimCLR adds its L2 to the loss) but gets no trust ratio.
+parameters and biases are excluded from both the decay and the trust ratio.
+
+One deliberate difference from SimCLR's code: there the supervised (linear-monitor) head is
+excluded from the trust ratio and so trained by plain momentum SGD at the full LARS learning
+rate, which diverges whenever lr · ‖features‖² is large (it did in our CPU demo: the monitor's
+loss grew without bound while the contrastive loss fell). Here its kernel is trust-scaled like
+every other kernel; this changes only the monitor, whose input is a stop-gradient.
 """
 
 import dataclasses
@@ -90,9 +95,8 @@ def is_decayed(path: tuple[Any, ...], _: Any = None) -> bool:
 
 
 def is_trust_scaled(path: tuple[Any, ...], _: Any = None) -> bool:
-  """Kernels get LARS's trust ratio, except the supervised head's (as in SimCLR)."""
-  names = _path_names(path)
-  return names[-1] == "kernel" and SUPERVISED_HEAD not in names
+  """Kernels get LARS's trust ratio, the supervised head's included (see the module doc)."""
+  return _path_names(path)[-1] == "kernel"
 
 
 def lars_masks(params: Any) -> tuple[Any, Any]:

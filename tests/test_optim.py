@@ -29,8 +29,8 @@ def test_masks_exclude_batchnorm_and_biases():
   for mask in (decay, trust):
     assert not mask["backbone"]["bn_0"]["scale"] and not mask["backbone"]["bn_0"]["bias"]
     assert not mask["head_supervised"]["bias"]
-  # SimCLR: the supervised head is decayed (L2 in the loss) but not trust-scaled.
-  assert decay["head_supervised"]["kernel"] and not trust["head_supervised"]["kernel"]
+  # The supervised head's kernel is decayed and trust-scaled like every kernel (see optim.py).
+  assert decay["head_supervised"]["kernel"] and trust["head_supervised"]["kernel"]
 
 
 def _reference_lars(params, grads_seq, lr, wd, eta, momentum):
@@ -50,7 +50,7 @@ def _reference_lars(params, grads_seq, lr, wd, eta, momentum):
       is_kernel = key.endswith("['kernel']")
       if is_kernel:
         g = g + wd * w
-      if is_kernel and "head_supervised" not in key:
+      if is_kernel:
         w_norm, g_norm = np.linalg.norm(w), np.linalg.norm(g)
         trust = eta * w_norm / g_norm if w_norm > 0 and g_norm > 0 else 1.0
         g = trust * g
