@@ -21,6 +21,12 @@ CHECKPOINT_DIR = "checkpoints"
 STATE_ITEM = "state"
 
 
+def _absolute(path: epath.PathLike) -> epath.Path:
+  """Orbax needs absolute paths; relative local workdirs are resolved against the cwd."""
+  path = epath.Path(path)
+  return path if path.is_absolute() else epath.Path(path.absolute())
+
+
 def manager(
   workdir: epath.PathLike,
   *,
@@ -38,7 +44,7 @@ def manager(
     create=not read_only,
   )
   return ocp.CheckpointManager(
-    epath.Path(workdir) / CHECKPOINT_DIR, options=options, item_names=(STATE_ITEM,)
+    _absolute(workdir) / CHECKPOINT_DIR, options=options, item_names=(STATE_ITEM,)
   )
 
 
@@ -81,7 +87,7 @@ def save_weights(directory: epath.PathLike, params: Any, batch_stats: Any, step:
 
 def _resolve(path: epath.PathLike) -> tuple[epath.Path, int]:
   """Finds (CheckpointManager root, step) for a workdir, a checkpoints dir or a step dir."""
-  path = epath.Path(path)
+  path = _absolute(path)
   if not path.exists():
     raise FileNotFoundError(f"init_from={path}: no such file or directory")
   for root in (path / CHECKPOINT_DIR, path):
@@ -149,7 +155,7 @@ def merge_pretrained(
       restored.append(path)
       continue
     if required:
-      found = "missing" if other is None else f"shape {tuple(other.shape)}"
+      found = "none" if other is None else f"shape {tuple(other.shape)}"
       problems.append(f"  {path}: expected shape {tuple(value.shape)}, checkpoint has {found}")
     merged[path] = value
     fresh.append(path)
