@@ -1,0 +1,328 @@
+r"""Label-efficiency sweeps of fine-tuning runs, and one CSV of all their results.
+
+Run every (init, label fraction, seed) one after another in this process (resumable: a run whose
+`results.json` exists is skipped, and an unfinished one resumes from its latest checkpoint):
+
+  python -m micle_jax.sweep run --config=configs/finetune_cxr.py --root=gs://BUCKET/sweep_cxr \
+      --fractions=0.1,0.5,1.0 --seeds=0,1 \
+      --inits=scratch,simclr=gs://BUCKET/cxr_simclr,micle=gs://BUCKET/cxr_micle
+
+Each run's workdir is `ROOT/<init name>/f<fraction>/s<seed>`. Add `--print_only` to print one
+`python -m micle_jax.finetune ...` command per run instead (one job each on a TPU fleet); other
+`--config.key=value` overrides are applied to every run, and passed on in the printed commands.
+
+Then gather every `results.json` under the root (one row per run, eval dataset and metric):
+
+  python -m micle_jax.sweep collect --root=gs://BUCKET/sweep_cxr --out=results.csv
+
+`notebooks/label_efficiency.ipynb` and `notebooks/distribution_shift.ipynb` plot that CSV.
+"""
+
+import copy
+import csv
+import dataclasses
+import io
+import json
+import shlex
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import ml_collections
+from absl import app, flags, logging
+from etils import epath
+from ml_collections import config_flags
+
+from micle_jax import checkpoint, distributed, finetune
+
+SCRATCH = "scratch"
+# The config keys a sweep sets per run; overriding them for the whole sweep is an error.
+SWEPT_KEYS = ("init_from", "label_fraction", "seed")
+CSV_COLUMNS = (
+  "init",
+  "init_from",
+  "mode",
+  "task",
+  "label_fraction",
+  "seed",
+  "eval",
+  "dataset",
+  "metric",
+  "value",
+  "ci_low",
+  "ci_high",
+  "num_units",
+  "num_train_patients",
+  "workdir",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One fine-tuning run of a sweep: where it writes, and the config it trains with."""
+
+  init: str  # the init's name: the first path component under the sweep root
+  init_from: str
+  label_fraction: float
+  seed: int
+  workdir: str
+  config: ml_collections.ConfigDict = dataclasses.field(compare=False, repr=False)
+
+
+def parse_inits(items: Sequence[str]) -> dict[str, str]:
+  """["scratch", "simclr=PATH", ...] -> {name: init_from}; a bare name is allowed for scratch."""
+  inits: dict[str, str] = {}
+  for item in items:
+    name, sep, path = (s.strip() for s in item.partition("="))
+    if not sep and name != SCRATCH:
+      raise ValueError(f"init {item!r}: expected NAME=PATH (or {SCRATCH!r})")
+    if not sep or not path:
+      path = SCRATCH
+    if not name or "/" in name or name in (".", ".."):
+      raise ValueError(f"init {item!r}: the name must be one path component")
+    if name in inits:
+      raise ValueError(f"init name {name!r} given twice")
+    inits[name] = path
+  if not inits:
+    raise ValueError("no inits given")
+  return inits
+
+
+def parse_fractions(items: Sequence[str]) -> list[float]:
+  """["0.1", "1"] -> [0.1, 1.0]; each must be in (0, 1], none twice."""
+  fractions = [float(f) for f in items]
+  for f in fractions:
+    if not 0.0 < f <= 1.0:
+      raise ValueError(f"label fraction {f} must be in (0, 1]")
+  if len(set(fractions)) != len(fractions) or not fractions:
+    raise ValueError(f"label fractions {fractions}: need at least one, none twice")
+  return fractions
+
+
+def parse_seeds(items: Sequence[str]) -> list[int]:
+  """["0", "1"] -> [0, 1]; none twice."""
+  seeds = [int(s) for s in items]
+  if len(set(seeds)) != len(seeds) or not seeds:
+    raise ValueError(f"seeds {seeds}: need at least one, none twice")
+  return seeds
+
+
+def run_workdir(root: epath.PathLike, init: str, label_fraction: float, seed: int) -> str:
+  """`root/<init>/f<fraction>/s<seed>`, e.g. `root/micle/f0.1/s0`."""
+  return str(epath.Path(root) / init / f"f{float(label_fraction)}" / f"s{int(seed)}")
+
+
+def plan(
+  config: ml_collections.ConfigDict,
+  root: epath.PathLike,
+  *,
+  inits: Mapping[str, str],
+  fractions: Sequence[float],
+  seeds: Sequence[int],
+) -> list[Run]:
+  """inits × fractions × seeds (in that order), each with its own validated copy of `config`."""
+  runs = []
+  for init, init_from in inits.items():
+    for fraction in fractions:
+      for seed in seeds:
+        run_config = copy.deepcopy(config)
+        run_config.init_from = init_from
+        run_config.label_fraction = float(fraction)
+        run_config.seed = int(seed)
+        finetune.validate_config(run_config)  # Fails before the first run trains, not hours in.
+        runs.append(
+          Run(
+            init=init,
+            init_from=init_from,
+            label_fraction=float(fraction),
+            seed=int(seed),
+            workdir=run_workdir(root, init, fraction, seed),
+            config=run_config,
+          )
+        )
+  return runs
+
+
+def _flag_value(value: Any) -> str:
+  return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def command(
+  run_: Run, config_arg: str, overrides: Mapping[str, Any] | None = None, python: str = "python"
+) -> str:
+  """The shell command (shlex-quoted) that trains `run_` with `python -m micle_jax.finetune`.
+
+  Args:
+    run_: the run.
+    config_arg: the `--config` value, e.g. "configs/finetune_cxr.py:linear".
+    overrides: further `--config.key=value` overrides (not the swept keys), in order.
+    python: the interpreter to call.
+  """
+  overrides = dict(overrides or {})
+  clash = sorted(set(overrides) & set(SWEPT_KEYS))
+  if clash:
+    raise ValueError(f"--config.{clash[0]} is set by the sweep itself; drop the override")
+  args = [python, "-m", "micle_jax.finetune", f"--config={config_arg}", f"--workdir={run_.workdir}"]
+  args += [f"--config.{key}={_flag_value(value)}" for key, value in overrides.items()]
+  args += [
+    f"--config.init_from={run_.init_from}",
+    f"--config.label_fraction={run_.label_fraction}",
+    f"--config.seed={run_.seed}",
+  ]
+  return shlex.join(args)
+
+
+def run(runs: Sequence[Run]) -> list[Run]:
+  """Trains and evaluates each run in turn, skipping those with a results.json; returns the rest.
+
+  A run that fails stops the sweep; running it again skips what finished and resumes the failed
+  run from its latest checkpoint.
+  """
+  trained = []
+  for i, run_ in enumerate(runs):
+    if (epath.Path(run_.workdir) / finetune.RESULTS_FILE).exists():
+      logging.info("[%d/%d] %s: results exist, skipped", i + 1, len(runs), run_.workdir)
+      continue
+    logging.info("[%d/%d] %s: fine-tuning from %s", i + 1, len(runs), run_.workdir, run_.init_from)
+    finetune.train_and_evaluate(run_.config, run_.workdir)
+    trained.append(run_)
+  return trained
+
+
+def _find_results(root: epath.Path) -> Iterator[epath.Path]:
+  """Every results.json under `root`, not descending into run workdirs or checkpoints."""
+  stack = [root]
+  while stack:
+    directory = stack.pop()
+    children = sorted(directory.iterdir(), key=lambda p: p.name, reverse=True)
+    names = {child.name for child in children}
+    if finetune.RESULTS_FILE in names:
+      yield directory / finetune.RESULTS_FILE
+      continue
+    if "config.json" in names:  # An unfinished run.
+      continue
+    stack += [c for c in children if c.name != checkpoint.CHECKPOINT_DIR and c.is_dir()]
+
+
+def _rows(results: dict[str, Any], init: str, workdir: str) -> list[dict[str, Any]]:
+  rows = []
+  for eval_name, result in results["eval"].items():
+    for metric, m in result["metrics"].items():
+      rows.append(
+        {
+          "init": init,
+          "init_from": results["init_from"],
+          "mode": results["mode"],
+          "task": results["task"],
+          "label_fraction": results["label_fraction"],
+          "seed": results["seed"],
+          "eval": eval_name,
+          "dataset": result["dataset"],
+          "metric": metric,
+          "value": m["value"],
+          "ci_low": m["ci_low"],
+          "ci_high": m["ci_high"],
+          "num_units": m["num_units"],
+          "num_train_patients": results["num_train_patients"],
+          "workdir": workdir,
+        }
+      )
+  return rows
+
+
+def collect(root: epath.PathLike) -> list[dict[str, Any]]:
+  """One row (CSV_COLUMNS) per run, eval dataset and metric found under `root` (local or gs://).
+
+  `init` is the run's first path component under `root`. Rows are ordered by init, label
+  fraction, seed and workdir, and within a run as in its results.json. Undefined metrics
+  (null in results.json) are None.
+  """
+  root = epath.Path(root)
+  if not root.is_dir():
+    raise FileNotFoundError(f"sweep root {root} is not a directory")
+  runs = []
+  for path in _find_results(root):
+    results = json.loads(path.read_text())
+    parts = path.parent.relative_to(root).parts
+    init = parts[0] if parts else root.name
+    runs.append((init, results, str(path.parent)))
+  runs.sort(key=lambda r: (r[0], r[1]["label_fraction"], r[1]["seed"], r[2]))
+  logging.info("Collected %d runs under %s", len(runs), root)
+  return [row for init, results, workdir in runs for row in _rows(results, init, workdir)]
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: epath.PathLike) -> None:
+  """Writes `rows` with the CSV_COLUMNS header to `path` (local or gs://); None -> empty cell."""
+  buffer = io.StringIO()
+  writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+  writer.writeheader()
+  for row in rows:
+    writer.writerow({k: "" if row[k] is None else row[k] for k in CSV_COLUMNS})
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(buffer.getvalue())
+
+
+FLAGS = flags.FLAGS
+SUBCOMMANDS = ("run", "collect")
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS, sys_argv: list[str] | None = None) -> None:
+  """Defines the command line flags (`sys_argv`: the argv to find `--config.*` overrides in)."""
+  fv = dict(flag_values=flag_values)
+  config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Fine-tuning config (configs/finetune_*.py[:arg]).",
+    lock_config=True,
+    sys_argv=sys_argv,
+    **fv,
+  )
+  flags.DEFINE_string("root", None, "Sweep root: runs go to ROOT/<init>/f<fraction>/s<seed>.", **fv)
+  flags.DEFINE_list("fractions", ["1.0"], "Label fractions, e.g. 0.1,0.5,1.0.", **fv)
+  flags.DEFINE_list("seeds", ["0"], "Seeds (also pick the label-fraction subset), e.g. 0,1.", **fv)
+  flags.DEFINE_list("inits", [SCRATCH], "scratch and/or NAME=PATH (pretraining weights).", **fv)
+  flags.DEFINE_bool("print_only", False, "run: print a finetune command per run, train none.", **fv)
+  flags.DEFINE_string("out", None, "collect: the CSV to write (default ROOT/results.csv).", **fv)
+  flags.mark_flag_as_required("root", flag_values=flag_values)
+
+
+def _main_run() -> None:
+  if FLAGS.config is None:
+    raise app.UsageError("run needs --config")
+  overrides = config_flags.get_override_values(FLAGS["config"])
+  clash = sorted(set(overrides) & set(SWEPT_KEYS))
+  if clash:
+    raise app.UsageError(f"--config.{clash[0]} is swept: use --inits/--fractions/--seeds")
+  runs = plan(
+    FLAGS.config,
+    FLAGS.root,
+    inits=parse_inits(FLAGS.inits),
+    fractions=parse_fractions(FLAGS.fractions),
+    seeds=parse_seeds(FLAGS.seeds),
+  )
+  if FLAGS.print_only:
+    config_arg = config_flags.get_config_filename(FLAGS["config"])
+    for run_ in runs:
+      print(command(run_, config_arg, overrides))
+    return
+  if not distributed.initialize():
+    distributed.split_cpu_into_devices(FLAGS.config.batch_size)
+  trained = run(runs)
+  logging.info("Sweep done: %d runs trained, %d skipped", len(trained), len(runs) - len(trained))
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
+    raise app.UsageError(f"expected one subcommand, {' or '.join(SUBCOMMANDS)}; got {argv[1:]}")
+  if argv[1] == "run":
+    _main_run()
+    return
+  out = FLAGS.out or str(epath.Path(FLAGS.root) / "results.csv")
+  rows = collect(FLAGS.root)
+  write_csv(rows, out)
+  logging.info("Wrote %d rows to %s", len(rows), out)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

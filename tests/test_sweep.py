@@ -1,0 +1,245 @@
+"""Sweeps: plan, printed commands, in-process runs (faked training), collecting results to CSV."""
+
+import copy
+import csv
+import itertools
+import json
+import pathlib
+import shlex
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from configs import finetune_cxr
+from micle_jax import finetune, sweep
+
+CONFIG_FILE = str(pathlib.Path(__file__).parents[1] / "configs" / "finetune_cxr.py")
+INITS = {"scratch": "scratch", "micle": "gs://bucket/pre trained/micle"}
+
+
+def fake_results(init_from: str, fraction: float, seed: int) -> dict:
+  """A results.json of a CXR run with an NIH shift eval; the NIH AUC of 'Edema' is undefined."""
+  base = 0.6 + 0.2 * fraction + (0.05 if init_from != "scratch" else 0.0) + 0.01 * seed
+
+  def metric(value):
+    undefined = value is None
+    return {
+      "value": value,
+      "ci_low": None if undefined else value - 0.05,
+      "ci_high": None if undefined else value + 0.05,
+      "num_units": 8,
+      "num_bootstrap": 20,
+      "dropped": 20 if undefined else 0,
+    }
+
+  def evaluation(dataset, value, edema):
+    metrics = {"mean_auc": metric(value), "auc/Edema": metric(edema)}
+    return {"dataset": dataset, "num_images": 20, "num_cases": 8, "metrics": metrics}
+
+  return {
+    "init_from": init_from,
+    "mode": "full",
+    "task": "chexpert",
+    "label_fraction": fraction,
+    "seed": seed,
+    "step": 3,
+    "num_train_images": int(100 * fraction),
+    "num_train_patients": int(40 * fraction),
+    "labels": ["Edema"],
+    "eval": {
+      "in_distribution": evaluation("chexpert_micle/images:validation", base, base),
+      "nih": evaluation("nih_cxr14/images:test", base - 0.1, None),
+    },
+  }
+
+
+def write_fake_sweep(root: pathlib.Path, fractions=(0.1, 1.0), seeds=(0, 1)) -> None:
+  """results.json files where `sweep.run` would write them, plus decoys collect must ignore."""
+  for init, fraction, seed in itertools.product(INITS, fractions, seeds):
+    workdir = pathlib.Path(sweep.run_workdir(root, init, fraction, seed))
+    (workdir / "checkpoints" / "3").mkdir(parents=True)
+    (workdir / "config.json").write_text("{}")
+    results = fake_results(INITS[init], fraction, seed)
+    (workdir / finetune.RESULTS_FILE).write_text(json.dumps(results))
+  unfinished = pathlib.Path(sweep.run_workdir(root, "micle", 0.5, 0))
+  (unfinished / "checkpoints").mkdir(parents=True)
+  (unfinished / "config.json").write_text("{}")
+
+
+@pytest.fixture(scope="module")
+def config():
+  return finetune_cxr.get_config("demo")
+
+
+def test_plan_is_the_cartesian_product_with_one_config_each(config, tmp_path):
+  runs = sweep.plan(config, tmp_path, inits=INITS, fractions=[0.1, 0.5, 1.0], seeds=[0, 1])
+  expected = list(itertools.product(INITS, [0.1, 0.5, 1.0], [0, 1]))
+  assert [(r.init, r.label_fraction, r.seed) for r in runs] == expected
+  for r in runs:
+    assert r.workdir == str(tmp_path / r.init / f"f{r.label_fraction}" / f"s{r.seed}")
+    assert r.init_from == INITS[r.init]
+    assert (r.config.init_from, r.config.label_fraction, r.config.seed) == (
+      r.init_from,
+      r.label_fraction,
+      r.seed,
+    )
+    assert r.config.model == config.model and r.config.shift == config.shift
+  assert runs[-1].workdir.endswith("micle/f1.0/s1")
+  assert len({id(r.config) for r in runs}) == len(runs)
+  assert (config.init_from, config.label_fraction, config.seed) == ("", 1.0, 0)
+  bad = copy.deepcopy(config)
+  bad.mode = "partial"
+  with pytest.raises(ValueError, match="config.mode"):  # Before anything trains.
+    sweep.plan(bad, tmp_path, inits=INITS, fractions=[1.0], seeds=[0])
+
+
+def test_parsers_accept_the_flag_forms_and_reject_mistakes():
+  assert sweep.parse_inits(["scratch", "simclr=gs://b/x=1"]) == {
+    "scratch": "scratch",
+    "simclr": "gs://b/x=1",
+  }
+  assert sweep.parse_fractions(["0.1", "1"]) == [0.1, 1.0]
+  assert sweep.parse_seeds(["0", "3"]) == [0, 3]
+  for bad in (["micle"], ["a/b=x"], ["m=x", "m=y"], []):
+    with pytest.raises(ValueError):
+      sweep.parse_inits(bad)
+  for bad in (["0"], ["1.5"], ["0.1", "0.1"]):
+    with pytest.raises(ValueError):
+      sweep.parse_fractions(bad)
+  with pytest.raises(ValueError):
+    sweep.parse_seeds(["1", "1"])
+
+
+def _parse_finetune_command(line: str):
+  """Parses a printed command with finetune's own flags; returns (argv, config, workdir)."""
+  argv = shlex.split(line)
+  assert argv[:3] == ["python", "-m", "micle_jax.finetune"]
+  argv = ["finetune"] + argv[3:]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, flag_values=fv, sys_argv=argv)
+  flags.DEFINE_string("workdir", None, "", flag_values=fv)
+  assert fv(argv) == ["finetune"]
+  return argv, fv.config, fv.workdir
+
+
+def test_commands_parse_back_with_the_overrides(config, tmp_path):
+  root = tmp_path / "sweep root"
+  runs = sweep.plan(config, root, inits=INITS, fractions=[0.1], seeds=[1])
+  overrides = {"num_steps": 5, "model.dtype": "bfloat16", "augment.image_size": 32}
+  for r in runs:
+    argv, parsed, workdir = _parse_finetune_command(
+      sweep.command(r, f"{CONFIG_FILE}:demo", overrides)
+    )
+    assert workdir == r.workdir
+    assert (parsed.init_from, parsed.label_fraction, parsed.seed) == (r.init_from, 0.1, 1)
+    assert (parsed.num_steps, parsed.model.dtype, parsed.augment.image_size) == (5, "bfloat16", 32)
+    assert parsed.dataset.data_dir == config.dataset.data_dir  # The demo variant was kept.
+  with pytest.raises(ValueError, match="seed"):
+    sweep.command(runs[0], CONFIG_FILE, {"seed": 3})
+
+
+def _main(monkeypatch, *args: str) -> None:
+  """`python -m micle_jax.sweep ARGS` in-process, with fresh flags."""
+  argv = ["sweep", *args]
+  fv = flags.FlagValues()
+  sweep.define_flags(fv, sys_argv=argv)
+  monkeypatch.setattr(sweep, "FLAGS", fv)
+  sweep.main(fv(argv))
+
+
+def test_main_print_only_prints_one_command_per_run(monkeypatch, capsys, tmp_path):
+  _main(
+    monkeypatch,
+    "run",
+    f"--config={CONFIG_FILE}:demo",
+    f"--root={tmp_path}",
+    "--fractions=0.5,1.0",
+    "--seeds=0,1,2",
+    "--inits=scratch,micle=/pre/micle",
+    "--config.num_steps=7",
+    "--print_only",
+  )
+  lines = capsys.readouterr().out.splitlines()
+  assert len(lines) == 2 * 2 * 3
+  argv, parsed, workdir = _parse_finetune_command(lines[-1])
+  assert argv[1] == f"--config={CONFIG_FILE}:demo"
+  assert workdir == str(tmp_path / "micle" / "f1.0" / "s2")
+  assert (parsed.init_from, parsed.label_fraction, parsed.seed, parsed.num_steps) == (
+    "/pre/micle",
+    1.0,
+    2,
+    7,
+  )
+  assert not list(tmp_path.iterdir())  # Nothing trained, nothing written.
+
+
+def test_run_skips_runs_with_results(monkeypatch, config, tmp_path):
+  calls = []
+
+  def fake_train_and_evaluate(cfg, workdir):
+    calls.append(workdir)
+    results = fake_results(cfg.init_from, cfg.label_fraction, cfg.seed)
+    pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+    (pathlib.Path(workdir) / finetune.RESULTS_FILE).write_text(json.dumps(results))
+    return results
+
+  monkeypatch.setattr(finetune, "train_and_evaluate", fake_train_and_evaluate)
+  runs = sweep.plan(config, tmp_path, inits=INITS, fractions=[0.1, 1.0], seeds=[0])
+  pathlib.Path(runs[1].workdir).mkdir(parents=True)
+  (pathlib.Path(runs[1].workdir) / finetune.RESULTS_FILE).write_text("{}")
+  trained = sweep.run(runs)
+  assert calls == [r.workdir for r in runs if r is not runs[1]]
+  assert trained == [r for r in runs if r is not runs[1]]
+  assert sweep.run(runs) == [] and len(calls) == 3  # Resumed: everything is done.
+  written = json.loads((pathlib.Path(runs[3].workdir) / finetune.RESULTS_FILE).read_text())
+  assert (written["init_from"], written["label_fraction"]) == (INITS["micle"], 1.0)
+
+
+def test_collect_gives_one_row_per_run_eval_and_metric(tmp_path):
+  write_fake_sweep(tmp_path)
+  rows = sweep.collect(tmp_path)
+  assert len(rows) == 2 * 2 * 2 * 2 * 2  # inits × fractions × seeds × evals × metrics
+  assert all(tuple(row) == sweep.CSV_COLUMNS for row in rows)
+  keys = [(r["init"], r["label_fraction"], r["seed"], r["eval"], r["metric"]) for r in rows]
+  assert keys == [
+    (init, fraction, seed, ev, metric)
+    for init, fraction, seed in itertools.product(["micle", "scratch"], [0.1, 1.0], [0, 1])
+    for ev, metric in itertools.product(["in_distribution", "nih"], ["mean_auc", "auc/Edema"])
+  ]
+  row = rows[0]
+  assert row["init_from"] == INITS["micle"]
+  assert (row["mode"], row["task"], row["dataset"]) == (
+    "full",
+    "chexpert",
+    "chexpert_micle/images:validation",
+  )
+  assert row["value"] == pytest.approx(0.6 + 0.02 + 0.05)
+  assert row["ci_low"] == pytest.approx(row["value"] - 0.05)
+  assert (row["num_units"], row["num_train_patients"]) == (8, 4)
+  assert row["workdir"] == str(tmp_path / "micle" / "f0.1" / "s0")
+  undefined = [r for r in rows if r["eval"] == "nih" and r["metric"] == "auc/Edema"]
+  assert len(undefined) == 8
+  assert all(r["value"] is None and r["ci_low"] is None and r["ci_high"] is None for r in undefined)
+
+
+def test_write_csv_round_trips_with_empty_cells_for_null(tmp_path):
+  write_fake_sweep(tmp_path / "sweep")
+  rows = sweep.collect(tmp_path / "sweep")
+  sweep.write_csv(rows, tmp_path / "out" / "results.csv")
+  with open(tmp_path / "out" / "results.csv", newline="") as f:
+    read = list(csv.DictReader(f))
+  assert tuple(read[0]) == sweep.CSV_COLUMNS
+  assert len(read) == len(rows)
+  for got, want in zip(read, rows, strict=True):
+    assert got == {k: "" if v is None else str(v) for k, v in want.items()}
+  assert sum(r["value"] == "" for r in read) == 8
+
+
+def test_main_collect_writes_the_csv(monkeypatch, tmp_path):
+  write_fake_sweep(tmp_path)
+  _main(monkeypatch, "collect", f"--root={tmp_path}")
+  with open(tmp_path / "results.csv", newline="") as f:
+    assert len(list(csv.DictReader(f))) == 32
+  with pytest.raises(FileNotFoundError):
+    sweep.collect(tmp_path / "missing")
