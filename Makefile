@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt requirements-test.txt setup.py
+$(STAMP): requirements.txt requirements-test.txt requirements-notebooks.txt setup.py
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -25,6 +25,7 @@ test: $(STAMP)
 DATA := data
 TFDS := $(DATA)/tensorflow_datasets
 DEMO_WORKDIR ?= workdirs/cxr_demo
+FT_ROOT ?= workdirs/finetune_demo
 
 # Synthetic data in the real download layouts, built with the real TFDS builders (idempotent).
 demo-data: $(STAMP)
@@ -35,12 +36,20 @@ demo-data: $(STAMP)
 	  $(PY) -m data_builders.synthetic --layout=ham10000 --out=$(DATA)/manual/ham10000 --seed=0
 	$(PY) -m data_builders.build derm/ham10000_cases --manual_dir=$(DATA)/manual/ham10000 --data_dir=$(TFDS)
 	$(PY) -m data_builders.build derm/ham10000_images --manual_dir=$(DATA)/manual/ham10000 --data_dir=$(TFDS)
+	test -f $(DATA)/manual/nih/Data_Entry_2017_v2020.csv || \
+	  $(PY) -m data_builders.synthetic --layout=nih --out=$(DATA)/manual/nih --seed=0
+	$(PY) -m data_builders.build nih_cxr14/images --manual_dir=$(DATA)/manual/nih --data_dir=$(TFDS)
 
-# MICLe pretraining of a small ResNet on synthetic CheXpert-style data.
+# MICLe pretraining of a small ResNet on synthetic CheXpert-style data, then fine-tuning from
+# scratch and from that checkpoint at two label fractions, evaluated in distribution and on
+# synthetic NIH ChestX-ray14 (shift); prints a table and writes the label-efficiency plot.
 demo: demo-data
 	$(PY) -m micle_jax.main --config=configs/cxr.py:demo --workdir=$(DEMO_WORKDIR)
-	@echo "Demo finished. Checkpoints and TensorBoard events: $(DEMO_WORKDIR)"
-	@echo "  $(VENV)/bin/tensorboard --logdir $(DEMO_WORKDIR)"
+	$(PY) -m micle_jax.sweep run --config=configs/finetune_cxr.py:demo --root=$(FT_ROOT) \
+	  --fractions=0.25,1.0 --seeds=0 --inits=scratch,micle=$(DEMO_WORKDIR)
+	$(PY) -m micle_jax.sweep collect --root=$(FT_ROOT) --plot
+	@echo "Demo finished. Pretraining: $(DEMO_WORKDIR); fine-tuning runs and results: $(FT_ROOT)"
+	@echo "  $(VENV)/bin/tensorboard --logdir workdirs"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check micle_jax configs tests data_builders

@@ -9,7 +9,7 @@ _HERE = pathlib.Path(__file__).parent
 
 def _requirements(name: str) -> list[str]:
   lines = (_HERE / name).read_text().splitlines()
-  return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+  return [line.strip() for line in lines if line.strip() and not line.startswith(("#", "-r"))]
 
 
 setuptools.setup(
@@ -27,6 +27,6 @@ setuptools.setup(
   install_requires=_requirements("requirements.txt"),
   extras_require={
     "test": _requirements("requirements-test.txt"),
-    "notebooks": ["matplotlib", "pandas", "jupyter", "nbconvert", "nbformat"],
+    "notebooks": _requirements("requirements-notebooks.txt"),
   },
 )

@@ -157,7 +157,7 @@ def make_finetune_demo(c: ml_collections.ConfigDict) -> None:
   c.augment.image_size = 32
   c.batch_size = 64
   c.eval_batch_size = 64
-  c.num_epochs = 15
+  c.num_epochs = 8
   c.optimizer.update(name="sgd", base_learning_rate=0.1, lr_scaling="none", warmup_epochs=1.0)
   c.dataset.data_dir = "data/tensorflow_datasets"
   c.dataset.shuffle_buffer = 1000

@@ -255,7 +255,7 @@ def _build(
   step_fn = steps.compile_pretrain_step(
     mesh,
     temperature=config.temperature,
-    task=train._step_task(config.labels.task),
+    task=steps.task_for_labels(config.labels.task),
     learning_rate_fn=schedule,
   )
   return state, step_fn

@@ -69,7 +69,8 @@ def _optimizer(config, params, schedule) -> optax.GradientTransformation:
   return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
 
 
-def _model(config, num_classes: int) -> models.ContrastiveModel:
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.ContrastiveModel:
+  """The fine-tuning model of `config` (linear mode: frozen backbone behind a stop-gradient)."""
   spec = loop.config_spec(
     models.ModelSpec,
     config.model,
@@ -121,7 +122,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     total_steps,
   )
 
-  model = _model(config, len(names))
+  model = build_model(config, len(names))
   opt_spec = loop.config_spec(optim.OptimizerSpec, config.optimizer, "optimizer")
   schedule = optim.create_schedule(
     opt_spec, batch_size=config.batch_size, total_steps=total_steps, steps_per_epoch=per_epoch
@@ -167,7 +168,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start_step=int(state.step),
   )
   step_fn = steps.compile_finetune_step(
-    mesh, task=finetune_input.step_task(config.task), learning_rate_fn=schedule
+    mesh, task=steps.task_for_labels(config.task), learning_rate_fn=schedule
   )
   state = loop.run(
     config,
@@ -233,7 +234,7 @@ def _undefined_as_none(metrics: dict[str, dict[str, Any]]) -> dict[str, dict[str
 
 def predict(config, state, mesh, info, split: str, label_fn) -> dict[str, np.ndarray]:
   """Probabilities, labels and ids of every example of `split` (this process's shard)."""
-  predict_fn = steps.compile_predict_step(mesh, task=finetune_input.step_task(config.task))
+  predict_fn = steps.compile_predict_step(mesh, task=steps.task_for_labels(config.task))
   local_eval = sharding.local_batch_size(config.eval_batch_size)
   parts: dict[str, list[np.ndarray]] = {}
   for batch in finetune_input.eval_batches(

@@ -23,11 +23,6 @@ TASKS = ("chexpert", "nih", "multiclass")
 NIH_LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 
 
-def step_task(task: str) -> str:
-  """The train step's loss: softmax for multi-class, masked sigmoid BCE otherwise."""
-  return "multiclass" if task == "multiclass" else "multilabel"
-
-
 def label_names(task: str, info: input_pipeline.DatasetInfo, label_set: str) -> tuple[str, ...]:
   """Output names of the classifier for `task` on the dataset of `info`."""
   features = info.builder.info.features

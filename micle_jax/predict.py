@@ -114,7 +114,7 @@ def load_predictor(workdir: epath.PathLike) -> Predictor:
     raise FileNotFoundError(f"{ckpt_dir}: no Orbax checkpoint step found ({e})") from e
 
   # The same construction as training, so linear mode freezes the backbone identically.
-  model = finetune._model(config, len(labels))
+  model = finetune.build_model(config, len(labels))
   size = config.augment.image_size
   abstract = jax.eval_shape(
     lambda: train_state.init_variables(model, jax.random.PRNGKey(0), (size, size, 3))
@@ -130,7 +130,7 @@ def load_predictor(workdir: epath.PathLike) -> Predictor:
     )
   mesh = sharding.create_mesh()
   # The step's output: softmax for multi-class, a sigmoid per label for chexpert/nih.
-  task = "multiclass" if config.task == "multiclass" else "multilabel"
+  task = steps.task_for_labels(config.task)
   state = train_state.TrainState(
     step=jnp.asarray(step, jnp.int32),
     params=variables["params"],

@@ -19,6 +19,15 @@ from micle_jax import losses, sharding
 from micle_jax.train_state import TrainState
 
 TASKS = ("none", "multiclass", "multilabel")
+_LOSS_OF_LABELS = {"none": "none", "multiclass": "multiclass", "chexpert": "multilabel",
+                   "nih": "multilabel"}
+
+
+def task_for_labels(labels_task: str) -> str:
+  """The step's loss kind for a config's label task ("chexpert" and "nih" are multi-label)."""
+  if labels_task not in _LOSS_OF_LABELS:
+    raise ValueError(f"task={labels_task!r} not in {sorted(_LOSS_OF_LABELS)}")
+  return _LOSS_OF_LABELS[labels_task]
 
 
 def interleave_views(view1: jnp.ndarray, view2: jnp.ndarray) -> jnp.ndarray:

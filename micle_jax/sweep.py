@@ -32,7 +32,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from micle_jax import checkpoint, distributed, finetune
+from micle_jax import checkpoint, distributed, finetune, sweep_report
 
 SCRATCH = "scratch"
 # The config keys a sweep sets per run; overriding them for the whole sweep is an error.
@@ -283,6 +283,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS, sys_argv: list[str] | No
   flags.DEFINE_list("inits", [SCRATCH], "scratch and/or NAME=PATH (pretraining weights).", **fv)
   flags.DEFINE_bool("print_only", False, "run: print a finetune command per run, train none.", **fv)
   flags.DEFINE_string("out", None, "collect: the CSV to write (default ROOT/results.csv).", **fv)
+  flags.DEFINE_bool("plot", False, "collect: also save label_efficiency.png next to the CSV.", **fv)
   flags.mark_flag_as_required("root", flag_values=flag_values)
 
 
@@ -321,6 +322,11 @@ def main(argv: list[str]) -> None:
   rows = collect(FLAGS.root)
   write_csv(rows, out)
   logging.info("Wrote %d rows to %s", len(rows), out)
+  print(sweep_report.table(rows))
+  if FLAGS.plot:
+    png = epath.Path(out).parent / "label_efficiency.png"
+    sweep_report.plot_label_efficiency(rows, png)
+    print(f"Label-efficiency plot: {png}")
 
 
 if __name__ == "__main__":

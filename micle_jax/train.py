@@ -129,7 +129,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   step_fn = steps.compile_pretrain_step(
     mesh,
     temperature=config.temperature,
-    task=_step_task(label_spec.task),
+    task=steps.task_for_labels(label_spec.task),
     learning_rate_fn=schedule,
   )
   state = loop.run(
@@ -139,7 +139,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   mngr.close()
   writer.flush()
   return state
-
-
-def _step_task(task: str) -> str:
-  return {"none": "none", "multiclass": "multiclass", "chexpert": "multilabel"}[task]

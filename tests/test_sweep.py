@@ -243,3 +243,18 @@ def test_main_collect_writes_the_csv(monkeypatch, tmp_path):
     assert len(list(csv.DictReader(f))) == 32
   with pytest.raises(FileNotFoundError):
     sweep.collect(tmp_path / "missing")
+
+
+def test_report_table_and_plot(tmp_path):
+  from micle_jax import sweep_report
+
+  root = tmp_path / "sweep"
+  write_fake_sweep(root)
+  rows = sweep.collect(root)
+  text = sweep_report.table(rows)
+  assert "in_distribution" in text and "mean_auc" in text and "95% CI" in text
+  summary = sweep_report.summarize(rows)
+  inits = {key[0] for key in summary}
+  assert len(inits) == 2
+  sweep_report.plot_label_efficiency(rows, tmp_path / "le.png")
+  assert (tmp_path / "le.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
