@@ -115,8 +115,18 @@ def load_weights(path: epath.PathLike) -> tuple[dict[str, Any], dict[str, Any], 
     root,
     options=ocp.CheckpointManagerOptions(read_only=True, create=False),
     item_names=(STATE_ITEM,),
+    item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler()},
   )
-  restored = mngr.restore(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore()}))
+  # Restore onto this process's first device whatever topology wrote it (another process count,
+  # a TPU pod): without a target, Orbax would insist on the saved shardings.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree_util.tree_map(
+    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device) if hasattr(m, "shape") else m,
+    mngr.item_metadata(step)[STATE_ITEM],
+  )
+  restored = mngr.restore(
+    step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract)})
+  )
   tree = restored[STATE_ITEM]
   mngr.close()
   logging.info("Loaded weights from %s (step %d)", root, step)

@@ -217,12 +217,6 @@ def test_two_processes_resume_and_train_as_one(two_processes, one_process):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-  strict=True,
-  raises=ValueError,
-  reason="checkpoint.load_weights restores with the saved shardings (no target): Orbax fails "
-  "with 'Topology mismatch detected' on a checkpoint written by another process count",
-)
 def test_load_weights_reads_a_two_process_checkpoint(two_processes, one_process):
   params, _, step = checkpoint.load_weights(two_processes)
   assert step == 4
