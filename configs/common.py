@@ -34,6 +34,45 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return out
 
 
+# The demo's tiny model (pretraining and fine-tuning must agree for init_from to load).
+DEMO_MODEL = dict(depth=18, width=0.25, stem="cifar", num_proj_layers=2, proj_out_dim=64)
+
+
+def _model_section(**extra) -> ml_collections.ConfigDict:
+  """SimCLRv2's ResNet-50 1× with a 3-layer projection head to 128 (`model.*` keys)."""
+  return ml_collections.ConfigDict(
+    dict(
+      depth=50,
+      width=1.0,
+      sk_ratio=0.0,
+      stem="imagenet",
+      dtype="float32",
+      num_proj_layers=3,
+      proj_out_dim=128,
+      supervised_input_layer=0,
+      **extra,
+    )
+  )
+
+
+def _lars_section(
+  *, base_learning_rate: float, weight_decay: float, warmup_epochs: float
+) -> ml_collections.ConfigDict:
+  """LARS (momentum 0.9, η 0.001) with sqrt batch scaling (`optimizer.*` keys)."""
+  return ml_collections.ConfigDict(
+    dict(
+      name="lars",
+      base_learning_rate=base_learning_rate,
+      lr_scaling="sqrt",
+      weight_decay=weight_decay,
+      momentum=0.9,
+      trust_coefficient=0.001,
+      warmup_epochs=warmup_epochs,
+      b2=0.999,
+    )
+  )
+
+
 def pretrain_base() -> ml_collections.ConfigDict:
   """Keys every pretraining config has, with SimCLR(v2)'s defaults (DESIGN.md §3)."""
   c = ml_collections.ConfigDict()
@@ -52,31 +91,9 @@ def pretrain_base() -> ml_collections.ConfigDict:
   c.labels = ml_collections.ConfigDict(
     dict(task="none", label_set="competition5", uncertainty_policy="ones")
   )
-  c.model = ml_collections.ConfigDict(
-    dict(
-      depth=50,
-      width=1.0,
-      sk_ratio=0.0,
-      stem="imagenet",
-      dtype="float32",
-      num_proj_layers=3,
-      proj_out_dim=128,
-      supervised_input_layer=0,
-    )
-  )
+  c.model = _model_section()
   # LARS with lr = 0.075·√B (better than 0.3·B/256 at small batch), 10 warm-up epochs, cosine.
-  c.optimizer = ml_collections.ConfigDict(
-    dict(
-      name="lars",
-      base_learning_rate=0.075,
-      lr_scaling="sqrt",
-      weight_decay=1e-6,
-      momentum=0.9,
-      trust_coefficient=0.001,
-      warmup_epochs=10.0,
-      b2=0.999,
-    )
-  )
+  c.optimizer = _lars_section(base_learning_rate=0.075, weight_decay=1e-6, warmup_epochs=10.0)
   c.init_from = ""  # a pretraining workdir or Orbax checkpoint (e.g. converted SimCLRv2 weights)
   c.log_every_steps = 50
   c.checkpoint_every_steps = 1000
@@ -88,7 +105,7 @@ def pretrain_base() -> ml_collections.ConfigDict:
 
 def make_demo(c: ml_collections.ConfigDict) -> None:
   """Shrinks a pretraining config to minutes on 2 CPU cores (tiny ResNet, 64 px, few steps)."""
-  c.model.update(depth=18, width=0.25, stem="cifar", num_proj_layers=2, proj_out_dim=64)
+  c.model.update(DEMO_MODEL)
   c.augment.image_size = 32
   c.batch_size = 64
   c.num_epochs = 40
@@ -112,31 +129,8 @@ def finetune_base() -> ml_collections.ConfigDict:
   c.labels = ml_collections.ConfigDict(dict(label_set="competition5", uncertainty_policy="ones"))
   c.augment = ml_collections.ConfigDict(dict(preset="cxr", image_size=224))
   # ft_proj_selector = proj_layers_kept = supervised_input_layer (0: head on backbone features).
-  c.model = ml_collections.ConfigDict(
-    dict(
-      depth=50,
-      width=1.0,
-      sk_ratio=0.0,
-      stem="imagenet",
-      dtype="float32",
-      num_proj_layers=3,
-      proj_out_dim=128,
-      proj_layers_kept=0,
-      supervised_input_layer=0,
-    )
-  )
-  c.optimizer = ml_collections.ConfigDict(
-    dict(
-      name="lars",
-      base_learning_rate=0.005,
-      lr_scaling="sqrt",
-      weight_decay=0.0,
-      momentum=0.9,
-      trust_coefficient=0.001,
-      warmup_epochs=0.0,
-      b2=0.999,
-    )
-  )
+  c.model = _model_section(proj_layers_kept=0)
+  c.optimizer = _lars_section(base_learning_rate=0.005, weight_decay=0.0, warmup_epochs=0.0)
   c.batch_size = 256
   c.eval_batch_size = 256
   c.num_epochs = 30
@@ -153,7 +147,7 @@ def finetune_base() -> ml_collections.ConfigDict:
 
 def make_finetune_demo(c: ml_collections.ConfigDict) -> None:
   """Matches `make_demo`'s tiny model; minutes on 2 CPU cores."""
-  c.model.update(depth=18, width=0.25, stem="cifar", num_proj_layers=2, proj_out_dim=64)
+  c.model.update(DEMO_MODEL)
   c.augment.image_size = 32
   c.batch_size = 64
   c.eval_batch_size = 64

@@ -33,9 +33,6 @@ class StopRequest:
     logging.warning("Received signal %d: saving a checkpoint and stopping.", signum)
     self._event.set()
 
-  def request(self) -> None:
-    self._event.set()
-
   def should_stop(self, step: int) -> bool:
     if jax.process_count() > 1:
       try:
