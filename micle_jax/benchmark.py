@@ -61,10 +61,13 @@ def run(
   warmup: int = 3,
   input_images: int = 200,
   input_size: int = 224,
+  input_repeats: int = 3,
   skip_train: bool = False,
   skip_input: bool = False,
   peak_matmul_size: int | None = None,
   num_classes: int | None = None,
+  profile_dir: str | None = None,
+  profile_steps: int = 5,
 ) -> dict[str, Any]:
   """Runs the benchmark of `config` and returns its JSON-ready result.
 
@@ -74,11 +77,15 @@ def run(
     warmup: untimed training steps after compilation.
     input_images: synthetic JPEGs (and MICLe cases) per input-pipeline measurement.
     input_size: view side in pixels for the input-pipeline measurement.
+    input_repeats: timed passes per input measurement (interleaved; medians reported).
     skip_train: leave out the training step (`train` is None).
     skip_input: leave out the input pipeline (`input` is None).
     peak_matmul_size: side of the peak-FLOP/s matmul (None: chosen automatically).
     num_classes: classes of a multiclass supervised monitor (None: a default; see
       `benchmark_train.DEFAULT_MULTICLASS_CLASSES`).
+    profile_dir: if set, trace `profile_steps` training steps there and add `train.profile`,
+      the step's device time by kind of work (`benchmark_profile`).
+    profile_steps: steps to trace.
 
   Returns:
     {"train": ..., "input": ..., "environment": ...}; see docs/benchmark.md.
@@ -94,6 +101,8 @@ def run(
       warmup=warmup,
       peak_matmul_size=peak_matmul_size,
       num_classes=num_classes,
+      profile_dir=profile_dir,
+      profile_steps=profile_steps,
     )
     logging.info("Train: %s", result["train"])
   if not skip_input:
@@ -102,6 +111,7 @@ def run(
       image_size=input_size,
       micle_preset=config.augment.preset,
       seed=config.seed,
+      repeats=input_repeats,
     )
   result["environment"]["host_load_average_end"] = _load_average()
   return result
@@ -116,7 +126,14 @@ flags.DEFINE_integer("steps", 20, "Timed training steps (median reported).")
 flags.DEFINE_integer("warmup", 3, "Untimed training steps after compilation.")
 flags.DEFINE_integer("input_images", 200, "Synthetic JPEGs per input-pipeline measurement.")
 flags.DEFINE_integer("input_size", 224, "View side in pixels for the input-pipeline measurement.")
+flags.DEFINE_integer(
+  "input_repeats", 3, "Timed passes per input measurement (interleaved; medians reported)."
+)
 flags.DEFINE_integer("peak_matmul_size", 0, "Side of the peak-FLOP/s matmul; 0 = automatic.")
+flags.DEFINE_string(
+  "profile_dir", None, "Trace training steps here and report device time by kind of work."
+)
+flags.DEFINE_integer("profile_steps", 5, "Training steps to trace with --profile_dir.")
 flags.DEFINE_bool("skip_input", False, "Do not measure the input pipeline.")
 flags.DEFINE_bool("skip_train", False, "Do not measure the training step.")
 flags.mark_flags_as_required(["config", "out"])
@@ -133,9 +150,12 @@ def main(argv: list[str]) -> None:
     warmup=FLAGS.warmup,
     input_images=FLAGS.input_images,
     input_size=FLAGS.input_size,
+    input_repeats=FLAGS.input_repeats,
     skip_train=FLAGS.skip_train,
     skip_input=FLAGS.skip_input,
     peak_matmul_size=FLAGS.peak_matmul_size or None,
+    profile_dir=FLAGS.profile_dir,
+    profile_steps=FLAGS.profile_steps,
   )
   if jax.process_index() == 0:
     out = epath.Path(FLAGS.out)

@@ -8,6 +8,7 @@ one view of each, as `input_pipeline.make_pair_fn` does. Wall-clock rates are pe
 otherwise idle core; CPU seconds per pair (`time.process_time`) stay honest under load.
 """
 
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +24,7 @@ JPEG_QUALITY = 90
 MICLE_CASE_SIZES = (2, 4)  # inclusive range of images per synthetic case
 _WARMUP_PAIRS = 4
 _BATCH_SIZE = 16
+_MICLE = "micle"  # key of the MICLe measurement among the SimCLR presets' (none is named so)
 
 
 def restrict_tf_to_one_thread() -> bool:
@@ -133,14 +135,8 @@ def _seed(seed: int, index: tf.Tensor) -> tf.Tensor:
   return tf.stack([tf.constant(seed, tf.int64), tf.cast(index, tf.int64)])
 
 
-def measure_pairs(ds: tf.data.Dataset, num_pairs: int) -> dict[str, Any]:
-  """Times one full pass over `ds` (after a short warm-up pass) in wall and CPU seconds.
-
-  Returns:
-    pairs/s and views/s (wall clock), CPU seconds per pair and per view, and the totals.
-  """
-  for _ in ds.unbatch().take(_WARMUP_PAIRS):
-    pass
+def _timed_pass(ds: tf.data.Dataset, num_pairs: int) -> tuple[float, float]:
+  """(wall seconds, CPU seconds) of one full pass over `ds`, which must yield `num_pairs`."""
   wall_start, cpu_start = time.perf_counter(), time.process_time()
   pairs = 0
   for view1, _ in ds:
@@ -149,20 +145,50 @@ def measure_pairs(ds: tf.data.Dataset, num_pairs: int) -> dict[str, Any]:
   cpu = time.process_time() - cpu_start
   if pairs != num_pairs:
     raise RuntimeError(f"dataset yielded {pairs} pairs, expected {num_pairs}")
-  return {
-    "pairs_per_s": pairs / wall,
-    "views_per_s": 2 * pairs / wall,
-    "cpu_s_per_pair": cpu / pairs,
-    "cpu_s_per_view": cpu / (2 * pairs),
-    "pairs_per_cpu_s": pairs / cpu if cpu > 0 else None,
-    "num_pairs": pairs,
-    "wall_s": wall,
-    "cpu_s": cpu,
-  }
+  return wall, cpu
+
+
+def measure_pairs(
+  datasets: dict[str, tf.data.Dataset], num_pairs: int, repeats: int = 3
+) -> dict[str, dict[str, Any]]:
+  """Times `repeats` full passes over every dataset, interleaved, after a short warm-up of each.
+
+  Passes go round-robin (a, b, c, a, b, c, ...), so that a change in the machine's load hits
+  every dataset alike; each figure is the median over the passes.
+
+  Returns:
+    {name: stats}: pairs/s and views/s (wall clock), CPU seconds per pair and per view, pairs
+    per CPU second, and the median pass's `wall_s`/`cpu_s`; see docs/benchmark.md.
+  """
+  if repeats < 1:
+    raise ValueError(f"repeats={repeats} must be >= 1")
+  for ds in datasets.values():
+    for _ in ds.unbatch().take(_WARMUP_PAIRS):
+      pass
+  passes: dict[str, list[tuple[float, float]]] = {name: [] for name in datasets}
+  for _ in range(repeats):
+    for name, ds in datasets.items():
+      passes[name].append(_timed_pass(ds, num_pairs))
+  result = {}
+  for name, timings in passes.items():
+    wall = statistics.median(w for w, _ in timings)
+    cpu = statistics.median(c for _, c in timings)
+    result[name] = {
+      "pairs_per_s": num_pairs / wall,
+      "views_per_s": 2 * num_pairs / wall,
+      "cpu_s_per_pair": cpu / num_pairs,
+      "cpu_s_per_view": cpu / (2 * num_pairs),
+      "pairs_per_cpu_s": num_pairs / cpu if cpu > 0 else None,
+      "num_pairs": num_pairs,
+      "repeats": repeats,
+      "wall_s": wall,
+      "cpu_s": cpu,
+    }
+  return result
 
 
 def benchmark_input(
-  *, num_images: int, image_size: int, micle_preset: str, seed: int = 0
+  *, num_images: int, image_size: int, micle_preset: str, seed: int = 0, repeats: int = 3
 ) -> dict[str, Any]:
   """Measures every pretraining preset on SimCLR pairs, and the MICLe pair path.
 
@@ -171,6 +197,7 @@ def benchmark_input(
     image_size: output side of each view in pixels.
     micle_preset: the preset of the MICLe measurement (the config's `augment.preset`).
     seed: fixes the images, the cases and every view.
+    repeats: timed passes per measurement (interleaved; medians reported).
 
   Returns:
     The `input` section of the benchmark's JSON (see docs/benchmark.md).
@@ -190,15 +217,19 @@ def benchmark_input(
     "jpeg_bytes_mean": sum(len(j) for j in jpegs) / num_images,
     "tf_threads_restricted": threads_restricted,
     "tf_version": tf.__version__,
-    "presets": {},
+    "repeats": repeats,
   }
-  for preset in augment_presets.PRESETS:
-    stats = measure_pairs(simclr_dataset(jpegs, preset, image_size, seed), num_images)
-    logging.info("SimCLR pairs, preset %s: %s", preset, stats)
-    result["presets"][preset] = stats
+  datasets = {
+    preset: simclr_dataset(jpegs, preset, image_size, seed) for preset in augment_presets.PRESETS
+  }
   cases = synthetic_cases(jpegs, num_images, seed)
-  micle = measure_pairs(micle_dataset(cases, micle_preset, image_size, seed), num_images)
+  datasets[_MICLE] = micle_dataset(cases, micle_preset, image_size, seed)
+  stats = measure_pairs(datasets, num_images, repeats)
+  micle = stats.pop(_MICLE)
+  for preset, preset_stats in stats.items():
+    logging.info("SimCLR pairs, preset %s: %s", preset, preset_stats)
   logging.info("MICLe pairs, preset %s: %s", micle_preset, micle)
+  result["presets"] = stats
   result["micle"] = {"preset": micle_preset, **micle}
   simclr = result["presets"][micle_preset]
   result["micle_vs_simclr"] = micle["pairs_per_s"] / simclr["pairs_per_s"]

@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from data_builders.chexpert import labels as chexpert_labels
-from micle_jax import models, optim, sharding, steps, train, train_state
+from micle_jax import benchmark_profile, models, optim, sharding, steps, train, train_state
 
 # Classes of the supervised monitor for `labels.task="multiclass"` when not given: the dataset
 # decides at training time; the head is one Dense layer, a negligible part of the step.
@@ -111,26 +111,37 @@ def _sub_jaxprs(value: Any) -> list[Any]:
   return []
 
 
-def jaxpr_matmul_flops(jaxpr: Any) -> float:
-  """FLOPs of the convolutions and matrix products of a (closed) jaxpr, nested ones included.
+def jaxpr_flops_by_kind(jaxpr: Any) -> dict[str, float]:
+  """FLOPs of the convolutions (`conv`) and matrix products (`dot`) of a (closed) jaxpr.
 
-  These are the model FLOPs that MFU counts (elementwise work is left out). Loops count their
-  body `length` times (scan) or once (while); of the branches of a cond, the largest counts.
+  Nested jaxprs count too: loops their body `length` times (scan) or once (while); of the
+  branches of a cond, the one with the most FLOPs.
   """
   jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-  total = 0.0
+  total = {"conv": 0.0, "dot": 0.0}
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
     if name == "conv_general_dilated":
-      total += _conv_flops(eqn)
+      total["conv"] += _conv_flops(eqn)
     elif name == "dot_general":
-      total += _dot_flops(eqn)
-    subs = [jaxpr_matmul_flops(j) for v in eqn.params.values() for j in _sub_jaxprs(v)]
+      total["dot"] += _dot_flops(eqn)
+    subs = [jaxpr_flops_by_kind(j) for v in eqn.params.values() for j in _sub_jaxprs(v)]
     if name == "cond":
-      total += max(subs, default=0.0)
-    else:
-      total += sum(subs) * (eqn.params.get("length", 1) if name == "scan" else 1)
+      subs = [max(subs, key=lambda s: s["conv"] + s["dot"])] if subs else []
+    repeat = eqn.params.get("length", 1) if name == "scan" else 1
+    for sub in subs:
+      for kind in total:
+        total[kind] += sub[kind] * repeat
   return total
+
+
+def jaxpr_matmul_flops(jaxpr: Any) -> float:
+  """FLOPs of the convolutions and matrix products of a (closed) jaxpr, nested ones included.
+
+  These are the model FLOPs that MFU counts (elementwise work is left out); see
+  `jaxpr_flops_by_kind` for how loops and conds count.
+  """
+  return sum(jaxpr_flops_by_kind(jaxpr).values())
 
 
 def peak_memory(compiled: Any) -> tuple[int, str]:
@@ -268,6 +279,8 @@ def benchmark_train(
   warmup: int,
   peak_matmul_size: int | None = None,
   num_classes: int | None = None,
+  profile_dir: str | None = None,
+  profile_steps: int = 5,
 ) -> dict[str, Any]:
   """Compiles and times the pretraining step of `config`; see docs/benchmark.md for the keys.
 
@@ -277,6 +290,9 @@ def benchmark_train(
     warmup: untimed steps after compilation.
     peak_matmul_size: n of the peak-FLOP/s matmul (None: chosen by `measure_peak_matmul`).
     num_classes: classes of a multiclass monitor head (default `DEFAULT_MULTICLASS_CLASSES`).
+    profile_dir: if set, also trace `profile_steps` steps there and break the step's device time
+      down by kind of work (`benchmark_profile`); the result's `profile` is None otherwise.
+    profile_steps: steps to trace.
 
   Returns:
     The `train` section of the benchmark's JSON.
@@ -306,12 +322,25 @@ def benchmark_train(
     times.append(time.perf_counter() - start)
   step_s = statistics.median(times)
   memory_bytes, memory_source = peak_memory(compiled)
+  profile = None
+  if profile_dir:
+    held = {"state": state}
+
+    def one_step() -> Any:
+      held["state"], step_metrics = compiled(held["state"], batch)
+      return step_metrics
+
+    profile = benchmark_profile.profile_steps(
+      compiled, one_step, steps=profile_steps, log_dir=profile_dir, num_devices=mesh.devices.size
+    )
+    state = held["state"]
 
   dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
   peak = measure_peak_matmul(mesh, dtype, size=peak_matmul_size)
   device_flops = cost_analysis_flops(compiled)
   flops = device_flops * mesh.devices.size if device_flops is not None else None
-  model_flops = jaxpr_matmul_flops(jax.make_jaxpr(step_fn)(state, batch)) or None
+  flops_by_kind = jaxpr_flops_by_kind(jax.make_jaxpr(step_fn)(state, batch))
+  model_flops = sum(flops_by_kind.values()) or None
   mfu_source = "model_flops_per_step" if model_flops is not None else "flops_per_step"
   counted = model_flops if model_flops is not None else flops
   achieved = counted / step_s if counted is not None else None
@@ -335,6 +364,8 @@ def benchmark_train(
     "flops_per_step": flops,
     "flops_per_step_per_device": device_flops,
     "model_flops_per_step": model_flops,
+    "model_flops_conv_per_step": flops_by_kind["conv"],
+    "model_flops_dot_per_step": flops_by_kind["dot"],
     "mfu_flops_source": mfu_source if counted is not None else None,
     "achieved_flops_per_s": achieved,
     "peak_flops_per_s": peak["flops_per_s"],
@@ -343,4 +374,21 @@ def benchmark_train(
     "peak_memory_bytes": memory_bytes,
     "peak_memory_source": memory_source,
     "final_loss": float(metrics["loss"]),
+    "profile": _with_rates(profile, flops_by_kind, peak["flops_per_s"] / mesh.devices.size),
+  }
+
+
+def _with_rates(
+  profile: dict[str, Any] | None, flops_by_kind: dict[str, float], peak_per_device: float
+) -> dict[str, Any] | None:
+  """Adds the convolutions' FLOP/s while they run (per device) and its share of the peak."""
+  if profile is None:
+    return None
+  devices = max(profile.get("num_devices", 1), 1)
+  conv_s = profile["by_category_s"]["convolution"]
+  conv_rate = flops_by_kind["conv"] / devices / conv_s if conv_s > 0 else None
+  return {
+    **profile,
+    "convolution_flops_per_s": conv_rate,
+    "convolution_vs_peak": conv_rate / peak_per_device if conv_rate else None,
   }

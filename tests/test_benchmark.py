@@ -5,11 +5,12 @@ Only presence, type and sign are checked: timings are measured by the tool, neve
 
 import json
 import math
+import pathlib
 
 import pytest
 
 from configs import cxr
-from micle_jax import benchmark, benchmark_input, benchmark_train
+from micle_jax import benchmark, benchmark_input, benchmark_profile, benchmark_train
 
 TRAIN_POSITIVE = (
   "lower_time_s",
@@ -50,7 +51,12 @@ def _positive(value) -> bool:
 
 
 @pytest.fixture(scope="module")
-def result():
+def profile_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("profile")
+
+
+@pytest.fixture(scope="module")
+def result(profile_dir):
   config = cxr.get_config("demo")
   config.batch_size = 8
   config.augment.image_size = 32
@@ -61,6 +67,8 @@ def result():
     input_images=8,
     input_size=64,
     peak_matmul_size=PEAK_MATMUL_SIZE,
+    profile_dir=str(profile_dir),
+    profile_steps=2,
   )
 
 
@@ -94,17 +102,38 @@ def test_train_section(result, num_devices):
   assert _positive(peak["flops_per_s_per_device"]) and _positive(peak["time_s"])
 
 
+def test_profile_section(result, profile_dir, num_devices):
+  train = result["train"]
+  profile = train["profile"]
+  assert profile["source"] == "host_threads" and profile["num_devices"] == num_devices
+  assert profile["steps"] == 2
+  assert pathlib.Path(profile["trace_dir"]).is_relative_to(profile_dir)
+  assert list(pathlib.Path(profile["trace_dir"]).glob("*.xplane.pb"))
+  assert set(profile["by_category_s"]) == set(benchmark_profile.CATEGORIES)
+  assert profile["busy_s"] == pytest.approx(sum(profile["by_category_s"].values()))
+  assert sum(profile["fraction"].values()) == pytest.approx(1.0)
+  # The demo ResNet's convolutions and its 8-device gradient all-reduce are both in the trace.
+  assert _positive(profile["by_category_s"]["convolution"])
+  assert _positive(profile["by_category_s"]["collective"])
+  assert _positive(profile["convolution_flops_per_s"]) and _positive(profile["convolution_vs_peak"])
+  assert 0 < len(profile["top_ops"]) <= 15
+  assert all(op["category"] in benchmark_profile.CATEGORIES for op in profile["top_ops"])
+  assert train["model_flops_per_step"] == pytest.approx(
+    train["model_flops_conv_per_step"] + train["model_flops_dot_per_step"]
+  )
+
+
 def test_input_section(result):
   inputs = result["input"]
   assert set(inputs["presets"]) == {"simclr", "cxr", "derm"}
   for stats in [*inputs["presets"].values(), inputs["micle"]]:
     for key in PAIR_POSITIVE:
       assert _positive(stats[key]), (key, stats[key])
-    assert stats["num_pairs"] == 8
+    assert stats["num_pairs"] == 8 and stats["repeats"] == 3
     assert stats["views_per_s"] == pytest.approx(2 * stats["pairs_per_s"])
   assert inputs["micle"]["preset"] == "cxr"
   assert _positive(inputs["micle_vs_simclr"]) and _positive(inputs["micle_vs_simclr_cpu"])
-  assert inputs["image_size"] == 64 and inputs["num_images"] == 8
+  assert inputs["image_size"] == 64 and inputs["num_images"] == 8 and inputs["repeats"] == 3
   assert 20_000 < inputs["jpeg_bytes_mean"] < 200_000
 
 
@@ -158,3 +187,65 @@ def test_jaxpr_flops_match_xla_cpu_for_convolutions_and_matmuls():
   # conv: forward + kernel gradient (x is not differentiated); dot: forward + both gradients.
   assert counted == pytest.approx(2 * conv + 3 * dot)
   assert counted == pytest.approx(xla, rel=0.1)
+
+
+def test_hlo_categories_of_a_compiled_step(num_devices):
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import PartitionSpec as P
+
+  mesh = jax.make_mesh((num_devices,), ("data",))
+
+  def body(x, w, v):
+    y = jax.lax.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    z = jnp.einsum("nhwc,cd->nhwd", jax.nn.relu(y), v)
+    return jax.lax.psum(jnp.sum(z), "data")
+
+  step = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("data"), P(), P()), out_specs=P()))
+  x = jax.device_put(jnp.ones((num_devices, 8, 8, 4)), jax.NamedSharding(mesh, P("data")))
+  args = (x, jnp.ones((3, 3, 4, 8)), jnp.ones((8, 16)))
+  categories = benchmark_profile.hlo_op_categories(step.lower(*args).compile().as_text())
+  found = set(categories.values())
+  assert {"convolution", "matmul", "collective"} <= found, categories
+  assert found <= set(benchmark_profile.CATEGORIES)
+
+
+@pytest.mark.parametrize(
+  "kernel, category",
+  [
+    ("void cutlass__5x_cudnn::Kernel<cutlass_tensorop_bf16_s16816fprop_optimized>", "convolution"),
+    ("sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "convolution"),
+    ("sm90_xmma_gemm_f32f32_tf32f32_f32_tn_n_tilesize128x64x32", "matmul"),
+    ("nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT", "matmul"),
+    ("gemm_fusion_dot_41", "matmul"),
+    ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", "collective"),
+    ("Memcpy DtoD", "copy"),
+    ("loop_add_fusion_5", "elementwise"),
+    ("input_scatter_fusion", "elementwise"),
+  ],
+)
+def test_kernel_category(kernel, category):
+  assert benchmark_profile.kernel_category(kernel) == category
+
+
+def test_summarize_maps_cuda_graph_kernels_to_hlo_fusions():
+  categories = {"convolution.3": "convolution", "gemm_fusion.2": "matmul", "add_fusion.7": "copy"}
+  events = [
+    ("cudnn_kernel", 0.004, {"hlo_op": "convolution.3"}),
+    ("add_fusion_7", 0.002, {"hlo_op": "command_buffer_12"}),  # category from the HLO map
+    ("nvjet_sm90_tst", 0.006, {"hlo_op": "command_buffer_12"}),  # category from the kernel name
+    ("input_reduce_fusion", 0.008, {}),
+  ]
+  summary = benchmark_profile.summarize(events, categories, steps=2, devices=1)
+  assert summary["by_category_s"] == pytest.approx(
+    {"convolution": 0.002, "matmul": 0.003, "collective": 0.0, "elementwise": 0.004, "copy": 0.001}
+  )
+  assert summary["busy_s"] == pytest.approx(0.01)
+  assert [op["op"] for op in summary["top_ops"]] == [
+    "input_reduce_fusion",
+    "nvjet_sm90_tst",
+    "convolution.3",
+    "add_fusion_7",
+  ]
