@@ -123,10 +123,11 @@ cmd_run() {
   if [[ "${1:-}" == -- ]]; then shift; fi # `run -- ARGS` works too; absl would drop ARGS after --.
   require GCS_WORKDIR
   check_gcs_path GCS_WORKDIR
-  local env=''
+  # MICLE_DISTRIBUTED=auto: jax.distributed.initialize() finds the other hosts (metadata server).
+  local env='MICLE_DISTRIBUTED=auto '
   if [[ -n "${DATA_DIR:-}" ]]; then
     check_gcs_path DATA_DIR
-    env="$(quote "TFDS_DATA_DIR=$DATA_DIR") "
+    env+="$(quote "TFDS_DATA_DIR=$DATA_DIR") "
   fi
   local train=(.venv/bin/python -m "$TRAIN_MODULE"
     --config="$TRAIN_CONFIG" --workdir="$GCS_WORKDIR")

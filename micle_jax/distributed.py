@@ -1,8 +1,17 @@
 """Multi-process setup: `jax.distributed.initialize()` when running on several processes.
 
-On TPU VMs (and SLURM / Open MPI clusters) JAX discovers the coordinator itself. Elsewhere, set
-`MICLE_COORDINATOR=host:port`, `MICLE_NUM_PROCESSES=N` and `MICLE_PROCESS_ID=i` on every process
-(the local launcher `launch/local_multihost.sh` does). A single process needs nothing.
+Three ways in, checked in this order:
+
+- `MICLE_COORDINATOR=host:port`, `MICLE_NUM_PROCESSES=N` and `MICLE_PROCESS_ID=i` on every
+  process: explicit (any cluster; the local launcher `launch/local_multihost.sh` sets them).
+- `MICLE_DISTRIBUTED=auto`: `jax.distributed.initialize()` with no arguments, so that JAX's
+  cluster detection finds the coordinator: on Cloud TPU VMs from the metadata server, and on
+  SLURM, Open MPI and GKE from their environment. `launch/tpu.sh run` sets it on every worker
+  (it is also right on a single-host TPU VM).
+- GKE TPU pods (`TPU_WORKER_HOSTNAMES` with several hosts): as with `auto`, unless
+  `MICLE_DISTRIBUTED=off`.
+
+Otherwise this is a single process and nothing is initialised.
 """
 
 import os
@@ -11,24 +20,44 @@ import jax
 from absl import logging
 
 
-def _on_tpu_vm() -> bool:
-  return bool(os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("TPU_ACCELERATOR_TYPE"))
+def _mode() -> str:
+  """MICLE_DISTRIBUTED: 'auto', 'off' or '' (unset)."""
+  value = os.environ.get("MICLE_DISTRIBUTED", "").strip().lower()
+  if value not in ("", "auto", "off"):
+    raise ValueError(f"MICLE_DISTRIBUTED={value!r}: expected 'auto' or 'off' (or unset)")
+  return value
+
+
+def _required_int(name: str) -> int:
+  value = os.environ.get(name, "")
+  if not value.strip().isdigit():
+    raise ValueError(f"MICLE_COORDINATOR is set, so {name} must be a non-negative integer")
+  return int(value)
+
+
+def _on_multihost_gke() -> bool:
+  return os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0
 
 
 def initialize() -> bool:
   """Initialises JAX's distributed runtime when this is one of several processes.
 
   Returns:
-    True if this is one of several processes (the runtime was initialised).
+    True if the distributed runtime was initialised (see the module doc for when).
+
+  Raises:
+    ValueError: for a MICLE_DISTRIBUTED other than 'auto' or 'off', or, with MICLE_COORDINATOR,
+      a missing or non-integer MICLE_NUM_PROCESSES / MICLE_PROCESS_ID.
   """
   coordinator = os.environ.get("MICLE_COORDINATOR")
+  mode = _mode()
   if coordinator:
     jax.distributed.initialize(
       coordinator_address=coordinator,
-      num_processes=int(os.environ["MICLE_NUM_PROCESSES"]),
-      process_id=int(os.environ["MICLE_PROCESS_ID"]),
+      num_processes=_required_int("MICLE_NUM_PROCESSES"),
+      process_id=_required_int("MICLE_PROCESS_ID"),
     )
-  elif _on_tpu_vm() and os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+  elif mode == "auto" or (mode != "off" and _on_multihost_gke()):
     jax.distributed.initialize()
   else:
     return False

@@ -93,7 +93,8 @@ def run(
   """Steps from `start_step` to `total_steps`, logging, checkpointing, and stopping cleanly.
 
   Reads `log_every_steps`, `checkpoint_every_steps`, `max_steps_per_run` and `profile_steps`
-  from `config`. `step_fn(state, global_batch)` must report `loss` and `params_finite`.
+  from `config`. `step_fn(state, global_batch)` must report `loss` and `params_finite`; a
+  non-finite step raises `FloatingPointError` before anything after it is saved or logged.
   """
   hooks = [
     periodic_actions.ReportProgress(
@@ -108,20 +109,32 @@ def run(
   last_step = total_steps
   if config.max_steps_per_run > 0:
     last_step = min(total_steps, start_step + config.max_steps_per_run)
+  # Metrics are read one step late: the host dispatches step n+1 before it waits for step n, so
+  # the accelerator always has the next step queued. Steps that log or save read them all.
+  pending: list[tuple[int, dict[str, Any]]] = []
+
+  def read_metrics(keep_newest: bool) -> None:
+    while len(pending) > int(keep_newest):
+      done_step, device_metrics = pending.pop(0)
+      host_metrics = jax.device_get(device_metrics)
+      _check_finite(done_step, host_metrics, mngr)
+      window.update({k: v for k, v in host_metrics.items() if k != "params_finite"})
+
   with preemption.StopRequest() as stop:
     for step in range(start_step + 1, last_step + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         batch = sharding.make_global_batch(next(batches), mesh)
         state, step_metrics = step_fn(state, batch)
-      step_metrics = jax.device_get(step_metrics)
-      _check_finite(step, step_metrics, mngr)
-      window.update({k: v for k, v in step_metrics.items() if k != "params_finite"})
+      pending.append((step, step_metrics))
+      stopping = stop.should_stop(step)
+      log_now = step % config.log_every_steps == 0 or step == last_step
+      save_now = step % config.checkpoint_every_steps == 0 or step == last_step or stopping
+      read_metrics(keep_newest=not (log_now or save_now))
       for hook in hooks:
         hook(step)
-      if step % config.log_every_steps == 0 or step == last_step:
+      if log_now:
         writer.write_scalars(step, window.compute_and_reset())
-      stopping = stop.should_stop(step)
-      if step % config.checkpoint_every_steps == 0 or step == last_step or stopping:
+      if save_now:
         checkpoint.save(mngr, step, checkpoint.state_to_tree(state), force=True)
       if stopping:
         logging.warning("Stopped at step %d on request; checkpoint saved.", step)

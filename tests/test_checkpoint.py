@@ -1,4 +1,4 @@
-"""Orbax weights: relative workdirs, lookup errors, and strict merging for init_from."""
+"""Orbax weights: relative and gs:// workdirs, lookup errors, and strict merging for init_from."""
 
 import numpy as np
 import pytest
@@ -20,6 +20,17 @@ def test_save_and_load_weights_with_a_relative_path(tmp_path, monkeypatch):
     loaded["backbone"]["conv"]["kernel"], params["backbone"]["conv"]["kernel"]
   )
   assert batch_stats["backbone"]["bn"]["mean"].shape == (3,)
+
+
+def test_cloud_workdirs_are_kept_as_uris(tmp_path, monkeypatch):
+  # Orbax needs absolute paths, but only local ones may be resolved against the cwd: a gs://
+  # workdir must reach Orbax (tensorstore's GCS driver) unchanged.
+  monkeypatch.chdir(tmp_path)
+  for uri in ("gs://bucket/runs/cxr", "gs://bucket/runs/cxr/"):
+    path = checkpoint._absolute(uri)
+    assert str(path).rstrip("/") == "gs://bucket/runs/cxr"
+    assert str(path / checkpoint.CHECKPOINT_DIR) == "gs://bucket/runs/cxr/checkpoints"
+  assert str(checkpoint._absolute("runs/cxr")) == str(tmp_path / "runs/cxr")
 
 
 def test_missing_checkpoint_names_the_path(tmp_path):

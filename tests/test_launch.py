@@ -223,7 +223,10 @@ def test_run_starts_the_same_command_on_all_workers(env):
   assert "cd micle_jax" in remote
   words = shlex.split(remote)
   start = words.index("nohup")
-  assert words[start - 1] == "TFDS_DATA_DIR=gs://test-bucket/tensorflow_datasets"
+  assert words[start - 2 : start] == [
+      "MICLE_DISTRIBUTED=auto",
+      "TFDS_DATA_DIR=gs://test-bucket/tensorflow_datasets",
+  ]
   assert words[start + 1 : start + 8] == [
       ".venv/bin/python",
       "-m",
@@ -277,7 +280,7 @@ def test_run_and_stop_behave_on_a_worker(env, tmp_path):
   venv_bin = worker_home / "micle_jax" / ".venv" / "bin"
   venv_bin.mkdir(parents=True)
   (venv_bin / "python").write_text(
-      '#!/bin/sh\nprintf "%s\\n" "$TFDS_DATA_DIR" "$@" > args.tmp\n'
+      '#!/bin/sh\nprintf "%s\\n" "$MICLE_DISTRIBUTED" "$TFDS_DATA_DIR" "$@" > args.tmp\n'
       "mv args.tmp args.txt\nexec sleep 60\n"
   )
   (venv_bin / "python").chmod(0o755)
@@ -299,6 +302,7 @@ def test_run_and_stop_behave_on_a_worker(env, tmp_path):
         break
       time.sleep(0.05)
     assert args_file.read_text().splitlines() == [
+        "auto",
         "gs://d/tfds",
         "-m",
         "micle_jax.main",
