@@ -101,16 +101,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   label_fn = finetune_input.make_label_fn(
     config.task, label_set=config.labels.label_set, policy=config.labels.uncertainty_policy
   )
-  allowed, num_patients = finetune_input.label_fraction_ids(
+  allowed, num_patients, num_examples = finetune_input.label_fraction_ids(
     info, task=config.task, label_fn=label_fn, fraction=config.label_fraction, seed=config.seed
   )
-  examples = finetune_input.train_examples(info, allowed)
-  num_examples = finetune_input.count_examples(examples)
-  per_epoch = max(num_examples // local_batch, 1)
-  if num_examples < local_batch:
+  if num_examples < config.batch_size:
     raise ValueError(
       f"config.batch_size={config.batch_size}: only {num_examples} training "
       f"images at label_fraction={config.label_fraction}"
+    )
+  # Steps per epoch for the schedule and the step count come from the whole subset, so that every
+  # process runs the same number of steps; each process's shard holds a different number of the
+  # subset's images, so its own stream of batches has its own epoch length.
+  per_epoch = num_examples // config.batch_size
+  examples = finetune_input.train_examples(info, allowed)
+  local_examples = finetune_input.count_examples(examples)
+  if local_examples < local_batch:
+    raise ValueError(
+      f"process {jax.process_index()}: its shard holds {local_examples} of the "
+      f"{num_examples} training images at label_fraction={config.label_fraction}, fewer than "
+      f"its share of config.batch_size={config.batch_size} ({local_batch}); use a smaller "
+      "batch or a larger label_fraction"
     )
   total_steps = config.num_steps if config.num_steps > 0 else config.num_epochs * per_epoch
   logging.info(
@@ -162,7 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     examples,
     map_fn=train_fn,
     local_batch_size=local_batch,
-    per_epoch=per_epoch,
+    per_epoch=local_examples // local_batch,
     seed=config.seed,
     shuffle_buffer=config.dataset.shuffle_buffer,
     start_step=int(state.step),

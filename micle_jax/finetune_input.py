@@ -8,8 +8,9 @@ Tasks (what the labels are, read from an image-level example):
 - "multiclass": the integer `label` (dermatology, ImageNet).
 """
 
+import collections
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -21,6 +22,7 @@ from micle_jax import augment_presets, input_pipeline
 
 TASKS = ("chexpert", "nih", "multiclass")
 NIH_LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
+_SCAN_BATCH = 1024  # examples per batch of the label-fraction metadata scan
 
 
 def label_names(task: str, info: input_pipeline.DatasetInfo, label_set: str) -> tuple[str, ...]:
@@ -57,38 +59,58 @@ def make_label_fn(task: str, *, label_set: str, policy: Any) -> Callable[[dict],
   return label_fn
 
 
-def _stratum(example: dict[str, np.ndarray], task: str, label_fn: Callable) -> Any:
-  """A label to stratify label-fraction subsets by (multi-label: the first positive, or none)."""
+def _stratum(features: dict[str, tf.Tensor], task: str, label_fn: Callable) -> tf.Tensor:
+  """A label to stratify label-fraction subsets by (multi-label: the first positive, or -1)."""
   if task == "multiclass":
-    return int(example["label"])
-  targets = label_fn(example)["targets"].numpy()
-  positive = np.flatnonzero(targets > 0.5)
-  return int(positive[0]) if positive.size else -1
+    return tf.cast(features["label"], tf.int64)
+  positive = label_fn(features)["targets"] > 0.5
+  first = tf.argmax(tf.cast(positive, tf.int64), output_type=tf.int64)
+  return tf.where(tf.reduce_any(positive), first, tf.constant(-1, tf.int64))
+
+
+class FractionSubset(NamedTuple):
+  """The training patients of a label fraction, and how many images they have in the split."""
+
+  patients: set[str]
+  num_patients: int  # in the whole training split
+  num_examples: int  # images of `patients` in the whole split (all processes together)
 
 
 def label_fraction_ids(
   info: input_pipeline.DatasetInfo, *, task: str, label_fn: Callable, fraction: float, seed: int
-) -> tuple[set[str], int]:
+) -> FractionSubset:
   """The patients of the `fraction` subset of the whole training split (all processes agree).
 
   Stratified by label, nested across fractions for one seed, and by patient, so no patient is
-  split (data_builders.splits). Returns (patient ids, number of training patients).
+  split (data_builders.splits). Every process reads the whole split's metadata (images are not
+  decoded) in one parallel tf.data pass, so every process gets the same subset and the same
+  global image count, from which all derive the same number of steps per epoch.
   """
   ds = info.builder.as_dataset(
     split=info.split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
   )
-  first_label: dict[str, Any] = {}
-  for example in ds:
-    patient = example["patient_id"].numpy().decode()
-    if patient not in first_label:
-      first_label[patient] = _stratum(example, task, label_fn)
+  ds = ds.map(
+    lambda f: {"patient_id": f["patient_id"], "stratum": _stratum(f, task, label_fn)},
+    num_parallel_calls=tf.data.AUTOTUNE,
+    deterministic=True,
+  )
+  first_label: dict[str, int] = {}
+  num_images: collections.Counter[str] = collections.Counter()
+  for batch in tfds.as_numpy(ds.batch(_SCAN_BATCH).prefetch(2)):
+    for patient, stratum in zip(batch["patient_id"], batch["stratum"], strict=True):
+      patient = patient.decode()
+      first_label.setdefault(patient, int(stratum))
+      num_images[patient] += 1
   patients = sorted(first_label)
   if fraction >= 1.0:
-    return set(patients), len(patients)
-  subset = splits.label_fraction_subset(
-    patients, [first_label[p] for p in patients], fraction, seed=seed
-  )
-  return set(subset), len(patients)
+    subset = set(patients)
+  else:
+    subset = set(
+      splits.label_fraction_subset(
+        patients, [first_label[p] for p in patients], fraction, seed=seed
+      )
+    )
+  return FractionSubset(subset, len(patients), sum(num_images[p] for p in subset))
 
 
 def count_examples(examples: tf.data.Dataset) -> int:

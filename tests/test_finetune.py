@@ -1,15 +1,25 @@
 """Fine-tuning end to end on 8 devices: restore, label fractions, evaluation, shift, results."""
 
+import collections
 import json
 
 import jax
 import numpy as np
 import optax
 import pytest
+import tensorflow_datasets as tfds
 from tiny_models import tiny_spec
 
 from configs import finetune_cxr
-from micle_jax import checkpoint, finetune, models, sharding, train_state
+from micle_jax import (
+  checkpoint,
+  finetune,
+  finetune_input,
+  input_pipeline,
+  models,
+  sharding,
+  train_state,
+)
 
 RESULT_KEYS = {
   "init_from",
@@ -115,3 +125,30 @@ def test_label_fractions_are_nested_and_leak_free(cxr_data_dir, nih_data_dir, tm
     patients[fraction] = set(json.loads((workdir / finetune.TRAIN_PATIENTS_FILE).read_text()))
   assert patients[0.25] < patients[0.5]
   assert 0 < len(patients[0.25]) < len(patients[0.5]) < 24
+
+
+def test_label_fraction_subset_counts_the_whole_split_on_every_process(cxr_data_dir, monkeypatch):
+  config = _config(cxr_data_dir, None)
+  info = input_pipeline.open_dataset(
+    config.dataset.name, config.dataset.train_split, cxr_data_dir, input_pipeline.LabelSpec()
+  )
+  label_fn = finetune_input.make_label_fn(
+    "chexpert", label_set=config.labels.label_set, policy=config.labels.uncertainty_policy
+  )
+  images_per_patient = collections.Counter(
+    example["patient_id"].decode()
+    for example in tfds.as_numpy(info.builder.as_dataset(split=config.dataset.train_split))
+  )
+
+  def subset(process_index):
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: process_index)
+    return finetune_input.label_fraction_ids(
+      info, task="chexpert", label_fn=label_fn, fraction=0.5, seed=0
+    )
+
+  first, second = subset(0), subset(1)
+  assert first == second
+  assert first.num_patients == len(images_per_patient)
+  assert 0 < len(first.patients) < first.num_patients
+  assert first.num_examples == sum(images_per_patient[p] for p in first.patients)
