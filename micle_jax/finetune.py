@@ -243,20 +243,21 @@ def _undefined_as_none(metrics: dict[str, dict[str, Any]]) -> dict[str, dict[str
 
 
 def predict(config, state, mesh, info, split: str, label_fn) -> dict[str, np.ndarray]:
-  """Probabilities, labels and ids of every example of `split` (this process's shard)."""
+  """Probabilities, labels and ids of every example of `split`, the same on every process."""
   predict_fn = steps.compile_predict_step(mesh, task=steps.task_for_labels(config.task))
-  local_eval = sharding.local_batch_size(config.eval_batch_size)
   parts: dict[str, list[np.ndarray]] = {}
   for batch in finetune_input.eval_batches(
-    info, split, label_fn=label_fn, image_size=config.augment.image_size, batch_size=local_eval
+    info,
+    split,
+    label_fn=label_fn,
+    image_size=config.augment.image_size,
+    batch_size=config.eval_batch_size,
   ):
-    images = sharding.make_global_batch(batch["image"], mesh)
-    probs = np.asarray(jax.device_get(predict_fn(state, images)))
+    images = sharding.make_global_batch(batch.pop("image"), mesh)
+    batch["probs"] = sharding.to_host(predict_fn(state, images))
     keep = batch["valid"] > 0
-    batch["probs"] = probs
     for key, value in batch.items():
-      if key != "image":
-        parts.setdefault(key, []).append(np.asarray(value)[keep])
+      parts.setdefault(key, []).append(np.asarray(value)[keep])
   return {k: np.concatenate(v) for k, v in parts.items()}
 
 

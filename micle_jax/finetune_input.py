@@ -12,6 +12,7 @@ import collections
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -151,24 +152,40 @@ def eval_batches(
   image_size: int,
   batch_size: int,
 ) -> Iterator[dict[str, np.ndarray]]:
-  """Every example of `split` (this process's shard) once, centre-cropped, in padded batches.
+  """Every example of `split` once, in split order, in global batches of `batch_size` rows.
 
-  Batches carry `valid` (0 for padding) and the host-side `case_id` / `patient_id` strings.
+  Every process reads the labels and ids of the whole split (images undecoded) and decodes the
+  images of its own rows only: rows [p·b, (p+1)·b) of each global batch, b = batch_size /
+  processes, which `sharding.make_global_batch` places on process p. All processes thus yield
+  the same number of batches (no example dropped, none read twice) and can pair the gathered
+  predictions of a batch with its ids and labels without exchanging strings.
+
+  Yields:
+    {"image": this process's b rows, float32 [b, size, size, 3]; the labels, "case_id",
+    "patient_id" and "valid" (0 for the padding of the last batch) of all `batch_size` rows}.
   """
-  process_split = input_pipeline.process_split_of(split)
+  count, index = jax.process_count(), jax.process_index()
+  if batch_size % count:
+    raise ValueError(f"eval batch size {batch_size} is not divisible by {count} processes")
+  local = batch_size // count
   ds = info.builder.as_dataset(
-    split=process_split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
+    split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
   )
 
-  def fn(features):
+  def fn(position, features):
+    own = (position % batch_size) // local == index
     out = label_fn(features)
-    out["image"] = augment_presets.eval_preprocess(features["image"], size=image_size)
+    out["image"] = tf.cond(
+      own,
+      lambda: augment_presets.eval_preprocess(features["image"], size=image_size),
+      lambda: tf.zeros([image_size, image_size, 3], tf.float32),
+    )
     out["case_id"] = features.get("case_id", features[info.id_feature])
     out["patient_id"] = features.get("patient_id", features[info.id_feature])
     return out
 
-  ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(batch_size)
-  for batch in tfds.as_numpy(ds.prefetch(2)):
+  ds = ds.enumerate().map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  for batch in tfds.as_numpy(ds.batch(batch_size).prefetch(2)):
     n = len(batch["image"])
     batch["valid"] = np.ones(batch_size, np.float32)
     batch["valid"][n:] = 0.0
@@ -176,4 +193,5 @@ def eval_batches(
       if len(value) < batch_size:
         pad = np.repeat(value[-1:], batch_size - n, axis=0)
         batch[key] = np.concatenate([value, pad])
+    batch["image"] = batch["image"][index * local : (index + 1) * local]
     yield batch

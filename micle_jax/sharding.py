@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -72,6 +73,13 @@ def make_global_batch(local_batch: Any, mesh: Mesh) -> Any:
   return jax.tree_util.tree_map(
     lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
   )
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole value of a global array as NumPy, on every process (gathered across processes)."""
+  if jax.process_count() > 1 and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

@@ -13,13 +13,11 @@ takes step 1; the 2-process run resumes its checkpoint and takes steps 2-4, and 
 """
 
 import dataclasses
-import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import jax
+import local_launch
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -27,8 +25,6 @@ import tensorflow as tf
 from configs import cxr
 from micle_jax import checkpoint, input_pipeline, sharding, train
 
-_REPO = pathlib.Path(__file__).resolve().parents[1]
-_LAUNCHER = _REPO / "launch" / "local_multihost.sh"
 _PROCESSES = 2
 # tests/test_train.py's tiny run, 4 steps, at a learning rate low enough that rounding differences
 # stay small: at the demo's 1.0 (gradient norms ~600), a 4e-7 relative difference in the step-3
@@ -62,30 +58,12 @@ def _config(data_dir: str, **overrides):
 def _launch(workdir: pathlib.Path, data_dir: str, **overrides) -> None:
   """Pretrains in `_PROCESSES` local processes of 4 CPU devices each, via the launcher."""
   flags = [f"--config.{key}={value}" for key, value in _settings(data_dir, **overrides).items()]
-  log_dir = workdir.parent / f"{workdir.name}_logs"
-  env = {
-    **os.environ,
-    "PYTHON": sys.executable,
-    "LOG_DIR": str(log_dir),
-    "DEVICES_PER_PROCESS": "4",
-    # Shares compiled programs between the launches of this module.
-    "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
-  }
-  command = ["bash", str(_LAUNCHER), str(_PROCESSES), "--", "--config=configs/cxr.py:demo"]
-  result = subprocess.run(
-    [*command, f"--workdir={workdir}", *flags],
-    cwd=_REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
+  local_launch.launch(
+    "micle_jax.main",
+    _PROCESSES,
+    ["--config=configs/cxr.py:demo", f"--workdir={workdir}", *flags],
+    log_dir=workdir.parent / f"{workdir.name}_logs",
   )
-  logs = "".join(
-    f"\n--- {path.name} (end) ---\n" + path.read_text()[-3000:]
-    for path in sorted(log_dir.glob("process_*.log"))
-  )
-  assert result.returncode == 0, result.stderr + logs
 
 
 def _process_split(split: str, index: int, count: int):
