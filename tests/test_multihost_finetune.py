@@ -71,6 +71,8 @@ def test_two_processes_finetune_the_whole_subset_and_evaluate_every_example(
     info, task=config.task, label_fn=label_fn, fraction=config.label_fraction, seed=config.seed
   )
   assert results["num_train_images"] == subset.num_examples
+  written = json.loads((two_processes / finetune.TRAIN_PATIENTS_FILE).read_text())
+  assert written == sorted(subset.patients)
   assert results["step"] == subset.num_examples // _BATCH_SIZE > 0
   validation = info.builder.info.splits[config.dataset.eval_split].num_examples
   assert results["eval"]["in_distribution"]["num_images"] == validation
