@@ -74,8 +74,9 @@ def initialize() -> bool:
 def split_cpu_into_devices(global_batch_size: int) -> None:
   """On a CPU-only host, runs one XLA CPU device per core (call before jax picks its backend).
 
-  XLA's CPU backend uses the cores of one device poorly for convolutions: a tiny ResNet step at
-  batch 64 takes 1.6 s on 1 device and 0.57 s on 2 devices of a 2-core machine. Data parallelism
+  XLA's CPU backend uses the cores of one device poorly for convolutions: the demo's step
+  (ResNet-18 x0.25, 32 px, batch 64) takes 1.54 s on 1 device and 0.95 s on 2 devices of a
+  2-core machine (`micle_jax.benchmark`, see the README). Data parallelism
   over per-core devices gives that back. The count is the largest divisor of the global batch not
   above the core count. Does nothing when XLA_FLAGS or JAX already set a CPU device count, or when
   an accelerator platform is requested.
