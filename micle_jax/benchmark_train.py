@@ -258,10 +258,10 @@ def _build(
     total_steps=_SCHEDULE_STEPS,
     steps_per_epoch=_SCHEDULE_STEPS / epochs,
   )
-  tx_factory = functools.partial(optim.create_optimizer, opt_spec, learning_rate=schedule)
+  tx = optim.create_optimizer(opt_spec, learning_rate=schedule)
   size = config.augment.image_size
   state = train_state.create_train_state(
-    model, tx_factory, seed=config.seed, image_shape=(size, size, 3), mesh=mesh
+    model, tx, seed=config.seed, image_shape=(size, size, 3), mesh=mesh
   )
   step_fn = steps.compile_pretrain_step(
     mesh,

@@ -59,14 +59,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   models.create_model(loop.config_spec(models.ModelSpec, config.model, "model"))
 
 
-def _optimizer(config, params, schedule) -> optax.GradientTransformation:
+def _optimizer(config, schedule) -> optax.GradientTransformation:
   """The config's optimizer; in linear mode only the supervised head moves."""
   spec = loop.config_spec(optim.OptimizerSpec, config.optimizer, "optimizer")
-  tx = optim.create_optimizer(spec, params, learning_rate=schedule)
+  tx = optim.create_optimizer(spec, learning_rate=schedule)
   if config.mode == "full":
     return tx
-  labels = {k: "train" if k == optim.SUPERVISED_HEAD else "freeze" for k in params}
-  return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+  return optax.multi_transform(
+    {"train": tx, "freeze": optax.set_to_zero()},
+    lambda params: {k: "train" if k == optim.SUPERVISED_HEAD else "freeze" for k in params},
+  )
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.ContrastiveModel:
@@ -140,7 +142,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   size = config.augment.image_size
   state = train_state.create_train_state(
     model,
-    functools.partial(_optimizer, config, schedule=schedule),
+    _optimizer(config, schedule),
     seed=config.seed,
     image_shape=(size, size, 3),
     mesh=mesh,

@@ -101,17 +101,26 @@ def is_trust_scaled(path: tuple[Any, ...], _: Any = None) -> bool:
 
 def lars_masks(params: Any) -> tuple[Any, Any]:
   """(weight-decay mask, trust-ratio mask) pytrees of booleans shaped like `params`."""
-  return (
-    jax.tree_util.tree_map_with_path(is_decayed, params),
-    jax.tree_util.tree_map_with_path(is_trust_scaled, params),
-  )
+  return _decay_mask(params), _trust_mask(params)
+
+
+def _decay_mask(params: Any) -> Any:
+  return jax.tree_util.tree_map_with_path(is_decayed, params)
+
+
+def _trust_mask(params: Any) -> Any:
+  return jax.tree_util.tree_map_with_path(is_trust_scaled, params)
 
 
 def create_optimizer(
-  spec: OptimizerSpec, params: Any, learning_rate: Callable[[Any], Any] | float
+  spec: OptimizerSpec, *, learning_rate: Callable[[Any], Any] | float
 ) -> optax.GradientTransformation:
-  """Builds the optimizer for `params` (used only for the masks' structure)."""
-  decay_mask, trust_mask = lars_masks(params)
+  """Builds the optimizer of `spec`.
+
+  The weight-decay and trust-ratio masks are functions of the parameters the optimizer meets, so
+  one optimizer serves any parameter tree, also a partly masked one (`optax.multi_transform`).
+  """
+  decay_mask, trust_mask = _decay_mask, _trust_mask
   if spec.name == "lars":
     return optax.lars(
       learning_rate,

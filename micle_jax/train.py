@@ -8,8 +8,6 @@ derived from the step; see `input_pipeline`). A non-finite loss or parameter sto
 naming the step, without saving over the last good checkpoint.
 """
 
-import functools
-
 import jax
 import ml_collections
 from absl import logging
@@ -76,12 +74,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   schedule = optim.create_schedule(
     opt_spec, batch_size=config.batch_size, total_steps=total_steps, steps_per_epoch=per_epoch
   )
-  tx_factory = functools.partial(optim.create_optimizer, opt_spec, learning_rate=schedule)
+  tx = optim.create_optimizer(opt_spec, learning_rate=schedule)
 
   mngr = checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints)
   image_shape = (config.augment.image_size, config.augment.image_size, 3)
   state = train_state.create_train_state(
-    model, tx_factory, seed=config.seed, image_shape=image_shape, mesh=mesh
+    model, tx, seed=config.seed, image_shape=image_shape, mesh=mesh
   )
   state = loop.resume_or_initialize(
     state,

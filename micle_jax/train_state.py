@@ -40,7 +40,7 @@ def init_variables(model: nn.Module, rng: jax.Array, image_shape: tuple[int, int
 
 def create_train_state(
   model: nn.Module,
-  tx_factory: Callable[[Any], optax.GradientTransformation],
+  tx: optax.GradientTransformation,
   *,
   seed: int,
   image_shape: tuple[int, int, int],
@@ -50,7 +50,7 @@ def create_train_state(
 
   Args:
     model: the Flax model.
-    tx_factory: params -> optimizer (the optimizer's masks need the params' structure).
+    tx: the optimizer.
     seed: the config's seed; parameter init and the step rng both derive from it.
     image_shape: (H, W, C) of one input image.
     mesh: the device mesh; the state is replicated over it.
@@ -60,7 +60,6 @@ def create_train_state(
   def init() -> TrainState:
     variables = init_variables(model, init_rng, image_shape)
     params = variables["params"]
-    tx = tx_factory(params)
     return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,

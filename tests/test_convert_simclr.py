@@ -193,7 +193,7 @@ def test_basic_blocks_convert_load_and_train(tmp_path):
   )
   shapes = lambda tree: jax.tree_util.tree_map(np.shape, tree)  # noqa: E731
   assert shapes({"params": params, "batch_stats": batch_stats}) == shapes(dict(fresh))
-  tx = optim.create_optimizer(optim.OptimizerSpec(name="lars"), params, learning_rate=0.1)
+  tx = optim.create_optimizer(optim.OptimizerSpec(name="lars"), learning_rate=0.1)
   state = train_state.TrainState(
     step=np.zeros((), np.int32),
     params=params,

@@ -4,6 +4,7 @@ import collections
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -17,6 +18,7 @@ from micle_jax import (
   finetune_input,
   input_pipeline,
   models,
+  optim,
   sharding,
   train_state,
 )
@@ -56,7 +58,7 @@ def pretrained(tmp_path_factory):
   spec = tiny_spec(num_proj_layers=2, proj_out_dim=16)
   mesh = sharding.create_mesh()
   state = train_state.create_train_state(
-    models.create_model(spec), lambda p: optax.sgd(0.1), seed=7, image_shape=(32, 32, 3), mesh=mesh
+    models.create_model(spec), optax.sgd(0.1), seed=7, image_shape=(32, 32, 3), mesh=mesh
   )
   params = jax.device_get(state.params)
   # Make every leaf recognisable (not an initialiser's output).
@@ -145,3 +147,19 @@ def test_label_fractions_are_nested_leak_free_and_counted_on_the_whole_split(
   assert half.num_patients == len(images_per_patient)
   assert half.num_examples == sum(images_per_patient[p] for p in half.patients)
   assert not half.patients & set(patients_of(config.dataset.eval_split))
+
+
+@pytest.mark.parametrize("optimizer", ["lars", "sgd", "adamw"])
+def test_linear_mode_moves_only_the_supervised_head(optimizer):
+  config = finetune_cxr.get_config("demo,linear")
+  config.unlock()
+  config.optimizer.name = optimizer
+  params = {
+    "backbone": {"conv": {"kernel": jnp.ones((3, 3, 2, 4))}, "bn": {"scale": jnp.ones(4)}},
+    optim.SUPERVISED_HEAD: {"kernel": jnp.ones((4, 5)), "bias": jnp.zeros(5)},
+  }
+  tx = finetune._optimizer(config, schedule=0.1)
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert all(not np.any(u) for u in jax.tree_util.tree_leaves(updates["backbone"]))
+  assert all(np.all(u < 0) for u in jax.tree_util.tree_leaves(updates[optim.SUPERVISED_HEAD]))

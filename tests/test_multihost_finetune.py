@@ -17,7 +17,7 @@ import pytest
 from configs import finetune_cxr
 from micle_jax import finetune, finetune_input, input_pipeline
 
-_CONFIG = "demo,no_shift"
+_CONFIG = "demo,no_shift,linear"
 _BATCH_SIZE = 8
 
 

@@ -64,7 +64,7 @@ def test_lars_step_matches_reference():
   params = _params(rng)
   grads_seq = [jax.tree_util.tree_map(lambda x: rng.normal(size=x.shape), params) for _ in range(3)]
   spec = optim.OptimizerSpec(name="lars", weight_decay=1e-2, momentum=0.9, trust_coefficient=0.001)
-  tx = optim.create_optimizer(spec, params, learning_rate=0.5)
+  tx = optim.create_optimizer(spec, learning_rate=0.5)
   p = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
   state = tx.init(p)
   for grads in grads_seq:
@@ -80,8 +80,7 @@ def test_lars_step_matches_reference():
 
 
 def test_zero_norm_gives_trust_one():
-  params = {"conv": {"kernel": np.zeros((2, 2))}}
-  tx = optim.create_optimizer(optim.OptimizerSpec(weight_decay=0.0), params, learning_rate=1.0)
+  tx = optim.create_optimizer(optim.OptimizerSpec(weight_decay=0.0), learning_rate=1.0)
   p = {"conv": {"kernel": jnp.zeros((2, 2))}}
   updates, _ = tx.update({"conv": {"kernel": jnp.ones((2, 2))}}, tx.init(p), p)
   np.testing.assert_allclose(updates["conv"]["kernel"], -np.ones((2, 2)))
@@ -120,7 +119,7 @@ def test_create_schedule_uses_epochs_and_batch():
 def test_finetune_optimizers_decay_only_kernels(name):
   params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}}
   spec = optim.OptimizerSpec(name=name, weight_decay=0.1, momentum=0.9)
-  tx = optim.create_optimizer(spec, params, learning_rate=1.0)
+  tx = optim.create_optimizer(spec, learning_rate=1.0)
   zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
   updates, _ = tx.update(zeros, tx.init(params), params)
   assert float(jnp.abs(updates["dense"]["kernel"]).sum()) > 0

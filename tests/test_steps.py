@@ -1,6 +1,5 @@
 """The contrastive train step: 1 device == 8 devices, and training actually learns."""
 
-import functools
 
 import jax
 import numpy as np
@@ -16,9 +15,9 @@ STEPS = 100
 def _state(mesh, spec, learning_rate=0.01, opt=None):
   model = models.create_model(spec)
   opt = opt or optim.OptimizerSpec(name="lars", weight_decay=1e-4)
-  tx_factory = functools.partial(optim.create_optimizer, opt, learning_rate=learning_rate)
+  tx = optim.create_optimizer(opt, learning_rate=learning_rate)
   return train_state.create_train_state(
-    model, tx_factory, seed=0, image_shape=(SIZE, SIZE, 3), mesh=mesh
+    model, tx, seed=0, image_shape=(SIZE, SIZE, 3), mesh=mesh
   )
 
 
