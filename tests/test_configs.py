@@ -1,0 +1,64 @@
+"""Every documented config variant builds its model and its optimizer state (traced, not run).
+
+`jax.eval_shape` traces parameter init and the optimizer's init without compiling, so structural
+mistakes (a mask that does not fit the parameters, a head that does not fit the backbone) show up
+in seconds for paper-sized models too.
+"""
+
+import jax
+import pytest
+
+from configs import cxr, derm, finetune_cxr, finetune_derm, imagenet
+from micle_jax import benchmark_train, finetune, models, optim, train_state
+
+_NUM_CLASSES = 5
+
+
+def _traced_optimizer_state(model, tx, image_size: int):
+  def init():
+    variables = train_state.init_variables(model, jax.random.PRNGKey(0), (image_size,) * 2 + (3,))
+    return tx.init(variables["params"])
+
+  return jax.eval_shape(init)
+
+
+@pytest.mark.parametrize(
+  "module, arg",
+  [
+    (cxr, "demo"),
+    (cxr, "method=simclr"),
+    (cxr, "sk"),
+    (cxr, "width=2.0"),
+    (derm, "demo"),
+    (imagenet, None),
+  ],
+)
+def test_pretraining_variants_build(module, arg):
+  config = module.get_config(arg)
+  spec = models.ModelSpec(
+    **{**config.model.to_dict(), "num_classes": benchmark_train.monitor_classes(config)}
+  )
+  tx = optim.create_optimizer(optim.OptimizerSpec(**config.optimizer.to_dict()), learning_rate=0.1)
+  state = _traced_optimizer_state(models.create_model(spec), tx, config.augment.image_size)
+  assert jax.tree_util.tree_leaves(state)
+
+
+@pytest.mark.parametrize(
+  "module, arg",
+  [
+    (finetune_cxr, "demo"),
+    (finetune_cxr, "linear"),
+    (finetune_cxr, "demo,linear,no_shift"),
+    (finetune_cxr, "sk,selector=1"),
+    (finetune_cxr, "width=2.0"),
+    (finetune_derm, "demo"),
+    (finetune_derm, "linear"),
+    (finetune_derm, "sk,selector=2"),
+  ],
+)
+def test_finetuning_variants_build(module, arg):
+  config = module.get_config(arg)
+  model = finetune.build_model(config, _NUM_CLASSES)
+  tx = finetune._optimizer(config, schedule=0.1)
+  state = _traced_optimizer_state(model, tx, config.augment.image_size)
+  assert jax.tree_util.tree_leaves(state)
