@@ -114,7 +114,7 @@ def hlo_op_categories(hlo_text: str) -> dict[str, str]:
 def kernel_category(kernel_name: str) -> str:
   """Best-effort category of a device kernel that carries no HLO op name."""
   name = kernel_name.lower()
-  if any(k in name for k in ("cudnn", "conv", "fprop", "dgrad", "wgrad")):
+  if any(k in name.replace("convert", "") for k in ("cudnn", "conv", "fprop", "dgrad", "wgrad")):
     return "convolution"
   if any(k in name for k in ("gemm", "cublas", "matmul", "dot", "nvjet")):
     return "matmul"

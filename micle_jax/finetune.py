@@ -254,6 +254,7 @@ def predict(config, state, mesh, info, split: str, label_fn) -> dict[str, np.nda
     label_fn=label_fn,
     image_size=config.augment.image_size,
     batch_size=config.eval_batch_size,
+    mesh=mesh,
   ):
     images = sharding.make_global_batch(batch.pop("image"), mesh)
     batch["probs"] = sharding.to_host(predict_fn(state, images))

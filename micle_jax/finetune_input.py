@@ -19,7 +19,7 @@ import tensorflow_datasets as tfds
 
 from data_builders import splits
 from data_builders.chexpert import labels as chexpert_labels
-from micle_jax import augment_presets, input_pipeline
+from micle_jax import augment_presets, input_pipeline, sharding
 
 TASKS = ("chexpert", "nih", "multiclass")
 NIH_LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
@@ -151,32 +151,35 @@ def eval_batches(
   label_fn: Callable,
   image_size: int,
   batch_size: int,
+  mesh: jax.sharding.Mesh,
 ) -> Iterator[dict[str, np.ndarray]]:
   """Every example of `split` once, in split order, in global batches of `batch_size` rows.
 
   Every process reads the labels and ids of the whole split (images undecoded) and decodes the
-  images of its own rows only: rows [p·b, (p+1)·b) of each global batch, b = batch_size /
-  processes, which `sharding.make_global_batch` places on process p. All processes thus yield
-  the same number of batches (no example dropped, none read twice) and can pair the gathered
+  images of its own rows only: the rows of each global batch that `sharding.make_global_batch`
+  places on this process's devices of `mesh` (`sharding.local_rows`). All processes thus yield the
+  same number of batches (no example dropped, none read twice) and can pair the gathered
   predictions of a batch with its ids and labels without exchanging strings.
 
   Yields:
-    {"image": this process's b rows, float32 [b, size, size, 3]; the labels, "case_id",
-    "patient_id" and "valid" (0 for the padding of the last batch) of all `batch_size` rows}.
+    {"image": this process's rows, float32 [batch_size / processes, size, size, 3]; the labels,
+    "case_id", "patient_id" and "valid" (0 for the padding of the last batch) of all
+    `batch_size` rows}.
   """
-  count, index = jax.process_count(), jax.process_index()
-  if batch_size % count:
-    raise ValueError(f"eval batch size {batch_size} is not divisible by {count} processes")
-  local = batch_size // count
+  rows = sharding.local_rows(mesh, batch_size)
+  if len(rows) * jax.process_count() != batch_size:
+    raise ValueError(f"eval batch size {batch_size} does not split evenly over the processes")
+  own_rows = np.zeros(batch_size, bool)
+  own_rows[rows] = True
+  own_rows = tf.constant(own_rows)
   ds = info.builder.as_dataset(
     split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
   )
 
   def fn(position, features):
-    own = (position % batch_size) // local == index
     out = label_fn(features)
     out["image"] = tf.cond(
-      own,
+      own_rows[position % batch_size],
       lambda: augment_presets.eval_preprocess(features["image"], size=image_size),
       lambda: tf.zeros([image_size, image_size, 3], tf.float32),
     )
@@ -193,5 +196,5 @@ def eval_batches(
       if len(value) < batch_size:
         pad = np.repeat(value[-1:], batch_size - n, axis=0)
         batch[key] = np.concatenate([value, pad])
-    batch["image"] = batch["image"][index * local : (index + 1) * local]
+    batch["image"] = batch["image"][rows]
     yield batch

@@ -58,6 +58,18 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, key: str = "batch_size"
     raise ValueError(f"{key}={global_batch_size} must divide over {jax.process_count()} processes")
 
 
+def local_rows(mesh: Mesh, global_batch_size: int) -> np.ndarray:
+  """The rows of a global batch that this process supplies to `make_global_batch`, in order.
+
+  They are the rows of this process's devices along `data` (sorted, each once), which JAX's
+  `make_array_from_process_local_data` fills from the local batch in this order. On CPU and GPU
+  they are one contiguous block per process; on TPU pods device order can interleave hosts.
+  """
+  indices = data_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
+  rows = {r for (index,) in indices.values() for r in range(*index.indices(global_batch_size))}
+  return np.asarray(sorted(rows), np.int64)
+
+
 def local_batch_size(global_batch_size: int) -> int:
   """The slice of the global batch that this process reads."""
   return global_batch_size // jax.process_count()

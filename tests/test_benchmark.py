@@ -249,3 +249,7 @@ def test_summarize_maps_cuda_graph_kernels_to_hlo_fusions():
     "convolution.3",
     "add_fusion_7",
   ]
+
+
+def test_a_dtype_convert_kernel_is_not_a_convolution():
+  assert benchmark_profile.kernel_category("loop_convert_fusion_3") == "elementwise"
