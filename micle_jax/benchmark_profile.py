@@ -132,6 +132,11 @@ def _stats(event: Any) -> dict[str, Any]:
     return {}
 
 
+def _is_device_plane(plane: Any) -> bool:
+  """An accelerator's timeline (`/device:GPU:0`, `/device:TPU:0`), not a custom plane."""
+  return plane.name.startswith("/device:") and "CUSTOM" not in plane.name
+
+
 def _device_events(profile: Any, module_name: str) -> tuple[list[tuple[str, float, dict]], str]:
   """(name, seconds, stats) of the executed operations, and where they were found.
 
@@ -140,7 +145,7 @@ def _device_events(profile: Any, module_name: str) -> tuple[list[tuple[str, floa
   """
   events = []
   for plane in profile.planes:
-    if not plane.name.startswith("/device:") or "CUSTOM" in plane.name:
+    if not _is_device_plane(plane):
       continue
     lines = [line for line in plane.lines if line.name not in _DERIVED_LINES]
     ops_lines = [line for line in lines if line.name == "XLA Ops"]
@@ -230,13 +235,9 @@ def profile_steps(
     raise RuntimeError(f"jax.profiler.trace wrote no *.xplane.pb under {log_dir}")
   profile = jax.profiler.ProfileData.from_file(str(traces[-1]))
   events, source = _device_events(profile, module_name)
-  devices = (
-    num_devices
-    if source == "host_threads"
-    else len(
-      {p.name for p in profile.planes if p.name.startswith("/device:") and "CUSTOM" not in p.name}
-    )
-  )
+  devices = num_devices
+  if source == "device_planes":
+    devices = sum(1 for plane in profile.planes if _is_device_plane(plane))
   summary = summarize(events, hlo_op_categories(hlo), steps=steps, devices=max(devices, 1))
   busy = summary["busy_s"]
   return {
