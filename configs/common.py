@@ -80,10 +80,13 @@ def pretrain_base() -> ml_collections.ConfigDict:
   c.method = "micle"  # "simclr" (two views of one image) or "micle" (two images of one case)
   c.temperature = 0.1
   c.batch_size = 1024  # global, over all devices and hosts
+  # Epochs count passes over the split's *images* whatever the method, so SimCLR and MICLe with
+  # the same config run the same number of steps and see the same number of views.
   c.num_epochs = 100
   c.num_steps = -1  # > 0 overrides num_epochs
+  # views: "all", "frontal", "ap" or "pa" (chest X-rays; a case keeps the images that pass).
   c.dataset = ml_collections.ConfigDict(
-    dict(name="", split="train", data_dir="", shuffle_buffer=10_000)
+    dict(name="", split="train", data_dir="", shuffle_buffer=10_000, views="all")
   )
   c.augment = ml_collections.ConfigDict(dict(preset="simclr", image_size=224))
   # Supervised monitor (SimCLR's linear head on stop-gradient features): "none", "multiclass"
@@ -95,6 +98,9 @@ def pretrain_base() -> ml_collections.ConfigDict:
   # LARS with lr = 0.075·√B (better than 0.3·B/256 at small batch), 10 warm-up epochs, cosine.
   c.optimizer = _lars_section(base_learning_rate=0.075, weight_decay=1e-6, warmup_epochs=10.0)
   c.init_from = ""  # a pretraining workdir or Orbax checkpoint (e.g. converted SimCLRv2 weights)
+  # From init_from: the backbone always, the projection head when True (it must then match);
+  # never the supervised monitor, which saw labels.
+  c.init_projection_head = True
   c.log_every_steps = 50
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
@@ -108,7 +114,7 @@ def make_demo(c: ml_collections.ConfigDict) -> None:
   c.model.update(DEMO_MODEL)
   c.augment.image_size = 32
   c.batch_size = 64
-  c.num_epochs = 40
+  c.num_epochs = 15  # over images: ~165 steps on the synthetic CheXpert train split
   c.optimizer.update(lr_scaling="none", base_learning_rate=1.0, warmup_epochs=2.0)
   c.dataset.shuffle_buffer = 1000
   c.log_every_steps = 10
@@ -123,19 +129,32 @@ def finetune_base() -> ml_collections.ConfigDict:
   c.mode = "full"  # "full" fine-tuning, or "linear" (frozen backbone, linear head)
   c.task = "chexpert"  # "chexpert" | "nih" (multi-label AUC) or "multiclass" (top-1/top-3)
   c.label_fraction = 1.0  # of training patients; nested subsets for one seed
+  # views: "all", "frontal", "ap" or "pa" (chest X-rays), for training and the in-distribution eval.
   c.dataset = ml_collections.ConfigDict(
-    dict(name="", train_split="train", eval_split="validation", data_dir="", shuffle_buffer=10_000)
+    dict(
+      name="",
+      train_split="train",
+      eval_split="validation",
+      data_dir="",
+      shuffle_buffer=10_000,
+      views="all",
+    )
   )
   c.labels = ml_collections.ConfigDict(dict(label_set="competition5", uncertainty_policy="ones"))
   c.augment = ml_collections.ConfigDict(dict(preset="cxr", image_size=224))
   # ft_proj_selector = proj_layers_kept = supervised_input_layer (0: head on backbone features).
-  c.model = _model_section(proj_layers_kept=0)
+  # init_from restores the backbone and those layers only; the supervised head starts at zero.
+  c.model = _model_section(proj_layers_kept=0, zero_init_head=True)
   c.optimizer = _lars_section(base_learning_rate=0.005, weight_decay=0.0, warmup_epochs=0.0)
   c.batch_size = 256
   c.eval_batch_size = 256
   c.num_epochs = 30
   c.num_steps = -1
-  c.shift = ml_collections.ConfigDict()  # name -> {name, split, data_dir, task}: zero-shot evals
+  # name -> {name, split, data_dir, task, views}: zero-shot evaluations under distribution shift.
+  c.shift = ml_collections.ConfigDict()
+  # What an evaluation scores: multi-label "image" or "study" (mean over a study's images);
+  # multi-class "case" (mean over a case's images) or "image".
+  c.eval_aggregation = "image"
   c.bootstrap_samples = 1000
   c.log_every_steps = 50
   c.checkpoint_every_steps = 1000

@@ -37,6 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.label_fraction = a.fraction
   c.dataset.name = f"derm/{a.source}_images"
   c.dataset.eval_split = "test"
+  c.eval_aggregation = "case"
   c.augment.preset = "derm"
   c.model.update(
     depth=a.depth,

@@ -99,8 +99,16 @@ def _crop(image: tf.Tensor, window: tf.Tensor) -> tf.Tensor:
 
 
 def _resize_to_rgb(image: tf.Tensor, size: int) -> tf.Tensor:
-  """Bicubic resize to size×size, clip to [0, 1] and replicate grayscale to 3 channels."""
-  image = tf.image.resize(_to_float(image), [size, size], method=tf.image.ResizeMethod.BICUBIC)
+  """Antialiased bicubic resize to size×size, clip to [0, 1], replicate grayscale to 3 channels.
+
+  Antialiasing widens the cubic kernel by the downsampling factor, so a large downsample (an NIH
+  1024² radiograph to 224², say) averages the pixels it covers instead of sampling a few of them:
+  without it, fine texture aliases into patterns that differ between datasets only because
+  their resolutions do. Upsampling is unaffected.
+  """
+  image = tf.image.resize(
+    _to_float(image), [size, size], method=tf.image.ResizeMethod.BICUBIC, antialias=True
+  )
   return _ensure_rgb(tf.clip_by_value(image, 0.0, 1.0))
 
 
@@ -195,6 +203,25 @@ def random_resized_crop(
     max_attempts=max_attempts,
   )
   return _resize_to_rgb(_crop(image, window), size)
+
+
+@tf.autograph.experimental.do_not_convert
+def whole_image_window(image_shape: tf.Tensor) -> tf.Tensor:
+  """The window covering the whole image: int32 [0, 0, height, width]."""
+  return tf.stack([0, 0, tf.cast(image_shape[0], tf.int32), tf.cast(image_shape[1], tf.int32)])
+
+
+@tf.autograph.experimental.do_not_convert
+def resize_whole(image: tf.Tensor, *, size: int) -> tf.Tensor:
+  """The whole image, every edge kept, resized to size×size (the aspect ratio is not kept, as in
+  training's random resized crop)."""
+  return _resize_to_rgb(tf.convert_to_tensor(image), size)
+
+
+@tf.autograph.experimental.do_not_convert
+def decode_and_resize_whole(encoded: tf.Tensor, *, size: int, channels: int = 3) -> tf.Tensor:
+  """`resize_whole` straight from encoded bytes."""
+  return _decode_and_crop(encoded, whole_image_window, size, channels)
 
 
 @tf.autograph.experimental.do_not_convert

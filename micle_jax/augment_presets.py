@@ -170,21 +170,51 @@ def finetune_train(
   return _apply_view(image_or_bytes, seed, _lookup(preset, FINETUNE_PRESETS), size)
 
 
+# Evaluation views. Photos (SimCLR, dermatology): SimCLR's centred square crop of 87.5% of the
+# shorter side. Chest X-rays: the whole image. A centre square of a portrait radiograph would
+# drop a quarter of its height, the costophrenic angles where effusions show among it, while
+# training crops cover the whole film.
+EVAL_CROP_FRACTIONS: dict[str, float | None] = {"simclr": 0.875, "derm": 0.875, "cxr": None}
+
+
+def eval_crop_fraction(preset: str) -> float | None:
+  """The evaluation crop of a preset: a centre-crop fraction, or None for the whole image."""
+  if preset not in EVAL_CROP_FRACTIONS:
+    raise ValueError(
+      f"unknown augmentation preset {preset!r}; valid: {sorted(EVAL_CROP_FRACTIONS)}"
+    )
+  return EVAL_CROP_FRACTIONS[preset]
+
+
 @tf.autograph.experimental.do_not_convert
 def eval_preprocess(
-  image_or_bytes: tf.Tensor, *, size: int, crop_fraction: float = 0.875
+  image_or_bytes: tf.Tensor,
+  *,
+  size: int,
+  preset: str = "simclr",
+  crop_fraction: float | None = -1.0,
 ) -> tf.Tensor:
-  """Deterministic evaluation view: centred square crop of `crop_fraction` of the shorter side.
+  """Deterministic evaluation view: the preset's centred crop, or the whole image (chest X-rays).
 
   Args:
     image_or_bytes: encoded bytes (JPEGs decode only the crop) or a decoded HWC image.
-    size: output side in pixels (bicubic resize, clipped to [0, 1]).
-    crop_fraction: crop side as a fraction of the shorter image side.
+    size: output side in pixels (antialiased bicubic resize, clipped to [0, 1]).
+    preset: "simclr", "derm" (centre crop of 0.875) or "cxr" (whole image).
+    crop_fraction: overrides the preset: a centre-crop fraction of the shorter side, or None for
+      the whole image; the default (-1) takes the preset's.
 
   Returns:
     float32 [size, size, 3] in [0, 1].
   """
-  if _is_encoded(image_or_bytes):
+  if crop_fraction is not None and crop_fraction < 0:
+    crop_fraction = eval_crop_fraction(preset)
+  encoded = _is_encoded(image_or_bytes)
+  if crop_fraction is None:
+    if encoded:
+      image = augment.decode_and_resize_whole(image_or_bytes, size=size)
+    else:
+      image = augment.resize_whole(image_or_bytes, size=size)
+  elif encoded:
     image = augment.decode_and_center_crop(image_or_bytes, size=size, crop_fraction=crop_fraction)
   else:
     image = augment.center_crop(image_or_bytes, size=size, crop_fraction=crop_fraction)

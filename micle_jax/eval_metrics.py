@@ -218,12 +218,8 @@ def bootstrap_draws(
   Draw i calls `metric_fn` with `num_units` indices from `np.random.default_rng(seed)`, so the
   draws are a deterministic function of `seed`.
   """
-  if num_units < 1 or num_samples < 1:
-    raise ValueError(f"need num_units >= 1 and num_samples >= 1; got {num_units}, {num_samples}")
-  rng = np.random.default_rng(seed)
   return np.array(
-    [float(metric_fn(rng.integers(0, num_units, size=num_units))) for _ in range(num_samples)],
-    np.float64,
+    [float(metric_fn(idx)) for idx in _draw_indices(num_units, num_samples, seed)], np.float64
   )
 
 
@@ -299,3 +295,92 @@ def metric_with_ci(
     num_bootstrap=num_samples,
     dropped=dropped,
   )
+
+
+MetricsFn = Callable[[np.ndarray], Mapping[str, float]]
+
+
+def _draw_indices(num_units: int, num_samples: int, seed: int):
+  """The bootstrap's resamples: draw i is `default_rng(seed).integers(0, U, size=U)`, i-th call."""
+  if num_units < 1 or num_samples < 1:
+    raise ValueError(f"need num_units >= 1 and num_samples >= 1; got {num_units}, {num_samples}")
+  rng = np.random.default_rng(seed)
+  for _ in range(num_samples):
+    yield rng.integers(0, num_units, size=num_units)
+
+
+def metrics_with_ci(
+  metrics_fn: MetricsFn,
+  num_units: int,
+  *,
+  num_samples: int = 1000,
+  seed: int = 0,
+  alpha: float = 0.05,
+) -> dict[str, dict[str, float | int]]:
+  """`metric_with_ci` for several metrics computed together on the same resamples.
+
+  Args:
+    metrics_fn: index array over units -> {metric name: value} (the same names every call).
+    num_units, num_samples, seed, alpha: as for `bootstrap_ci`; the draws are those of
+      `bootstrap_draws` with the same seed, so each metric's interval equals `metric_with_ci`'s.
+
+  Returns:
+    {metric: {value, ci_low, ci_high, num_units, num_bootstrap, dropped}}.
+  """
+  values = dict(metrics_fn(np.arange(num_units)))
+  draws = {name: [] for name in values}
+  for idx in _draw_indices(num_units, num_samples, seed):
+    for name, value in metrics_fn(idx).items():
+      draws[name].append(float(value))
+  out = {}
+  for name, value in values.items():
+    low, high, dropped = _percentile_interval(np.asarray(draws[name], np.float64), alpha)
+    out[name] = dict(
+      value=float(value),
+      ci_low=low,
+      ci_high=high,
+      num_units=num_units,
+      num_bootstrap=num_samples,
+      dropped=dropped,
+    )
+  return out
+
+
+def paired_bootstrap(
+  pairs: Sequence[tuple[MetricsFn, MetricsFn]],
+  num_units: int,
+  *,
+  num_samples: int = 1000,
+  seed: int = 0,
+  alpha: float = 0.05,
+) -> dict[str, dict[str, float | int]]:
+  """Paired bootstrap of a difference between two models scored on the same units.
+
+  Each pair is (model A's metrics, model B's metrics) on the *same* units, e.g. one pair per
+  training seed. Every draw resamples the units once and scores both models of every pair on that
+  same resample, so the case-to-case variation they share cancels; the draw is the mean over
+  pairs of A − B (pooled over seeds). NaN draws (a resample where a metric is undefined) are
+  dropped and counted.
+
+  Returns:
+    {metric: {difference (mean over pairs of A − B on all units), ci_low, ci_high, num_units,
+    num_bootstrap, dropped, pairs}}.
+  """
+  if not pairs:
+    raise ValueError("paired_bootstrap needs at least one (A, B) pair")
+
+  def mean_difference(idx: np.ndarray) -> dict[str, float]:
+    sums: dict[str, float] = {}
+    for fn_a, fn_b in pairs:
+      a, b = fn_a(idx), fn_b(idx)
+      for name in a:
+        sums[name] = sums.get(name, 0.0) + float(a[name]) - float(b[name])
+    return {name: total / len(pairs) for name, total in sums.items()}
+
+  result = metrics_with_ci(
+    mean_difference, num_units, num_samples=num_samples, seed=seed, alpha=alpha
+  )
+  for stats in result.values():
+    stats["difference"] = stats.pop("value")
+    stats["pairs"] = len(pairs)
+  return result

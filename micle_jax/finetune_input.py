@@ -19,7 +19,7 @@ import tensorflow_datasets as tfds
 
 from data_builders import splits
 from data_builders.chexpert import labels as chexpert_labels
-from micle_jax import augment_presets, input_pipeline, sharding
+from micle_jax import augment_presets, input_pipeline, sharding, views
 
 TASKS = ("chexpert", "nih", "multiclass")
 NIH_LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
@@ -83,13 +83,15 @@ def label_fraction_ids(
   """The patients of the `fraction` subset of the whole training split (all processes agree).
 
   Stratified by label, nested across fractions for one seed, and by patient, so no patient is
-  split (data_builders.splits). Every process reads the whole split's metadata (images are not
+  split (data_builders.splits). Only images passing the dataset's view filter count. Every process reads the whole split's metadata (images are not
   decoded) in one parallel tf.data pass, so every process gets the same subset and the same
   global image count, from which all derive the same number of steps per epoch.
   """
   ds = info.builder.as_dataset(
     split=info.split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
   )
+  if info.views != "all":
+    ds = ds.filter(lambda f: views.keep_example(f, info.views, case_level=False))
   ds = ds.map(
     lambda f: {"patient_id": f["patient_id"], "stratum": _stratum(f, task, label_fn)},
     num_parallel_calls=tf.data.AUTOTUNE,
@@ -121,7 +123,7 @@ def count_examples(examples: tf.data.Dataset) -> int:
 def train_examples(
   info: input_pipeline.DatasetInfo, allowed_patients: set[str] | None
 ) -> tf.data.Dataset:
-  """This process's shard of the training split, restricted to `allowed_patients`."""
+  """This process's view-filtered shard of the training split, restricted to `allowed_patients`."""
   examples = input_pipeline.read_examples(info)
   if allowed_patients is not None:
     examples = splits.filter_by_ids(examples, "patient_id", sorted(allowed_patients))
@@ -131,7 +133,11 @@ def train_examples(
 def make_train_fn(
   *, label_fn: Callable, preset: str, image_size: int, seed: int, id_feature: str
 ) -> Callable[[dict, tf.Tensor], dict]:
-  """(example, epoch) -> {'image', labels}: crop + flip (+ light colour for derm)."""
+  """(example, epoch) -> {'image', labels}: crop + flip (+ light colour for derm).
+
+  The augmentation seed is f(seed, epoch, the image's own id): `id_feature` must identify the
+  image (`DatasetInfo.id_feature` of an image-level dataset does), never its case.
+  """
 
   def fn(features, epoch):
     example_seed = input_pipeline.example_seed(seed, epoch, features[id_feature])
@@ -150,10 +156,12 @@ def eval_batches(
   *,
   label_fn: Callable,
   image_size: int,
+  preset: str,
   batch_size: int,
   mesh: jax.sharding.Mesh,
 ) -> Iterator[dict[str, np.ndarray]]:
-  """Every example of `split` once, in split order, in global batches of `batch_size` rows.
+  """Every example of `split` passing the view filter once, in split order, in global batches of
+  `batch_size` rows, preprocessed with `preset`'s evaluation view (`augment_presets.eval_preprocess`).
 
   Every process reads the labels and ids of the whole split (images undecoded) and decodes the
   images of its own rows only: the rows of each global batch that `sharding.make_global_batch`
@@ -163,8 +171,8 @@ def eval_batches(
 
   Yields:
     {"image": this process's rows, float32 [batch_size / processes, size, size, 3]; the labels,
-    "case_id", "patient_id" and "valid" (0 for the padding of the last batch) of all
-    `batch_size` rows}.
+    "image_id", "case_id", "patient_id", "study_id" (the image's own id where a dataset has no
+    studies) and "valid" (0 for the padding of the last batch) of all `batch_size` rows}.
   """
   rows = sharding.local_rows(mesh, batch_size)
   if len(rows) * jax.process_count() != batch_size:
@@ -175,16 +183,21 @@ def eval_batches(
   ds = info.builder.as_dataset(
     split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
   )
+  if info.views != "all":
+    ds = ds.filter(lambda f: views.keep_example(f, info.views, case_level=False))
 
   def fn(position, features):
     out = label_fn(features)
     out["image"] = tf.cond(
       own_rows[position % batch_size],
-      lambda: augment_presets.eval_preprocess(features["image"], size=image_size),
+      lambda: augment_presets.eval_preprocess(features["image"], size=image_size, preset=preset),
       lambda: tf.zeros([image_size, image_size, 3], tf.float32),
     )
-    out["case_id"] = features.get("case_id", features[info.id_feature])
-    out["patient_id"] = features.get("patient_id", features[info.id_feature])
+    image_id = features[info.id_feature]
+    out["image_id"] = image_id
+    out["case_id"] = features.get("case_id", image_id)
+    out["patient_id"] = features.get("patient_id", image_id)
+    out["study_id"] = features.get("study_id", image_id)
     return out
 
   ds = ds.enumerate().map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -5,23 +5,33 @@
 - `micle` on a case-level dataset: two *distinct* images of the case when it has ≥ 2 (each
   augmented), else two augmentations of its one image; `multi_image` marks which.
 
-Determinism and resumption: every random choice is a stateless function of
-(config seed, epoch, example id), so an example's views do not depend on where in the stream it
-lands. Epoch e reads this process's shard of the split in file order, shuffles it with a seed
+Determinism and resumption: every random choice is a stateless function of the config seed, the
+epoch and an id: an image's augmentation of f(seed, epoch, image id, view), a case's choice of its
+two images of f(seed, epoch, case id). So two images of one patient never share an augmentation
+(image-level examples are keyed by `image_id`, never by their `case_id`), and an example's views
+do not depend on where in the stream it lands. Epoch e reads this process's shard of the split in file order, shuffles it with a seed
 derived from (seed, e), and batches with the remainder dropped, so the stream position of global
 step s is `divmod(s, steps_per_epoch)`: a resumed run skips the raw records before that position
 (without decoding them) and continues with exactly the batches an uninterrupted run would see.
 
+Budgets: an epoch of pretraining is as many pairs as the split has *images*, whatever the unit
+of an example (`count_split`): SimCLR on images and MICLe on the cases holding those images run the
+same number of steps and see the same number of views. The data stream itself cycles through
+this process's examples (cases for MICLe) at their own epoch length.
+
+View filters (`views`, see `micle_jax.views`) drop the images a run should not read before
+anything else; a case keeps its images that pass, and a case with none is dropped.
+
 Multi-host: each process reads `tfds.even_splits(split, process_count)[process_index]`, equal in
-size, so every example is read by exactly one process per epoch and all processes take the same
-number of steps.
+size, so every example is read by exactly one process per epoch; all processes take the same
+number of steps, derived from whole-split counts.
 """
 
 import dataclasses
 import functools
 import importlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -30,7 +40,7 @@ import tensorflow_datasets as tfds
 
 from data_builders import build as data_build
 from data_builders.chexpert import labels as chexpert_labels
-from micle_jax import augment_presets
+from micle_jax import augment_presets, views
 
 METHODS = ("simclr", "micle")
 TASKS = ("none", "multiclass", "chexpert")
@@ -69,6 +79,15 @@ class DatasetInfo:
   case_level: bool
   id_feature: str
   num_classes: int
+  views: str = "all"
+
+
+class SplitCounts(NamedTuple):
+  """What a run reads of a split, after the view filter."""
+
+  examples: int  # in the whole split (images, or cases for a case-level dataset)
+  images: int  # images in those examples
+  examples_per_process: int  # in this process's shard
 
 
 def _register(name: str) -> None:
@@ -88,17 +107,35 @@ def not_prepared_message(name: str, data_dir: str | None) -> str:
   )
 
 
-def open_dataset(name: str, split: str, data_dir: str | None, label_spec: LabelSpec) -> DatasetInfo:
-  """Opens a prepared TFDS dataset and works out its shape (image- or case-level, classes)."""
+def open_dataset(
+  name: str,
+  split: str,
+  data_dir: str | None,
+  label_spec: LabelSpec,
+  view_filter: str = "all",
+  *,
+  views_key: str = "dataset.views",
+) -> DatasetInfo:
+  """Opens a prepared TFDS dataset and works out its shape (image- or case-level, classes).
+
+  The id that keys augmentation randomness is the image's own (`image_id`, or TFDS's
+  `file_name`) for image-level datasets and `case_id` for case-level ones.
+  """
   _register(name)
   builder = tfds.builder(name, data_dir=data_dir or None)
   if not builder.is_prepared():
     raise FileNotFoundError(not_prepared_message(name, data_dir))
   features = builder.info.features
   case_level = "images" in features
-  id_feature = next((k for k in ("case_id", "image_id", "file_name") if k in features), None)
+  candidates = ("case_id",) if case_level else ("image_id", "file_name")
+  id_feature = next((k for k in candidates if k in features), None)
   if id_feature is None:
-    raise ValueError(f"dataset {name!r} has none of the id features case_id/image_id/file_name")
+    raise ValueError(f"dataset {name!r} has none of the id features {list(candidates)}")
+  views.check(view_filter, views_key)
+  if not views.supports(features, view_filter, case_level=case_level):
+    raise ValueError(
+      f"config.{views_key}={view_filter!r}: dataset {name!r} has no view feature; use 'all'"
+    )
   num_classes = 0
   if label_spec.task == "multiclass":
     if "label" not in features:
@@ -112,8 +149,52 @@ def open_dataset(name: str, split: str, data_dir: str | None, label_spec: LabelS
   total = builder.info.splits[split].num_examples
   per_process = builder.info.splits[process_split].num_examples
   return DatasetInfo(
-    builder, split, process_split, total, per_process, case_level, id_feature, num_classes
+    builder,
+    split,
+    process_split,
+    total,
+    per_process,
+    case_level,
+    id_feature,
+    num_classes,
+    view_filter,
   )
+
+
+def _scan(info: DatasetInfo, split: str) -> tuple[int, int]:
+  """(examples, images) of `split` that pass the view filter, reading metadata only."""
+  features = info.builder.info.features
+  wanted = [k for k in ("num_images", "view", "views", "ap_pa") if k in features]
+  if info.case_level and "num_images" not in wanted:
+    wanted.append("images")  # `image_mask` needs the number of images
+  ds = info.builder.as_dataset(
+    split=split, shuffle_files=False, decoders=tfds.decode.PartialDecoding(set(wanted))
+  )
+
+  def kept(f):
+    mask = views.image_mask(f, info.views, case_level=info.case_level)
+    count = tf.reduce_sum(tf.cast(mask, tf.int64))
+    return {"examples": tf.cast(count > 0, tf.int64), "images": count}
+
+  ds = ds.map(kept, num_parallel_calls=tf.data.AUTOTUNE)
+  totals = ds.reduce(
+    {"examples": np.int64(0), "images": np.int64(0)},
+    lambda acc, x: {k: acc[k] + x[k] for k in acc},
+  )
+  return int(totals["examples"]), int(totals["images"])
+
+
+def count_split(info: DatasetInfo) -> SplitCounts:
+  """Examples and images of the whole split, and examples of this process's shard, after the view
+  filter. Image-level data without a filter is counted from the builder's metadata; otherwise the
+  split's metadata is read (images undecoded), once per process."""
+  if not info.case_level and info.views == "all":
+    return SplitCounts(info.num_examples, info.num_examples, info.num_examples_per_process)
+  examples, images = _scan(info, info.split)
+  per_process = examples
+  if jax.process_count() > 1:
+    per_process, _ = _scan(info, info.process_split)
+  return SplitCounts(examples, images, per_process)
 
 
 def process_split_of(split: str) -> str:
@@ -163,6 +244,20 @@ def _labels(
   return {}
 
 
+def view_seed(seed: int, epoch: int | tf.Tensor, image_key: tf.Tensor, view: int) -> tf.Tensor:
+  """The stateless [2] seed of view `view` (0 or 1) of one image in one epoch."""
+  return tf.random.experimental.stateless_fold_in(
+    example_seed(seed, epoch, image_key), tf.constant(view, tf.int64), alg="philox"
+  )
+
+
+def _image_key(features: dict[str, tf.Tensor], index: tf.Tensor) -> tf.Tensor:
+  """The id of image `index` of a case: its `image_ids` entry, else "<case_id>#<index>"."""
+  if "image_ids" in features:
+    return tf.gather(features["image_ids"], index)
+  return tf.strings.join([features["case_id"], "#", tf.strings.as_string(index)])
+
+
 def make_pair_fn(
   *,
   method: str,
@@ -172,8 +267,13 @@ def make_pair_fn(
   image_size: int,
   seed: int,
   label_spec: LabelSpec,
+  view_filter: str = "all",
 ) -> Callable[[dict, tf.Tensor], dict]:
-  """The tf.data map (example, epoch) -> {view1, view2, multi_image, labels}; no decode before."""
+  """The tf.data map (example, epoch) -> {view1, view2, multi_image, labels}; no decode before.
+
+  Each view's augmentation seed is `view_seed(seed, epoch, image id, 0 or 1)`; a case's two
+  images are drawn, among those passing `view_filter`, with `example_seed(seed, epoch, case id)`.
+  """
   if method not in METHODS:
     raise ValueError(f"method={method!r} not in {METHODS}")
   if method == "micle" and not case_level:
@@ -184,21 +284,23 @@ def make_pair_fn(
   view = functools.partial(augment_presets.pretrain_view, preset=preset, size=image_size)
 
   def pair(features, epoch):
-    s_pick, s1, s2 = tf.unstack(
-      tf.random.experimental.stateless_split(example_seed(seed, epoch, features[id_feature]), 3)
-    )
     if case_level:
-      i, j = sample_pair_indices(features["num_images"], s_pick, distinct=method == "micle")
+      allowed = tf.where(views.image_mask(features, view_filter, case_level=True))[:, 0]
+      pick = example_seed(seed, epoch, features[id_feature])
+      i, j = sample_pair_indices(tf.size(allowed), pick, distinct=method == "micle")
+      i, j = tf.gather(allowed, i), tf.gather(allowed, j)
       image1 = tf.gather(features["images"], i)
       image2 = tf.gather(features["images"], j)
+      key1, key2 = _image_key(features, i), _image_key(features, j)
       out = {"multi_image": tf.cast(tf.not_equal(i, j), tf.float32)}
       out.update(_labels(features, i, label_spec))
     else:
       image1 = image2 = features["image"]
+      key1 = key2 = features[id_feature]
       out = {"multi_image": tf.constant(0.0)}
       out.update(_labels(features, None, label_spec))
-    out["view1"] = view(image1, s1)
-    out["view2"] = view(image2, s2)
+    out["view1"] = view(image1, view_seed(seed, epoch, key1, 0))
+    out["view2"] = view(image2, view_seed(seed, epoch, key2, 1))
     return out
 
   return pair
@@ -209,14 +311,17 @@ def _shuffle_seed(seed: int, epoch: tf.Tensor) -> tf.Tensor:
 
 
 def read_examples(info: DatasetInfo) -> tf.data.Dataset:
-  """This process's shard in file order, images left encoded (decoded only when sampled)."""
+  """This process's shard in file order, view-filtered, images left encoded (decoded when sampled)."""
   decoders = None if info.case_level else {"image": tfds.decode.SkipDecoding()}
-  return info.builder.as_dataset(
+  ds = info.builder.as_dataset(
     split=info.process_split,
     shuffle_files=False,
     decoders=decoders,
     read_config=tfds.ReadConfig(try_autocache=True),
   )
+  if info.views != "all":
+    ds = ds.filter(lambda f: views.keep_example(f, info.views, case_level=info.case_level))
+  return ds
 
 
 def epoch_stream(
@@ -259,12 +364,12 @@ def epoch_stream(
   return ds.with_options(options).prefetch(2)
 
 
-def steps_per_epoch(info: DatasetInfo, local_batch_size: int) -> int:
-  steps = info.num_examples_per_process // local_batch_size
+def steps_per_epoch(num_examples: int, batch_size: int, *, what: str) -> int:
+  """`num_examples // batch_size`, or a clear error when the batch is larger than the data."""
+  steps = num_examples // batch_size
   if steps == 0:
     raise ValueError(
-      f"batch_size too large: this process's shard of {info.split!r} has "
-      f"{info.num_examples_per_process} examples < local batch {local_batch_size}"
+      f"batch_size too large: {what} has {num_examples} examples < batch {batch_size}"
     )
   return steps
 
@@ -276,12 +381,16 @@ def pretrain_batches(
   preset: Any,
   image_size: int,
   local_batch_size: int,
+  per_epoch: int,
   seed: int,
   start_step: int,
   shuffle_buffer: int,
   label_spec: LabelSpec,
 ) -> Iterator[dict[str, np.ndarray]]:
-  """Yields this process's local NumPy batches from global step `start_step` on, forever."""
+  """Yields this process's local NumPy batches from global step `start_step` on, forever.
+
+  `per_epoch`: local batches in one pass over this process's (view-filtered) examples.
+  """
   pair_fn = make_pair_fn(
     method=method,
     case_level=info.case_level,
@@ -290,12 +399,13 @@ def pretrain_batches(
     image_size=image_size,
     seed=seed,
     label_spec=label_spec,
+    view_filter=info.views,
   )
   ds = epoch_stream(
     read_examples(info),
     map_fn=pair_fn,
     local_batch_size=local_batch_size,
-    per_epoch=steps_per_epoch(info, local_batch_size),
+    per_epoch=per_epoch,
     seed=seed,
     shuffle_buffer=shuffle_buffer,
     start_step=start_step,

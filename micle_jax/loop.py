@@ -1,7 +1,6 @@
 """The step loop shared by pretraining and fine-tuning: log, checkpoint, stop cleanly, guard NaN."""
 
 import dataclasses
-import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -28,45 +27,75 @@ def config_spec(cls: type, section: ml_collections.ConfigDict, name: str, **extr
     raise ValueError(f"config.{name}: {e}") from e
 
 
+@dataclasses.dataclass(frozen=True)
+class InitInfo:
+  """Where a run's starting weights came from, for its log and outputs."""
+
+  source: str  # "resume", "init_from" or "scratch"
+  path: str = ""
+  step: int | None = None  # the checkpoint step restored
+  report: checkpoint.RestoreReport | None = None
+
+  def summary(self) -> dict[str, Any]:
+    out: dict[str, Any] = {"source": self.source, "path": self.path, "step": self.step}
+    if self.report is not None:
+      out.update(self.report.summary())
+    return out
+
+
 def resume_or_initialize(
   state: Any,
   mngr: ocp.CheckpointManager,
   init_from: str,
   mesh: jax.sharding.Mesh,
   *,
-  required_prefixes: tuple[str, ...],
-  exact_prefixes: tuple[str, ...],
-) -> Any:
+  rule: checkpoint.RestoreRule,
+) -> tuple[Any, InitInfo]:
   """Resume order: the latest checkpoint in the workdir → `init_from` → `state` (scratch).
 
-  From `init_from` (a workdir or Orbax checkpoint) only parameters and BatchNorm statistics are
-  taken, matched by path and shape (see `checkpoint.merge_pretrained`); step, optimizer and rng
-  start fresh.
+  A workdir's own checkpoint is the run itself and restores whole. From `init_from` (a workdir or
+  Orbax checkpoint) only the parameters and BatchNorm statistics that `rule` allows are taken
+  (see `checkpoint.restore_allowed`); everything else, the supervised head included, keeps its
+  initial value, and step, optimizer state and rng start fresh.
   """
   latest = mngr.latest_step()
   if latest is not None:
     logging.info("Resuming from %s step %d", mngr.directory, latest)
-    return state.replace(**checkpoint.restore(mngr, latest, checkpoint.state_to_tree(state)))
+    restored = checkpoint.restore(mngr, latest, checkpoint.state_to_tree(state))
+    return state.replace(**restored), InitInfo("resume", str(mngr.directory), latest)
   if not init_from or init_from == "scratch":
     logging.info("Training from scratch.")
-    return state
-  params, batch_stats, _ = checkpoint.load_weights(init_from)
-  merge = functools.partial(
-    checkpoint.merge_pretrained,
-    required_prefixes=required_prefixes,
-    exact_prefixes=exact_prefixes,
-    source=f"init_from={init_from}",
+    return state, InitInfo("scratch")
+  params, batch_stats, step = checkpoint.load_weights(init_from)
+  source = f"init_from={init_from}"
+  params, report = checkpoint.restore_allowed(
+    jax.device_get(state.params), params, rule, source=source
   )
-  params, restored, fresh = merge(jax.device_get(state.params), params)
-  batch_stats, _, _ = merge(jax.device_get(state.batch_stats), batch_stats)
+  batch_stats, stats_report = checkpoint.restore_allowed(
+    jax.device_get(state.batch_stats), batch_stats, rule, source=f"{source} (batch_stats)"
+  )
   logging.info(
-    "init_from %s: restored %d parameters; fresh or unused: %s", init_from, len(restored), fresh
+    "init_from %s (step %d): restored %d parameter and %d BatchNorm arrays under %s; left at "
+    "initialisation: %s; in the checkpoint but not used: %s",
+    init_from,
+    step,
+    len(report.restored),
+    len(stats_report.restored),
+    list(rule.restore),
+    _top_level(report.fresh),
+    _top_level(report.unused + stats_report.unused),
   )
-  return state.replace(
+  state = state.replace(
     params=sharding.replicate(params, mesh),
     batch_stats=sharding.replicate(batch_stats, mesh),
     opt_state=jax.jit(state.tx.init, out_shardings=sharding.replicated(mesh))(params),
   )
+  return state, InitInfo("init_from", init_from, step, report)
+
+
+def _top_level(paths: list[str]) -> list[str]:
+  """The distinct module prefixes of `paths` ("projection_head/dense_1"), for a short log line."""
+  return sorted({"/".join(p.split("/")[:2]) for p in paths})
 
 
 def _check_finite(step: int, step_metrics: dict[str, Any], mngr) -> None:

@@ -252,6 +252,8 @@ class ContrastiveModel(nn.Module):
       pretraining; linear evaluation).
     freeze_backbone: run the backbone in inference mode (running BatchNorm statistics) behind a
       stop-gradient (linear evaluation).
+    zero_init_head: start the supervised head's kernel at 0 (SimCLR TF2's
+      `zero_init_logits_layer`; fine-tuning's default) instead of N(0, 0.01²).
   """
 
   backbone: ResNet
@@ -262,6 +264,7 @@ class ContrastiveModel(nn.Module):
   supervised_input_layer: int = 0
   stop_gradient_supervised: bool = True
   freeze_backbone: bool = False
+  zero_init_head: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> dict[str, Any]:
@@ -281,7 +284,7 @@ class ContrastiveModel(nn.Module):
       logits = nn.Dense(
         self.num_classes,
         dtype=self.backbone.dtype,
-        kernel_init=dense_kernel_init,
+        kernel_init=nn.initializers.zeros if self.zero_init_head else dense_kernel_init,
         name="head_supervised",
       )(sup_input)
       outputs["logits"] = logits.astype(jnp.float32)
@@ -304,6 +307,7 @@ class ModelSpec:
   stop_gradient_supervised: bool = True
   proj_layers_kept: int = -1
   freeze_backbone: bool = False
+  zero_init_head: bool = False
 
 
 def create_model(spec: ModelSpec) -> ContrastiveModel:
@@ -339,6 +343,7 @@ def create_model(spec: ModelSpec) -> ContrastiveModel:
     supervised_input_layer=spec.supervised_input_layer,
     stop_gradient_supervised=spec.stop_gradient_supervised,
     freeze_backbone=spec.freeze_backbone,
+    zero_init_head=spec.zero_init_head,
   )
 
 

@@ -4,14 +4,20 @@ Pretraining uses LARS as in SimCLR (DESIGN.md §3): weight decay is added to the
 then the trust ratio η‖w‖/‖g‖, then momentum on lr·trust·g — exactly `optax.lars`. BatchNorm
 parameters and biases are excluded from both the decay and the trust ratio.
 
-One deliberate difference from SimCLR's code: there the supervised (linear-monitor) head is
-excluded from the trust ratio and so trained by plain momentum SGD at the full LARS learning
-rate, which diverges whenever lr · ‖features‖² is large (it did in our CPU demo: the monitor's
-loss grew without bound while the contrastive loss fell). Here its kernel is trust-scaled like
-every other kernel; this changes only the monitor, whose input is a stop-gradient.
+The supervised head follows two rules (`create_optimizer(..., trust_scale_head=...)`):
+
+- Fine-tuning follows SimCLR (`tf2/model.py`, `build_optimizer` + `add_weight_decay`): the head is
+  excluded from LARS's trust ratio, so it gets plain momentum updates at the full learning rate,
+  and its kernel's weight decay is a plain L2 term on the gradient (SimCLR adds it back as a
+  loss; that is what decaying it before momentum does).
+- Pretraining's linear monitor deliberately deviates: there its kernel is trust-scaled like every
+  other kernel. With SimCLR's rule the monitor diverged in our CPU demo whenever
+  lr · ‖features‖² was large (its loss grew without bound while the contrastive loss fell). Its
+  input is a stop-gradient, so this changes only the monitor, and fine-tuning never restores it.
 """
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -94,33 +100,46 @@ def is_decayed(path: tuple[Any, ...], _: Any = None) -> bool:
   return _path_names(path)[-1] == "kernel"
 
 
-def is_trust_scaled(path: tuple[Any, ...], _: Any = None) -> bool:
-  """Kernels get LARS's trust ratio, the supervised head's included (see the module doc)."""
-  return _path_names(path)[-1] == "kernel"
+def is_trust_scaled(path: tuple[Any, ...], _: Any = None, *, head: bool = True) -> bool:
+  """Kernels get LARS's trust ratio; the supervised head's only when `head` (see the module doc)."""
+  names = _path_names(path)
+  return names[-1] == "kernel" and (head or SUPERVISED_HEAD not in names)
 
 
-def lars_masks(params: Any) -> tuple[Any, Any]:
+def lars_masks(params: Any, *, trust_scale_head: bool = True) -> tuple[Any, Any]:
   """(weight-decay mask, trust-ratio mask) pytrees of booleans shaped like `params`."""
-  return _decay_mask(params), _trust_mask(params)
+  return _decay_mask(params), _trust_mask(params, head=trust_scale_head)
 
 
 def _decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
-def _trust_mask(params: Any) -> Any:
-  return jax.tree_util.tree_map_with_path(is_trust_scaled, params)
+def _trust_mask(params: Any, *, head: bool = True) -> Any:
+  return jax.tree_util.tree_map_with_path(
+    lambda path, leaf: is_trust_scaled(path, leaf, head=head), params
+  )
 
 
 def create_optimizer(
-  spec: OptimizerSpec, *, learning_rate: Callable[[Any], Any] | float
+  spec: OptimizerSpec,
+  *,
+  learning_rate: Callable[[Any], Any] | float,
+  trust_scale_head: bool = True,
 ) -> optax.GradientTransformation:
   """Builds the optimizer of `spec`.
 
   The weight-decay and trust-ratio masks are functions of the parameters the optimizer meets, so
   one optimizer serves any parameter tree, also a partly masked one (`optax.multi_transform`).
+
+  Args:
+    spec: the optimizer's description.
+    learning_rate: a schedule or a constant.
+    trust_scale_head: LARS only: whether the supervised head gets the trust ratio (pretraining's
+      monitor: True; fine-tuning, as SimCLR: False, plain momentum updates). See the module doc.
   """
-  decay_mask, trust_mask = _decay_mask, _trust_mask
+  decay_mask = _decay_mask
+  trust_mask = functools.partial(_trust_mask, head=trust_scale_head)
   if spec.name == "lars":
     return optax.lars(
       learning_rate,

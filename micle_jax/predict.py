@@ -4,7 +4,8 @@ r"""Batch prediction with a fine-tuned model: `python -m micle_jax.predict --wor
 The model is rebuilt from the fine-tuning workdir alone: `config.json` (architecture, mode, task,
 image size), `results.json` ("labels": the classifier's output names) and the latest checkpoint
 under `checkpoints/`. Images are preprocessed exactly as in evaluation
-(`augment_presets.eval_preprocess`: centred crop of 87.5% of the shorter side, bicubic resize)
+(`augment_presets.eval_preprocess` with the run's augmentation preset: the whole image for chest
+X-rays, a centred crop of 87.5% of the shorter side for photos; antialiased bicubic resize)
 and run through `steps.predict_step` under jit on the default devices, the last batch padded.
 
 Inputs (`--images`):
@@ -67,6 +68,7 @@ class Predictor:
   labels: tuple[str, ...]
   task: str  # the step task: "multiclass" (softmax) or "multilabel" (sigmoid per label)
   image_size: int
+  preset: str  # the augmentation preset, which picks the evaluation view
   state: train_state.TrainState
   mesh: jax.sharding.Mesh
   predict_fn: Callable[[train_state.TrainState, jax.Array], jax.Array]  # jitted predict_step
@@ -121,12 +123,8 @@ def load_predictor(workdir: epath.PathLike) -> Predictor:
   )
   variables = {}
   for key, loaded in (("params", params), ("batch_stats", batch_stats)):
-    variables[key], _, _ = checkpoint.merge_pretrained(
-      abstract.get(key, {}),
-      loaded,
-      required_prefixes=("",),
-      exact_prefixes=("",),
-      source=f"{ckpt_dir} ({key})",
+    variables[key], _ = checkpoint.restore_allowed(
+      abstract.get(key, {}), loaded, checkpoint.WHOLE_MODEL, source=f"{ckpt_dir} ({key})"
     )
   mesh = sharding.create_mesh()
   # The step's output: softmax for multi-class, a sigmoid per label for chexpert/nih.
@@ -144,6 +142,7 @@ def load_predictor(workdir: epath.PathLike) -> Predictor:
     labels=labels,
     task=task,
     image_size=size,
+    preset=config.augment.preset,
     state=sharding.replicate(state, mesh),
     mesh=mesh,
     predict_fn=steps.compile_predict_step(mesh, task=task),
@@ -230,7 +229,9 @@ def predict_images(
   devices = sharding.data_parallel_size(predictor.mesh)
   batch_size = -(-max(batch_size, 1) // devices) * devices
   preprocess = tf.function(
-    lambda encoded: augment_presets.eval_preprocess(encoded, size=predictor.image_size),
+    lambda encoded: augment_presets.eval_preprocess(
+      encoded, size=predictor.image_size, preset=predictor.preset
+    ),
     input_signature=[tf.TensorSpec([], tf.string)],
   )
   root = epath.Path(root)

@@ -11,11 +11,18 @@ Each run's workdir is `ROOT/<init name>/f<fraction>/s<seed>`. Add `--print_only`
 `python -m micle_jax.finetune ...` command per run instead (one job each on a TPU fleet); other
 `--config.key=value` overrides are applied to every run, and passed on in the printed commands.
 
-Then gather every `results.json` under the root (one row per run, eval dataset and metric):
+A run whose `results.json` exists is skipped only if its `config.json` matches the planned run
+(`run_files.check_reusable`) and its init checkpoint is still the step it started from; otherwise
+the sweep stops, naming what changed, rather than reporting a stale result as this run's.
+
+Then gather every `results.json` under the root (one row per run, eval dataset and metric) and
+the paired differences between inits (`differences.py`: every init against scratch, micle against
+simclr, paired-bootstrap CIs over the same cases):
 
   python -m micle_jax.sweep collect --root=gs://BUCKET/sweep_cxr --out=results.csv
 
-`notebooks/label_efficiency.ipynb` and `notebooks/distribution_shift.ipynb` plot that CSV.
+writes `results.csv` and `differences.csv` beside it and prints both tables.
+`notebooks/label_efficiency.ipynb` and `notebooks/distribution_shift.ipynb` plot those CSVs.
 """
 
 import copy
@@ -32,7 +39,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from micle_jax import checkpoint, distributed, finetune, sweep_report
+from micle_jax import checkpoint, differences, distributed, finetune, run_files, sweep_report
 
 SCRATCH = "scratch"
 # The config keys a sweep sets per run; overriding them for the whole sweep is an error.
@@ -52,8 +59,13 @@ CSV_COLUMNS = (
   "ci_high",
   "num_units",
   "num_train_patients",
+  "train_steps",
+  "train_images_seen",
+  "pretrain_steps",
+  "pretrain_views_seen",
   "workdir",
 )
+DIFFERENCES_FILE = "differences.csv"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,12 +192,31 @@ def run(runs: Sequence[Run]) -> list[Run]:
   trained = []
   for i, run_ in enumerate(runs):
     if (epath.Path(run_.workdir) / finetune.RESULTS_FILE).exists():
+      check_results_current(run_)
       logging.info("[%d/%d] %s: results exist, skipped", i + 1, len(runs), run_.workdir)
       continue
     logging.info("[%d/%d] %s: fine-tuning from %s", i + 1, len(runs), run_.workdir, run_.init_from)
     finetune.train_and_evaluate(run_.config, run_.workdir)
     trained.append(run_)
   return trained
+
+
+def check_results_current(run_: Run) -> None:
+  """Raises ValueError unless `run_`'s existing results come from this very run: the same config,
+  and the init checkpoint still at the step the run started from."""
+  workdir = epath.Path(run_.workdir)
+  run_files.check_reusable(
+    workdir, run_.config, what="skip it (results exist)", allow_length_change=False
+  )
+  results = run_files.read_json(workdir / finetune.RESULTS_FILE)
+  recorded = (results.get("init") or {}).get("step")
+  if run_.init_from != SCRATCH and recorded is not None:
+    current = checkpoint.latest_step(run_.init_from)
+    if current != recorded:
+      raise ValueError(
+        f"{workdir}: its results were fine-tuned from {run_.init_from} step {recorded}, which "
+        f"is now at step {current}; delete the run (or use another root) to redo it"
+      )
 
 
 def _find_results(root: epath.Path) -> Iterator[epath.Path]:
@@ -204,6 +235,7 @@ def _find_results(root: epath.Path) -> Iterator[epath.Path]:
 
 
 def _rows(results: dict[str, Any], init: str, workdir: str) -> list[dict[str, Any]]:
+  pretraining = results.get("pretraining") or {}
   rows = []
   for eval_name, result in results["eval"].items():
     for metric, m in result["metrics"].items():
@@ -223,18 +255,21 @@ def _rows(results: dict[str, Any], init: str, workdir: str) -> list[dict[str, An
           "ci_high": m["ci_high"],
           "num_units": m["num_units"],
           "num_train_patients": results["num_train_patients"],
+          "train_steps": results["step"],
+          "train_images_seen": results.get("train_images_seen"),
+          "pretrain_steps": pretraining.get("step"),
+          "pretrain_views_seen": pretraining.get("views_seen"),
           "workdir": workdir,
         }
       )
   return rows
 
 
-def collect(root: epath.PathLike) -> list[dict[str, Any]]:
-  """One row (CSV_COLUMNS) per run, eval dataset and metric found under `root` (local or gs://).
+def collect_runs(root: epath.PathLike) -> list[dict[str, Any]]:
+  """{"init", "results", "workdir"} of every finished run under `root` (local or gs://).
 
-  `init` is the run's first path component under `root`. Rows are ordered by init, label
-  fraction, seed and workdir, and within a run as in its results.json. Undefined metrics
-  (null in results.json) are None.
+  `init` is the run's first path component under `root`. Runs are ordered by init, label
+  fraction, seed and workdir.
   """
   root = epath.Path(root)
   if not root.is_dir():
@@ -244,19 +279,34 @@ def collect(root: epath.PathLike) -> list[dict[str, Any]]:
     results = json.loads(path.read_text())
     parts = path.parent.relative_to(root).parts
     init = parts[0] if parts else root.name
-    runs.append((init, results, str(path.parent)))
-  runs.sort(key=lambda r: (r[0], r[1]["label_fraction"], r[1]["seed"], r[2]))
+    runs.append({"init": init, "results": results, "workdir": str(path.parent)})
+  runs.sort(
+    key=lambda r: (r["init"], r["results"]["label_fraction"], r["results"]["seed"], r["workdir"])
+  )
   logging.info("Collected %d runs under %s", len(runs), root)
-  return [row for init, results, workdir in runs for row in _rows(results, init, workdir)]
+  return runs
 
 
-def write_csv(rows: Sequence[Mapping[str, Any]], path: epath.PathLike) -> None:
-  """Writes `rows` with the CSV_COLUMNS header to `path` (local or gs://); None -> empty cell."""
+def collect(root: epath.PathLike) -> list[dict[str, Any]]:
+  """One row (CSV_COLUMNS) per run, eval dataset and metric found under `root` (local or gs://).
+
+  Rows are ordered as `collect_runs`, and within a run as in its results.json. Undefined metrics
+  (null in results.json) are None.
+  """
+  return [row for r in collect_runs(root) for row in _rows(r["results"], r["init"], r["workdir"])]
+
+
+def write_csv(
+  rows: Sequence[Mapping[str, Any]],
+  path: epath.PathLike,
+  columns: Sequence[str] = CSV_COLUMNS,
+) -> None:
+  """Writes `rows` with the `columns` header to `path` (local or gs://); None -> empty cell."""
   buffer = io.StringIO()
-  writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+  writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
   writer.writeheader()
   for row in rows:
-    writer.writerow({k: "" if row[k] is None else row[k] for k in CSV_COLUMNS})
+    writer.writerow({k: "" if row[k] is None else row[k] for k in columns})
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(buffer.getvalue())
@@ -284,6 +334,9 @@ def define_flags(flag_values: flags.FlagValues = FLAGS, sys_argv: list[str] | No
   flags.DEFINE_bool("print_only", False, "run: print a finetune command per run, train none.", **fv)
   flags.DEFINE_string("out", None, "collect: the CSV to write (default ROOT/results.csv).", **fv)
   flags.DEFINE_bool("plot", False, "collect: also save label_efficiency.png next to the CSV.", **fv)
+  flags.DEFINE_integer(
+    "bootstrap_samples", 1000, "collect: draws of the paired bootstrap of differences.", **fv
+  )
   flags.mark_flag_as_required("root", flag_values=flag_values)
 
 
@@ -319,10 +372,16 @@ def main(argv: list[str]) -> None:
     _main_run()
     return
   out = FLAGS.out or str(epath.Path(FLAGS.root) / "results.csv")
-  rows = collect(FLAGS.root)
+  runs = collect_runs(FLAGS.root)
+  rows = [row for r in runs for row in _rows(r["results"], r["init"], r["workdir"])]
   write_csv(rows, out)
-  logging.info("Wrote %d rows to %s", len(rows), out)
+  diffs = differences.paired_differences(runs, num_samples=FLAGS.bootstrap_samples)
+  diff_path = epath.Path(out).parent / DIFFERENCES_FILE
+  write_csv(diffs, diff_path, differences.COLUMNS)
+  logging.info("Wrote %d rows to %s and %d to %s", len(rows), out, len(diffs), diff_path)
   print(sweep_report.table(rows))
+  print()
+  print(sweep_report.differences_table(diffs))
   if FLAGS.plot:
     png = epath.Path(out).parent / "label_efficiency.png"
     sweep_report.plot_label_efficiency(rows, png)

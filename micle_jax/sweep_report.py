@@ -17,32 +17,77 @@ def _main_rows(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
   return [r for r in rows if r["metric"] in MAIN_METRICS and r["value"] not in (None, "")]
 
 
-def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str, float], dict[str, float]]:
-  """(init, eval, fraction) -> mean over seeds of value, ci_low, ci_high of the main metric."""
+def _mean(group: Sequence[Mapping[str, Any]], key: str) -> float | None:
+  values = [float(r[key]) for r in group if r.get(key) not in (None, "")]
+  return statistics.fmean(values) if values else None
+
+
+def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str, float], dict[str, Any]]:
+  """(init, eval, fraction) -> means over seeds of the main metric, its CI, and the budgets."""
   groups: dict[tuple[str, str, float], list[Mapping[str, Any]]] = collections.defaultdict(list)
   for r in _main_rows(rows):
     groups[(r["init"], r["eval"], float(r["label_fraction"]))].append(r)
   out = {}
   for key, group in sorted(groups.items()):
-    mean = lambda k, g=group: statistics.fmean(float(r[k]) for r in g if r[k] not in (None, ""))  # noqa: E731
     out[key] = {
-      "value": mean("value"),
-      "ci_low": mean("ci_low"),
-      "ci_high": mean("ci_high"),
+      "value": _mean(group, "value"),
+      "ci_low": _mean(group, "ci_low"),
+      "ci_high": _mean(group, "ci_high"),
       "seeds": len(group),
       "metric": group[0]["metric"],
+      "train_steps": _mean(group, "train_steps"),
+      "pretrain_steps": _mean(group, "pretrain_steps"),
+      "pretrain_views_seen": _mean(group, "pretrain_views_seen"),
     }
   return out
 
 
+def _count(value: float | None) -> str:
+  return "-" if value is None else f"{value:,.0f}"
+
+
 def table(rows: Sequence[Mapping[str, Any]]) -> str:
-  """One line per (init, eval dataset, label fraction): metric [95% CI], averaged over seeds."""
-  lines = [f"{'init':<12} {'eval':<16} {'fraction':>8}  {'metric':<8} {'value':>6}  95% CI"]
+  """One line per (init, eval dataset, label fraction): metric [95% CI] averaged over seeds, the
+  fine-tuning steps, and the init's pretraining steps and views seen."""
+  lines = [
+    f"{'init':<10} {'eval':<16} {'fraction':>8}  {'metric':<8} {'value':>6}  {'95% CI':<16}"
+    f" {'seeds':>5} {'ft steps':>8} {'pretrain steps':>14} {'pretrain views':>14}"
+  ]
   for (init, eval_name, fraction), s in summarize(rows).items():
     lines.append(
-      f"{init:<12} {eval_name:<16} {fraction:>8.2f}  {s['metric']:<8} "
-      f"{s['value']:>6.3f}  [{s['ci_low']:.3f}, {s['ci_high']:.3f}]  "
-      f"({s['seeds']} seed{'s' if s['seeds'] > 1 else ''})"
+      f"{init:<10} {eval_name:<16} {fraction:>8.2f}  {s['metric']:<8} "
+      f"{s['value']:>6.3f}  [{s['ci_low']:.3f}, {s['ci_high']:.3f}]  {s['seeds']:>5}"
+      f" {_count(s['train_steps']):>8} {_count(s['pretrain_steps']):>14}"
+      f" {_count(s['pretrain_views_seen']):>14}"
+    )
+  return "\n".join(lines)
+
+
+def significant(row: Mapping[str, Any]) -> bool:
+  """Whether a difference's 95% CI excludes 0."""
+  low, high = row.get("ci_low"), row.get("ci_high")
+  if low in (None, "") or high in (None, ""):
+    return False
+  return float(low) > 0 or float(high) < 0
+
+
+def differences_table(diffs: Sequence[Mapping[str, Any]]) -> str:
+  """The paired differences of the main metric (from `differences.paired_differences` rows)."""
+  lines = [
+    "Paired differences, init − baseline (mean over seeds; paired-bootstrap 95% CI over the same "
+    "cases; * = the CI excludes 0):",
+    f"{'eval':<16} {'fraction':>8}  {'metric':<8} {'init':<8} {'baseline':<8} "
+    f"{'difference':>10}  {'95% CI':<17} {'seeds':>5}",
+  ]
+  main = [d for d in diffs if d["metric"] in MAIN_METRICS and d["difference"] not in (None, "")]
+  if not main:
+    return "\n".join(lines + ["(no pairs: a difference needs two inits with a common seed)"])
+  for d in main:
+    mark = "*" if significant(d) else " "
+    lines.append(
+      f"{d['eval']:<16} {float(d['fraction']):>8.2f}  {d['metric']:<8} {d['init']:<8} "
+      f"{d['baseline']:<8} {float(d['difference']):>+10.3f}  "
+      f"[{float(d['ci_low']):+.3f}, {float(d['ci_high']):+.3f}] {mark} {int(d['seeds']):>4}"
     )
   return "\n".join(lines)
 

@@ -1,12 +1,21 @@
 """Contrastive pretraining (SimCLR / MICLe): `train_and_evaluate(config, workdir) -> TrainState`.
 
-Resume order: the latest checkpoint in `workdir` → `config.init_from` (backbone and heads
-restored, optimizer fresh) → scratch. Checkpoints are saved every `checkpoint_every_steps`, at
+Resume order: the latest checkpoint in `workdir` (only if its `config.json` matches, see
+`micle_jax.workdir`) → `config.init_from` (the backbone, and the projection head unless
+`init_projection_head=False`; never the supervised monitor; optimizer fresh) → scratch.
+
+Budget: `num_epochs` counts passes over the split's *images*, so SimCLR (pairs of views of one
+image) and MICLe (pairs of images of one case) given the same config run the same number of steps
+and see the same number of views. `pretraining.json` in the workdir records the plan and what was
+done: steps, pairs and views seen, and what was restored from where. Checkpoints are saved every `checkpoint_every_steps`, at
 the end, and on SIGTERM; a run killed at any point and restarted with the same command continues
 from its last checkpoint and ends with bit-identical parameters on CPU (the input position is
 derived from the step; see `input_pipeline`). A non-finite loss or parameter stops the run,
 naming the step, without saving over the last good checkpoint.
 """
+
+import functools
+from typing import NamedTuple
 
 import jax
 import ml_collections
@@ -21,9 +30,11 @@ from micle_jax import (
   loop,
   models,
   optim,
+  run_files,
   sharding,
   steps,
   train_state,
+  views,
 )
 
 
@@ -46,9 +57,57 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     augment_presets.get_preset(config.augment.preset)
   except ValueError as e:
     raise ValueError(f"config.augment.preset: {e}") from e
+  views.check(config.dataset.views, "dataset.views")
   loop.config_spec(input_pipeline.LabelSpec, config.labels, "labels")
   loop.config_spec(optim.OptimizerSpec, config.optimizer, "optimizer")
   models.create_model(loop.config_spec(models.ModelSpec, config.model, "model"))
+
+
+class Budget(NamedTuple):
+  """How long a pretraining run is, and what an epoch means for it."""
+
+  info: input_pipeline.DatasetInfo
+  counts: input_pipeline.SplitCounts
+  steps_per_epoch: int  # of the schedule: global batches in one pass over the split's images
+  data_steps_per_epoch: int  # of this process's stream: local batches in a pass over its examples
+  total_steps: int
+
+
+def plan_budget(config: ml_collections.ConfigDict, local_batch: int) -> Budget:
+  """The run's length: `num_steps`, or `num_epochs` passes over the split's images.
+
+  Counting images, not examples, is what makes the budget equal between methods: one MICLe
+  example is a whole case, and a pass over the cases would be a pass over far fewer pairs.
+  """
+  label_spec = loop.config_spec(input_pipeline.LabelSpec, config.labels, "labels")
+  d = config.dataset
+  info = input_pipeline.open_dataset(d.name, d.split, d.data_dir or None, label_spec, d.views)
+  counts = input_pipeline.count_split(info)
+  per_epoch = input_pipeline.steps_per_epoch(
+    counts.images, config.batch_size, what=f"{info.split!r} (images)"
+  )
+  data_per_epoch = input_pipeline.steps_per_epoch(
+    counts.examples_per_process, local_batch, what=f"this process's shard of {info.split!r}"
+  )
+  total_steps = config.num_steps if config.num_steps > 0 else config.num_epochs * per_epoch
+  return Budget(info, counts, per_epoch, data_per_epoch, total_steps)
+
+
+def _summary(config, budget: Budget, step: int, init: loop.InitInfo) -> dict:
+  return {
+    "method": config.method,
+    "dataset": f"{config.dataset.name}:{config.dataset.split}",
+    "views": config.dataset.views,
+    "batch_size": config.batch_size,
+    "num_examples": budget.counts.examples,
+    "num_images": budget.counts.images,
+    "steps_per_epoch": budget.steps_per_epoch,
+    "total_steps": budget.total_steps,
+    "step": step,
+    "pairs_seen": step * config.batch_size,
+    "views_seen": 2 * step * config.batch_size,
+    "init": init.summary(),
+  }
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_state.TrainState:
@@ -58,13 +117,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   mesh = sharding.create_mesh()
   sharding.check_batch_size(config.batch_size, mesh, key="config.batch_size")
   local_batch = sharding.local_batch_size(config.batch_size)
-
   label_spec = loop.config_spec(input_pipeline.LabelSpec, config.labels, "labels")
-  info = input_pipeline.open_dataset(
-    config.dataset.name, config.dataset.split, config.dataset.data_dir or None, label_spec
+  budget = plan_budget(config, local_batch)
+  info, counts, per_epoch, total_steps = (
+    budget.info,
+    budget.counts,
+    budget.steps_per_epoch,
+    budget.total_steps,
   )
-  per_epoch = input_pipeline.steps_per_epoch(info, local_batch)
-  total_steps = config.num_steps if config.num_steps > 0 else config.num_epochs * per_epoch
 
   model_spec = loop.config_spec(
     models.ModelSpec, config.model, "model", num_classes=info.num_classes
@@ -74,42 +134,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   schedule = optim.create_schedule(
     opt_spec, batch_size=config.batch_size, total_steps=total_steps, steps_per_epoch=per_epoch
   )
-  tx = optim.create_optimizer(opt_spec, learning_rate=schedule)
+  tx = optim.create_optimizer(opt_spec, learning_rate=schedule, trust_scale_head=True)
 
   mngr = checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints)
+  if mngr.latest_step() is not None:
+    run_files.check_reusable(workdir, config, what="resume", allow_length_change=True)
   image_shape = (config.augment.image_size, config.augment.image_size, 3)
   state = train_state.create_train_state(
     model, tx, seed=config.seed, image_shape=image_shape, mesh=mesh
   )
-  state = loop.resume_or_initialize(
+  state, init = loop.resume_or_initialize(
     state,
     mngr,
     config.init_from,
     mesh,
-    required_prefixes=("backbone",),
-    exact_prefixes=("backbone",),
+    rule=checkpoint.pretrain_init_rule(config.init_projection_head),
   )
   start_step = int(state.step)
+  summary = functools.partial(_summary, config, budget, init=init)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    run_files.write_config(workdir, config)
+    run_files.write_json(workdir / run_files.PRETRAINING_FILE, summary(step=start_step))
     parameter_overview.log_parameter_overview(state.params)
     writer.write_hparams(
       {
         "num_params": models.count_params(state.params),
         "total_steps": total_steps,
         "steps_per_epoch": per_epoch,
+        "num_images": counts.images,
       }
     )
   logging.info(
-    "%s on %s: %d examples, %d steps/epoch, %d total steps, from step %d",
+    "%s on %s (views: %s): %d examples holding %d images; %d steps per epoch (of images), %d "
+    "total steps = %d pairs, from step %d",
     config.method,
     config.dataset.name,
-    info.num_examples,
+    config.dataset.views,
+    counts.examples,
+    counts.images,
     per_epoch,
     total_steps,
+    total_steps * config.batch_size,
     start_step,
   )
 
@@ -119,6 +186,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     preset=config.augment.preset,
     image_size=config.augment.image_size,
     local_batch_size=local_batch,
+    per_epoch=budget.data_steps_per_epoch,
     seed=config.seed,
     start_step=start_step,
     shuffle_buffer=config.dataset.shuffle_buffer,
@@ -136,4 +204,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   mngr.wait_until_finished()
   mngr.close()
   writer.flush()
+  if jax.process_index() == 0:
+    run_files.write_json(workdir / run_files.PRETRAINING_FILE, summary(step=int(state.step)))
   return state

@@ -381,3 +381,55 @@ def test_eval_preprocess_from_bytes_matches_decoded(encoded):
   np.testing.assert_allclose(fast, slow, rtol=0, atol=2 / 255)
   graph = _in_tf_data(lambda x: augment_presets.eval_preprocess(x, size=_SIZE), encoded)
   np.testing.assert_allclose(graph, fast, atol=1e-6)
+
+
+def _portrait_with_bottom_mark(height=390, width=320) -> np.ndarray:
+  """A dark portrait radiograph-shaped image with a bright band in its bottom 2% (the bases)."""
+  image = np.full((height, width, 1), 0.1, np.float32)
+  image[-height // 50 :] = 1.0
+  return image
+
+
+@pytest.mark.parametrize("encoded", [False, True], ids=["decoded", "jpeg"])
+def test_cxr_evaluation_keeps_the_bottom_edge(encoded):
+  image = _portrait_with_bottom_mark()
+  source = tf.constant(_encode(image, "jpeg")) if encoded else image
+  cxr = augment_presets.eval_preprocess(source, size=64, preset="cxr").numpy()
+  assert cxr[-1].mean() > 0.8  # the band survives in the last row
+  assert cxr[: 64 // 2].max() < 0.2
+  # SimCLR's centre crop (photos) drops it: the square is cut from the middle of the height.
+  photo = augment_presets.eval_preprocess(source, size=64, preset="derm").numpy()
+  assert photo.max() < 0.2
+  graph = _in_tf_data(lambda x: augment_presets.eval_preprocess(x, size=64, preset="cxr"), source)
+  np.testing.assert_allclose(graph, cxr, atol=1e-6)
+
+
+def _area_average(image: np.ndarray, factor: int) -> np.ndarray:
+  """Independent reference: the mean of each factor×factor block (exact area downsampling)."""
+  h, w, c = image.shape
+  return image.reshape(h // factor, factor, w // factor, factor, c).mean(axis=(1, 3))
+
+
+def test_large_downsamples_are_antialiased():
+  # 1-pixel lines every 4 pixels, downsampled 8×: the area average is 0.25 everywhere. Without
+  # antialiasing a bicubic resize reads the 4 pixels around each sample point and returns 0.5625.
+  _, x = np.mgrid[:256, :256]
+  checker = (x % 4 == 0).astype(np.float32)[..., None]
+  out = augment.resize_whole(checker, size=32).numpy()[..., :1]
+  np.testing.assert_allclose(out[2:-2, 2:-2], _area_average(checker, 8)[2:-2, 2:-2], atol=0.02)
+  # On a smooth image the antialiased resize stays close to the area average too.
+  coarse = np.random.default_rng(11).uniform(0, 1, (8, 8, 1)).astype(np.float32)
+  smooth = tf.image.resize(coarse, [256, 256], method="bilinear").numpy()
+  out = augment.resize_whole(smooth, size=32).numpy()[..., :1]
+  np.testing.assert_allclose(out, _area_average(smooth, 8), atol=0.02)
+  # Every training view is resized the same way (the random crop's resize is antialiased).
+  whole = augment_presets.ViewPreset(
+    crop_area_range=(1.0, 1.0),
+    crop_aspect_ratio_range=(1.0, 1.0),
+    flip=False,
+    jitter_strength=0.0,
+    grayscale_p=0.0,
+    blur_p=0.0,
+  )
+  view = augment_presets.pretrain_view(checker, _seed(), preset=whole, size=32).numpy()
+  np.testing.assert_allclose(view[2:-2, 2:-2, 0], 0.25, atol=0.02)

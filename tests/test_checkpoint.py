@@ -40,33 +40,62 @@ def test_missing_checkpoint_names_the_path(tmp_path):
     checkpoint.load_weights(tmp_path)
 
 
-def test_merge_copies_matching_leaves_and_keeps_the_rest_fresh():
-  target = {"backbone": _tree(a=(2,), b=(3,)), "head_supervised": _tree(h=(4, 5))}
-  loaded = {
-    "backbone": {k: {"kernel": v["kernel"] * 7} for k, v in target["backbone"].items()},
-    "head_supervised": _tree(h=(4, 1000)),
-    "projection_head": _tree(p=(2,)),
+def test_restore_takes_only_what_the_rule_allows():
+  target = {
+    "backbone": _tree(a=(2,), b=(3,)),
+    "projection_head": {**_tree(dense_0=(2, 2)), **_tree(dense_1=(2, 2))},
+    "head_supervised": _tree(h=(4, 5)),
   }
-  merged, restored, fresh = checkpoint.merge_pretrained(
-    target, loaded, required_prefixes=("backbone",), exact_prefixes=("backbone",)
+  # The checkpoint's supervised head has the target's very shape: it is still not restored.
+  loaded = jax_tree_map(lambda x: x * 7, target)
+  merged, report = checkpoint.restore_allowed(
+    target, loaded, checkpoint.finetune_rule(1), source="test"
   )
-  assert merged["backbone"]["a"]["kernel"][0] == 7 and sorted(restored) == [
+  assert merged["backbone"]["a"]["kernel"][0] == 7
+  assert merged["projection_head"]["dense_0"]["kernel"][0, 0] == 7
+  assert merged["projection_head"]["dense_1"]["kernel"][0, 0] == 1  # not kept: fresh
+  assert merged["head_supervised"]["h"]["kernel"][0, 0] == 1  # labelled: always fresh
+  assert sorted(report.restored) == [
     "backbone/a/kernel",
     "backbone/b/kernel",
+    "projection_head/dense_0/kernel",
   ]
-  assert merged["head_supervised"]["h"]["kernel"][0, 0] == 1  # other class count: fresh
-  assert "head_supervised/h/kernel" in fresh and "projection_head/p/kernel" in fresh
+  assert "head_supervised/h/kernel" in report.fresh and "head_supervised/h/kernel" in report.unused
 
 
-def test_merge_lists_every_mismatch():
+def test_rule_prefixes_match_whole_path_components():
+  rule = checkpoint.RestoreRule(restore=("projection_head/dense_1",))
+  assert rule.allows("projection_head/dense_1/kernel")
+  assert not rule.allows("projection_head/dense_10/kernel")
+  assert checkpoint.WHOLE_MODEL.allows("head_supervised/kernel")
+  pretrain = checkpoint.pretrain_init_rule(init_projection_head=True)
+  assert pretrain.allows("projection_head/bn_2/scale") and not pretrain.allows("head_supervised/b")
+  assert not checkpoint.pretrain_init_rule(False).allows("projection_head/dense_0/kernel")
+
+
+def test_restore_lists_every_mismatch():
   target = {"backbone": _tree(a=(2,), b=(3,))}
   loaded = {"backbone": {**_tree(a=(5,)), **_tree(extra=(1,))}}
   with pytest.raises(ValueError) as error:
-    checkpoint.merge_pretrained(
-      target, loaded, required_prefixes=("backbone",), exact_prefixes=("backbone",)
-    )
+    checkpoint.restore_allowed(target, loaded, checkpoint.finetune_rule(0), source="init_from=x")
   message = str(error.value)
-  assert "3 mismatched parameters" in message
+  assert message.startswith("init_from=x:") and "3 mismatched parameters" in message
   assert "backbone/a/kernel: expected shape (2,), checkpoint has shape (5,)" in message
   assert "backbone/b/kernel: expected shape (3,), checkpoint has none" in message
   assert "backbone/extra/kernel: in the checkpoint but not in the model" in message
+
+
+def test_a_requested_projection_head_must_match():
+  target = {"backbone": _tree(a=(2,)), "projection_head": _tree(dense_0=(2, 4))}
+  loaded = {"backbone": _tree(a=(2,)), "projection_head": _tree(dense_0=(2, 8))}
+  with pytest.raises(ValueError, match="projection_head/dense_0/kernel: expected shape"):
+    checkpoint.restore_allowed(target, loaded, checkpoint.pretrain_init_rule(True), source="x")
+  merged, report = checkpoint.restore_allowed(
+    target, loaded, checkpoint.pretrain_init_rule(False), source="x"
+  )
+  assert report.restored == ["backbone/a/kernel"]
+  assert merged["projection_head"]["dense_0"]["kernel"].shape == (2, 4)
+
+
+def jax_tree_map(fn, tree):
+  return {k: jax_tree_map(fn, v) if isinstance(v, dict) else fn(v) for k, v in tree.items()}

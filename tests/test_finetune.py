@@ -14,6 +14,7 @@ from tiny_models import tiny_spec
 from configs import finetune_cxr
 from micle_jax import (
   checkpoint,
+  evaluation,
   finetune,
   finetune_input,
   input_pipeline,
@@ -30,11 +31,17 @@ RESULT_KEYS = {
   "label_fraction",
   "seed",
   "step",
+  "train_images_seen",
   "num_train_images",
   "num_train_patients",
+  "views",
+  "eval_aggregation",
   "labels",
+  "init",
+  "pretraining",
   "eval",
 }
+HEAD_VALUE = 123.0  # what the pretraining checkpoint's supervised monitor holds
 
 
 def _config(cxr_dir, nih_dir, **overrides):
@@ -54,15 +61,19 @@ def _config(cxr_dir, nih_dir, **overrides):
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-  """Weights of a pretraining-shaped model (3 head layers), saved as an Orbax checkpoint."""
-  spec = tiny_spec(num_proj_layers=2, proj_out_dim=16)
+  """Weights of a pretraining-shaped model (2 projection layers, and a 5-way supervised monitor
+  of the fine-tuning head's very shape, as CXR pretraining trains), saved with Orbax."""
+  spec = tiny_spec(num_proj_layers=2, proj_out_dim=16, num_classes=5)
   mesh = sharding.create_mesh()
   state = train_state.create_train_state(
     models.create_model(spec), optax.sgd(0.1), seed=7, image_shape=(32, 32, 3), mesh=mesh
   )
   params = jax.device_get(state.params)
-  # Make every leaf recognisable (not an initialiser's output).
+  # Make every leaf recognisable (not an initialiser's output); the monitor holds HEAD_VALUE.
   params = jax.tree_util.tree_map(lambda x: x + 0.5, params)
+  params["head_supervised"] = jax.tree_util.tree_map(
+    lambda x: np.full_like(x, HEAD_VALUE), params["head_supervised"]
+  )
   path = tmp_path_factory.mktemp("pretrained")
   checkpoint.save_weights(path, params, jax.device_get(state.batch_stats))
   return path, params
@@ -86,11 +97,23 @@ def test_finetune_from_a_checkpoint_writes_results_with_shift(
   assert RESULT_KEYS <= set(results)
   assert json.loads((tmp_path / finetune.RESULTS_FILE).read_text()) == results
   assert set(results["eval"]) == {"in_distribution", "nih"}
+  assert results["step"] == 3 and results["train_images_seen"] == 3 * 8
+  init = results["init"]
+  assert init["source"] == "init_from" and init["step"] == 0 and init["head"] == "zeros"
+  assert "head_supervised/kernel" in init["fresh"] and "head_supervised/kernel" in init["unused"]
+  assert not any(p.startswith("head_supervised") for p in init["restored"])
+  assert "projection_head/dense_1/kernel" in init["unused"]
   for key in ("in_distribution", "nih"):
     metrics = results["eval"][key]["metrics"]
     assert set(metrics) == {"mean_auc"} | {f"auc/{n}" for n in results["labels"]}
     for value in metrics.values():
       assert {"value", "ci_low", "ci_high", "num_units", "num_bootstrap", "dropped"} <= set(value)
+    assert results["eval"][key]["views"] == "frontal"
+    preds = evaluation.load_predictions(evaluation.predictions_path(tmp_path, key))
+    assert len(preds.image_id) == results["eval"][key]["num_images"]
+    # The saved predictions reproduce the reported metric.
+    units, fn = evaluation.metrics_fn(preds, results["eval_aggregation"])
+    assert fn(np.arange(len(units)))["mean_auc"] == pytest.approx(metrics["mean_auc"]["value"])
   # lr = 0: the restored backbone and first head layer are exactly the checkpoint's.
   restored, _, _ = checkpoint.load_weights(tmp_path)
   for part in ("backbone",):
@@ -104,6 +127,64 @@ def test_finetune_from_a_checkpoint_writes_results_with_shift(
     restored["projection_head"]["dense_0"]["kernel"], params["projection_head"]["dense_0"]["kernel"]
   )
   assert "dense_1" not in restored["projection_head"]  # ft_proj_selector = 1 keeps one layer
+  # The supervised head started fresh (zeros) and, at lr = 0, stayed there.
+  assert not np.any(restored["head_supervised"]["kernel"])
+
+
+@pytest.mark.parametrize("mode,fraction", [("full", 0.25), ("full", 1.0), ("linear", 0.25)])
+def test_a_pretraining_monitor_head_never_reaches_finetuning(
+  pretrained, cxr_data_dir, nih_data_dir, tmp_path, mode, fraction
+):
+  path, params = pretrained
+  config = _config(
+    cxr_data_dir, nih_data_dir, init_from=str(path), mode=mode, label_fraction=fraction
+  )
+  model = finetune.build_model(config, 5)
+  mngr = checkpoint.manager(tmp_path)
+  state, init = finetune.initial_state(
+    config, model, finetune._optimizer(config, 0.1), mngr, sharding.create_mesh()
+  )
+  state = jax.device_get(state)
+  np.testing.assert_array_equal(state.params["head_supervised"]["kernel"], 0.0)
+  np.testing.assert_array_equal(state.params["head_supervised"]["bias"], 0.0)
+  for a, b in zip(
+    jax.tree_util.tree_leaves(state.params["backbone"]),
+    jax.tree_util.tree_leaves(params["backbone"]),
+    strict=True,
+  ):
+    np.testing.assert_array_equal(a, b)
+  assert init.report.restored and all(p.startswith("backbone/") for p in init.report.restored)
+
+
+def test_finetuning_lars_gives_the_head_plain_momentum_steps():
+  config = finetune_cxr.get_config("demo")
+  config.unlock()
+  config.optimizer.update(name="lars", weight_decay=0.0, momentum=0.9, trust_coefficient=0.001)
+  rng = np.random.default_rng(0)
+  params = {
+    "backbone": {"conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)}},
+    optim.SUPERVISED_HEAD: {
+      "kernel": jnp.asarray(rng.normal(size=(4, 5)), jnp.float32),
+      "bias": jnp.zeros(5),
+    },
+  }
+  grads = [jax.tree_util.tree_map(lambda x: jnp.asarray(rng.normal(size=x.shape)), params)] * 2
+  tx = finetune._optimizer(config, schedule=0.1)
+  opt_state, p = tx.init(params), params
+  for g in grads:
+    updates, opt_state = tx.update(g, opt_state, p)
+    p = optax.apply_updates(p, updates)
+  # Float64 reference: momentum on lr·g for the head (no trust ratio); trust-scaled backbone.
+  g_head = np.asarray(grads[0][optim.SUPERVISED_HEAD]["kernel"], np.float64)
+  expected_head = np.asarray(params[optim.SUPERVISED_HEAD]["kernel"], np.float64)
+  expected_head = expected_head - 0.1 * g_head - (0.9 * 0.1 * g_head + 0.1 * g_head)
+  np.testing.assert_allclose(p[optim.SUPERVISED_HEAD]["kernel"], expected_head, rtol=1e-5)
+  w = np.asarray(params["backbone"]["conv"]["kernel"], np.float64)
+  g = np.asarray(grads[0]["backbone"]["conv"]["kernel"], np.float64)
+  step1 = 0.1 * 0.001 * np.linalg.norm(w) / np.linalg.norm(g) * g
+  w1 = w - step1
+  step2 = 0.9 * step1 + 0.1 * 0.001 * np.linalg.norm(w1) / np.linalg.norm(g) * g
+  np.testing.assert_allclose(p["backbone"]["conv"]["kernel"], w1 - step2, rtol=1e-5)
 
 
 def test_mismatched_architecture_lists_the_parameters(

@@ -34,8 +34,8 @@ def test_simclr_on_cases_uses_one_image():
     assert int(i) == int(j)
 
 
-def _info(data_dir, name="chexpert_micle/patients", label_spec=CHEXPERT):
-  return ip.open_dataset(name, "train", data_dir, label_spec)
+def _info(data_dir, name="chexpert_micle/patients", label_spec=CHEXPERT, views="all"):
+  return ip.open_dataset(name, "train", data_dir, label_spec, views)
 
 
 def _batches(info, *, method="micle", batch=8, start_step=0, seed=0, n=3):
@@ -45,6 +45,7 @@ def _batches(info, *, method="micle", batch=8, start_step=0, seed=0, n=3):
     preset="cxr",
     image_size=32,
     local_batch_size=batch,
+    per_epoch=ip.count_split(info).examples_per_process // batch,
     seed=seed,
     start_step=start_step,
     shuffle_buffer=100,
@@ -149,5 +150,124 @@ def test_unprepared_dataset_says_how_to_prepare_it(tmp_path):
 
 
 def test_batch_larger_than_the_shard_fails_clearly(cxr_data_dir):
-  with pytest.raises(ValueError, match="batch_size too large"):
-    ip.steps_per_epoch(_info(cxr_data_dir), 1000)
+  with pytest.raises(ValueError, match="batch_size too large: the shard has 24 examples"):
+    ip.steps_per_epoch(ip.count_split(_info(cxr_data_dir)).examples, 1000, what="the shard")
+
+
+def _same_patient_pair(info):
+  """Two examples of one patient (the synthetic data has patients with several images)."""
+  by_patient = {}
+  for example in info.builder.as_dataset(split="train", shuffle_files=False):
+    by_patient.setdefault(example["patient_id"].numpy(), []).append(example)
+    if len(by_patient[example["patient_id"].numpy()]) == 2:
+      return by_patient[example["patient_id"].numpy()]
+  raise AssertionError("no patient with two images")
+
+
+def _identical_pixels(a, b):
+  """`b` with `a`'s pixels: any difference between their views then comes from the seed alone."""
+  return dict(a), dict(b, image=a["image"])
+
+
+def test_images_of_one_patient_get_their_own_augmentation(cxr_data_dir):
+  # Image-level datasets carry `case_id` too; the seed must be keyed by the image, not the case.
+  info = _info(cxr_data_dir, name="chexpert_micle/images")
+  assert info.id_feature == "image_id"
+  fn = ip.make_pair_fn(
+    method="simclr",
+    case_level=False,
+    id_feature=info.id_feature,
+    preset="cxr",
+    image_size=32,
+    seed=0,
+    label_spec=CHEXPERT,
+  )
+  a, b = _identical_pixels(*_same_patient_pair(info))
+  assert a["case_id"].numpy() == b["case_id"].numpy()
+  epoch = tf.constant(0, tf.int64)
+  out_a, out_b, again = fn(a, epoch), fn(b, epoch), fn(a, epoch)
+  for view in ("view1", "view2"):
+    assert not np.array_equal(out_a[view].numpy(), out_b[view].numpy())
+    np.testing.assert_array_equal(out_a[view].numpy(), again[view].numpy())
+  other_epoch = fn(a, tf.constant(1, tf.int64))
+  assert not np.array_equal(out_a["view1"].numpy(), other_epoch["view1"].numpy())
+
+
+def test_finetuning_images_of_one_patient_get_their_own_augmentation(cxr_data_dir):
+  from micle_jax import finetune_input
+
+  info = _info(cxr_data_dir, name="chexpert_micle/images")
+  fn = finetune_input.make_train_fn(
+    label_fn=lambda f: {},
+    preset="cxr",
+    image_size=32,
+    seed=0,
+    id_feature=info.id_feature,
+  )
+  a, b = _identical_pixels(*_same_patient_pair(info))
+  epoch = tf.constant(3, tf.int64)
+  image_a, image_b = fn(a, epoch)["image"].numpy(), fn(b, epoch)["image"].numpy()
+  assert not np.array_equal(image_a, image_b)
+  np.testing.assert_array_equal(image_a, fn(a, epoch)["image"].numpy())
+
+
+def _csv_views(data_dir):
+  """(frontal, lateral, AP, PA) image counts and per-patient frontal counts of train.csv."""
+  import csv
+  import pathlib
+
+  path = pathlib.Path(data_dir).parent / "manual" / "CheXpert-v1.0-small" / "train.csv"
+  rows = list(csv.DictReader(path.open()))
+  frontal = [r for r in rows if r["Frontal/Lateral"] == "Frontal"]
+  per_patient = {}
+  for r in rows:
+    patient = r["Path"].split("/")[2]
+    per_patient[patient] = per_patient.get(patient, 0) + (r["Frontal/Lateral"] == "Frontal")
+  counts = {
+    "frontal": len(frontal),
+    "lateral": len(rows) - len(frontal),
+    "ap": sum(r["AP/PA"] == "AP" for r in frontal),
+    "pa": sum(r["AP/PA"] == "PA" for r in frontal),
+  }
+  return counts, per_patient
+
+
+def test_view_filter_counts_match_the_csv(cxr_data_dir):
+  expected, per_patient = _csv_views(cxr_data_dir)
+  assert expected["lateral"] > 0 and expected["ap"] > 0 and expected["pa"] > 0
+  images = {v: _info(cxr_data_dir, "chexpert_micle/images", views=v) for v in ip.views.VIEWS}
+  assert ip.count_split(images["all"]).images == expected["frontal"] + expected["lateral"]
+  for view in ("frontal", "ap", "pa"):
+    counts = ip.count_split(images[view])
+    assert counts.examples == counts.images == expected[view], view
+    read = list(ip.read_examples(images[view]).as_numpy_iterator())
+    assert len(read) == expected[view]
+  cases = ip.count_split(_info(cxr_data_dir, views="frontal"))
+  assert cases.images == expected["frontal"]
+  assert cases.examples == sum(n > 0 for n in per_patient.values())
+
+
+def test_micle_pairs_only_images_that_pass_the_view_filter(cxr_data_dir):
+  _, per_patient = _csv_views(cxr_data_dir)
+  info = _info(cxr_data_dir, views="frontal")
+  counts = ip.count_split(info)
+  (epoch,) = _batches(info, batch=counts.examples, n=1)  # every kept case once
+  with_frontal = [n for n in per_patient.values() if n > 0]
+  assert epoch["multi_image"].mean() == pytest.approx(np.mean([n >= 2 for n in with_frontal]))
+
+
+def test_simclr_and_micle_get_the_same_budget(cxr_data_dir):
+  from configs import cxr
+  from micle_jax import train
+
+  budgets = {}
+  for method in ("simclr", "micle"):
+    config = cxr.get_config(f"demo,method={method}")
+    config.dataset.data_dir = cxr_data_dir
+    config.batch_size = 8
+    budgets[method] = train.plan_budget(config, local_batch=8)
+  simclr, micle = budgets["simclr"], budgets["micle"]
+  assert simclr.counts.images == micle.counts.images > micle.counts.examples
+  assert simclr.steps_per_epoch == micle.steps_per_epoch == simclr.counts.images // 8
+  assert simclr.total_steps == micle.total_steps == 15 * simclr.steps_per_epoch
+  assert micle.data_steps_per_epoch == micle.counts.examples // 8 < micle.steps_per_epoch

@@ -78,7 +78,8 @@ def _as_if_two_processes(pretrain_batches):
   """Wraps `input_pipeline.pretrain_batches` to yield the global batches of `_PROCESSES`
   processes: process p's local batch as rows [p·b, (p+1)·b), as in `make_global_batch`."""
 
-  def batches(info, *, local_batch_size, **kwargs):
+  def batches(info, *, local_batch_size, per_epoch, **kwargs):
+    del per_epoch  # this process's; each simulated process has its own
     streams = []
     for index in range(_PROCESSES):
       split = _process_split(info.split, index, _PROCESSES)
@@ -88,7 +89,10 @@ def _as_if_two_processes(pretrain_batches):
         num_examples_per_process=info.builder.info.splits[split].num_examples,
       )
       local = local_batch_size // _PROCESSES
-      streams.append(pretrain_batches(shard, local_batch_size=local, **kwargs))
+      shard_epoch = shard.num_examples_per_process // local
+      streams.append(
+        pretrain_batches(shard, local_batch_size=local, per_epoch=shard_epoch, **kwargs)
+      )
     for parts in zip(*streams, strict=True):
       yield jax.tree_util.tree_map(lambda *rows: np.concatenate(rows), *parts)
 

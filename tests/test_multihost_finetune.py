@@ -7,6 +7,7 @@ metrics of the whole split: the 2-process results are compared with this process
 devices) evaluating the same checkpoint.
 """
 
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -62,7 +63,11 @@ def test_two_processes_finetune_the_whole_subset_and_evaluate_every_example(
   results = json.loads((two_processes / finetune.RESULTS_FILE).read_text())
   config = _config(cxr_data_dir)
   info = input_pipeline.open_dataset(
-    config.dataset.name, config.dataset.train_split, cxr_data_dir, input_pipeline.LabelSpec()
+    config.dataset.name,
+    config.dataset.train_split,
+    cxr_data_dir,
+    input_pipeline.LabelSpec(),
+    config.dataset.views,
   )
   label_fn = finetune_input.make_label_fn(
     config.task, label_set=config.labels.label_set, policy=config.labels.uncertainty_policy
@@ -74,8 +79,9 @@ def test_two_processes_finetune_the_whole_subset_and_evaluate_every_example(
   written = json.loads((two_processes / finetune.TRAIN_PATIENTS_FILE).read_text())
   assert written == sorted(subset.patients)
   assert results["step"] == subset.num_examples // _BATCH_SIZE > 0
-  validation = info.builder.info.splits[config.dataset.eval_split].num_examples
-  assert results["eval"]["in_distribution"]["num_images"] == validation
+  validation = dataclasses.replace(info, split=config.dataset.eval_split)
+  frontal = input_pipeline.count_split(validation).images  # the views the config evaluates
+  assert results["eval"]["in_distribution"]["num_images"] == frontal
 
   # This process (8 devices) resumes the final checkpoint, so it only evaluates.
   here = two_processes.parent / "one_process"

@@ -29,11 +29,15 @@ def test_masks_exclude_batchnorm_and_biases():
   for mask in (decay, trust):
     assert not mask["backbone"]["bn_0"]["scale"] and not mask["backbone"]["bn_0"]["bias"]
     assert not mask["head_supervised"]["bias"]
-  # The supervised head's kernel is decayed and trust-scaled like every kernel (see optim.py).
+  # Pretraining's monitor: the head's kernel is decayed and trust-scaled like every kernel.
   assert decay["head_supervised"]["kernel"] and trust["head_supervised"]["kernel"]
+  # Fine-tuning, as SimCLR: decayed (SimCLR's explicit L2 term) but never trust-scaled.
+  decay, trust = optim.lars_masks(_params(np.random.default_rng(0)), trust_scale_head=False)
+  assert decay["head_supervised"]["kernel"] and not trust["head_supervised"]["kernel"]
+  assert trust["backbone"]["conv_0"]["kernel"] and trust["projection_head"]["dense_0"]["kernel"]
 
 
-def _reference_lars(params, grads_seq, lr, wd, eta, momentum):
+def _reference_lars(params, grads_seq, lr, wd, eta, momentum, trust_head=True):
   """Float64 LARS: decay → trust ratio → lr → momentum trace, per leaf, per the masks' rules."""
   flat_p = {
     jax.tree_util.keystr(k): np.array(v, np.float64)
@@ -50,7 +54,7 @@ def _reference_lars(params, grads_seq, lr, wd, eta, momentum):
       is_kernel = key.endswith("['kernel']")
       if is_kernel:
         g = g + wd * w
-      if is_kernel:
+      if is_kernel and (trust_head or "head_supervised" not in key):
         w_norm, g_norm = np.linalg.norm(w), np.linalg.norm(g)
         trust = eta * w_norm / g_norm if w_norm > 0 and g_norm > 0 else 1.0
         g = trust * g
@@ -59,24 +63,28 @@ def _reference_lars(params, grads_seq, lr, wd, eta, momentum):
   return flat_p
 
 
-def test_lars_step_matches_reference():
+@pytest.mark.parametrize("trust_head", [True, False])
+def test_lars_step_matches_reference(trust_head):
   rng = np.random.default_rng(1)
   params = _params(rng)
   grads_seq = [jax.tree_util.tree_map(lambda x: rng.normal(size=x.shape), params) for _ in range(3)]
   spec = optim.OptimizerSpec(name="lars", weight_decay=1e-2, momentum=0.9, trust_coefficient=0.001)
-  tx = optim.create_optimizer(spec, learning_rate=0.5)
+  tx = optim.create_optimizer(spec, learning_rate=0.5, trust_scale_head=trust_head)
   p = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
   state = tx.init(p)
   for grads in grads_seq:
     updates, state = tx.update(jax.tree_util.tree_map(jnp.float32, grads), state, p)
     p = optax.apply_updates(p, updates)
-  expected = _reference_lars(params, grads_seq, 0.5, 1e-2, 0.001, 0.9)
+  expected = _reference_lars(params, grads_seq, 0.5, 1e-2, 0.001, 0.9, trust_head=trust_head)
   for key, value in jax.tree_util.tree_leaves_with_path(p):
     np.testing.assert_allclose(value, expected[jax.tree_util.keystr(key)], rtol=1e-5, atol=1e-6)
   # BN and bias leaves moved by plain lr-scaled momentum: with η = 1e-3 the kernels barely moved.
   moved_bias = np.abs(p["backbone"]["bn_0"]["bias"] - params["backbone"]["bn_0"]["bias"]).max()
   moved_kernel = np.abs(p["backbone"]["conv_0"]["kernel"] - params["backbone"]["conv_0"]["kernel"])
   assert moved_bias > 100 * moved_kernel.max()
+  # Without the trust ratio the head's kernel takes plain momentum steps of lr·(g + wd·w).
+  head = np.abs(p["head_supervised"]["kernel"] - params["head_supervised"]["kernel"]).max()
+  assert (head > 100 * moved_kernel.max()) == (not trust_head)
 
 
 def test_zero_norm_gives_trust_one():

@@ -111,7 +111,9 @@ def test_csv_with_cases_matches_a_direct_apply(workdir, image_dir, tmp_path):
 
   views = np.stack(
     [
-      augment_presets.eval_preprocess(tf.constant((image_dir / rel).read_bytes()), size=size)
+      augment_presets.eval_preprocess(
+        tf.constant((image_dir / rel).read_bytes()), size=size, preset="derm"
+      )
       for rel, _, _ in IMAGES
     ]
   )

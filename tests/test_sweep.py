@@ -7,12 +7,13 @@ import json
 import pathlib
 import shlex
 
+import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
 
 from configs import finetune_cxr
-from micle_jax import finetune, sweep
+from micle_jax import evaluation, finetune, run_files, sweep
 
 CONFIG_FILE = str(pathlib.Path(__file__).parents[1] / "configs" / "finetune_cxr.py")
 INITS = {"scratch": "scratch", "micle": "gs://bucket/pre trained/micle"}
@@ -44,14 +45,40 @@ def fake_results(init_from: str, fraction: float, seed: int) -> dict:
     "label_fraction": fraction,
     "seed": seed,
     "step": 3,
+    "train_images_seen": 24,
     "num_train_images": int(100 * fraction),
     "num_train_patients": int(40 * fraction),
+    "views": "frontal",
+    "eval_aggregation": "image",
     "labels": ["Edema"],
+    "init": {"source": "scratch" if init_from == "scratch" else "init_from", "step": 9},
+    "pretraining": None if init_from == "scratch" else {"step": 9, "views_seen": 9 * 2 * 64},
     "eval": {
       "in_distribution": evaluation("chexpert_micle/images:validation", base, base),
       "nih": evaluation("nih_cxr14/images:test", base - 0.1, None),
     },
   }
+
+
+def fake_predictions(init: str, seed: int, eval_name: str) -> evaluation.Predictions:
+  """20 images of 8 patients; the pretrained init's scores separate the classes better."""
+  rng = np.random.default_rng([seed, len(eval_name)])
+  targets = (np.arange(20) % 2).astype(np.float32)[:, None]
+  signal = 1.0 if init == "scratch" else 2.0
+  probs = 1 / (1 + np.exp(-(signal * (targets - 0.5) + rng.normal(size=(20, 1)))))
+  ids = np.asarray([f"img{i}" for i in range(20)])
+  patients = np.asarray([f"p{i % 8}" for i in range(20)])
+  return evaluation.Predictions(
+    task="multilabel",
+    names=("Edema",),
+    image_id=ids,
+    case_id=patients,
+    patient_id=patients,
+    study_id=ids,
+    probs=probs.astype(np.float32),
+    targets=targets,
+    target_mask=np.ones_like(targets),
+  )
 
 
 def write_fake_sweep(root: pathlib.Path, fractions=(0.1, 1.0), seeds=(0, 1)) -> None:
@@ -62,6 +89,9 @@ def write_fake_sweep(root: pathlib.Path, fractions=(0.1, 1.0), seeds=(0, 1)) -> 
     (workdir / "config.json").write_text("{}")
     results = fake_results(INITS[init], fraction, seed)
     (workdir / finetune.RESULTS_FILE).write_text(json.dumps(results))
+    for eval_name in results["eval"]:
+      path = evaluation.predictions_path(workdir, eval_name)
+      evaluation.save_predictions(path, fake_predictions(init, seed, eval_name))
   unfinished = pathlib.Path(sweep.run_workdir(root, "micle", 0.5, 0))
   (unfinished / "checkpoints").mkdir(parents=True)
   (unfinished / "config.json").write_text("{}")
@@ -180,6 +210,7 @@ def test_run_skips_runs_with_results(monkeypatch, config, tmp_path):
   def fake_train_and_evaluate(cfg, workdir):
     calls.append(workdir)
     results = fake_results(cfg.init_from, cfg.label_fraction, cfg.seed)
+    results["init"]["step"] = None  # (no checkpoint at the fake gs:// init to compare with)
     pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
     (pathlib.Path(workdir) / finetune.RESULTS_FILE).write_text(json.dumps(results))
     return results
@@ -236,11 +267,53 @@ def test_write_csv_round_trips_with_empty_cells_for_null(tmp_path):
   assert sum(r["value"] == "" for r in read) == 8
 
 
-def test_main_collect_writes_the_csv(monkeypatch, tmp_path):
+def test_run_refuses_to_skip_results_of_another_config_or_init(monkeypatch, config, tmp_path):
+  (run_,) = sweep.plan(config, tmp_path, inits={"scratch": "scratch"}, fractions=[0.5], seeds=[0])
+  workdir = pathlib.Path(run_.workdir)
+  other = copy.deepcopy(run_.config)
+  other.optimizer.base_learning_rate = 0.7
+  run_files.write_config(workdir, other)
+  (workdir / finetune.RESULTS_FILE).write_text(json.dumps(fake_results("scratch", 0.5, 0)))
+  with pytest.raises(ValueError, match="cannot skip it.*optimizer.base_learning_rate"):
+    sweep.run([run_])
+  run_files.write_config(workdir, run_.config)
+  assert sweep.run([run_]) == []  # The same config: skipped.
+
+  # A pretrained init whose checkpoint moved on since the run started from it.
+  from micle_jax import checkpoint
+
+  init_dir = tmp_path / "pretrained"
+  checkpoint.save_weights(init_dir, {"w": np.zeros(2)}, {}, step=12)
+  (run_,) = sweep.plan(
+    config, tmp_path / "b", inits={"micle": str(init_dir)}, fractions=[0.5], seeds=[0]
+  )
+  run_files.write_config(run_.workdir, run_.config)
+  results = fake_results(str(init_dir), 0.5, 0)  # started from step 9
+  (pathlib.Path(run_.workdir) / finetune.RESULTS_FILE).write_text(json.dumps(results))
+  with pytest.raises(ValueError, match="from .*pretrained step 9, which is now at step 12"):
+    sweep.run([run_])
+
+
+def test_main_collect_writes_the_csv_and_the_differences(monkeypatch, capsys, tmp_path):
   write_fake_sweep(tmp_path)
-  _main(monkeypatch, "collect", f"--root={tmp_path}")
+  _main(monkeypatch, "collect", f"--root={tmp_path}", "--bootstrap_samples=50")
   with open(tmp_path / "results.csv", newline="") as f:
-    assert len(list(csv.DictReader(f))) == 32
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 32
+  micle = next(r for r in rows if r["init"] == "micle")
+  assert (micle["train_steps"], micle["pretrain_steps"], micle["pretrain_views_seen"]) == (
+    "3",
+    "9",
+    str(9 * 2 * 64),
+  )
+  with open(tmp_path / sweep.DIFFERENCES_FILE, newline="") as f:
+    diffs = list(csv.DictReader(f))
+  # evals × fractions × metrics (mean_auc, auc/Edema) × one comparison (micle − scratch)
+  assert len(diffs) == 2 * 2 * 2 and tuple(diffs[0]) == sweep.differences.COLUMNS
+  assert {(d["init"], d["baseline"], d["seeds"]) for d in diffs} == {("micle", "scratch", "2")}
+  out = capsys.readouterr().out
+  assert "pretrain views" in out and "Paired differences" in out
+  assert "micle    scratch" in out
   with pytest.raises(FileNotFoundError):
     sweep.collect(tmp_path / "missing")
 

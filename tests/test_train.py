@@ -3,6 +3,7 @@ stops cleanly on SIGTERM, guards against NaN, and honours init_from."""
 
 import json
 import os
+import shutil
 import signal
 
 import jax
@@ -90,12 +91,25 @@ def test_sigterm_saves_and_resume_is_bit_identical(
   _assert_trees_equal(resumed.opt_state, expected.opt_state)
 
 
-def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(cxr_data_dir, tmp_path):
+def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+  cxr_data_dir, tmp_path, monkeypatch
+):
   first = train.train_and_evaluate(_config(cxr_data_dir, max_steps_per_run=2), str(tmp_path))
   assert int(first.step) == 2
-  bad = _config(cxr_data_dir, **{"optimizer.base_learning_rate": float("nan")})
+  compile_step = steps.compile_pretrain_step
+
+  def compile_with_nan(*args, **kwargs):
+    step_fn = compile_step(*args, **kwargs)
+
+    def step_then_nan(state, batch):
+      state, metrics = step_fn(state, batch)
+      return state, dict(metrics, loss=metrics["loss"] * float("nan"))
+
+    return step_then_nan
+
+  monkeypatch.setattr(steps, "compile_pretrain_step", compile_with_nan)
   with pytest.raises(FloatingPointError, match="at step 3 .*last good checkpoint is step 2"):
-    train.train_and_evaluate(bad, str(tmp_path))
+    train.train_and_evaluate(_config(cxr_data_dir), str(tmp_path))
   params, _, step = checkpoint.load_weights(tmp_path)
   assert step == 2
   assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
@@ -111,9 +125,34 @@ def test_init_from_loads_the_pretrained_weights(uninterrupted, cxr_data_dir, tmp
     **{"optimizer.base_learning_rate": 0.0},
   )
   state = jax.device_get(train.train_and_evaluate(config, str(tmp_path)))
-  # lr = 0: the step leaves the parameters as loaded (BatchNorm statistics still move).
-  _assert_trees_equal(state.params, source.params)
+  # lr = 0: the step leaves the parameters as loaded (BatchNorm statistics still move) ...
+  for part in ("backbone", "projection_head"):
+    _assert_trees_equal(state.params[part], source.params[part])
+  # ... but the supervised monitor, trained on labels, is never carried over.
+  assert not np.array_equal(
+    state.params["head_supervised"]["kernel"], source.params["head_supervised"]["kernel"]
+  )
   assert int(state.step) == 1  # the optimizer and step start fresh
+  summary = json.loads((tmp_path / "pretraining.json").read_text())["init"]
+  assert summary["source"] == "init_from" and summary["step"] == 6
+  assert "head_supervised/kernel" in summary["fresh"]
+
+
+def test_resuming_under_another_config_fails_naming_the_keys(uninterrupted, cxr_data_dir, tmp_path):
+  source_dir, _ = uninterrupted
+  shutil.copytree(source_dir, tmp_path / "run")
+  changed = _config(cxr_data_dir, seed=5, **{"optimizer.base_learning_rate": 0.5})
+  with pytest.raises(ValueError, match=r"cannot resume.*optimizer.base_learning_rate.*seed"):
+    train.train_and_evaluate(changed, str(tmp_path / "run"))
+
+
+def test_pretraining_records_its_budget(uninterrupted):
+  workdir, _ = uninterrupted
+  summary = json.loads((workdir / "pretraining.json").read_text())
+  assert summary["step"] == summary["total_steps"] == 6
+  assert summary["pairs_seen"] == 6 * 8 and summary["views_seen"] == 2 * 6 * 8
+  assert summary["num_images"] > summary["num_examples"]  # MICLe: cases hold several images
+  assert summary["init"]["source"] == "scratch"
 
 
 def test_init_from_a_different_architecture_names_the_parameters(
