@@ -104,11 +104,18 @@ def _resize_to_rgb(image: tf.Tensor, size: int) -> tf.Tensor:
   Antialiasing widens the cubic kernel by the downsampling factor, so a large downsample (an NIH
   1024² radiograph to 224², say) averages the pixels it covers instead of sampling a few of them:
   without it, fine texture aliases into patterns that differ between datasets only because
-  their resolutions do. Upsampling is unaffected.
+  their resolutions do. It changes nothing when upsampling, where the plain (3× cheaper) bicubic
+  runs instead.
   """
-  image = tf.image.resize(
-    _to_float(image), [size, size], method=tf.image.ResizeMethod.BICUBIC, antialias=True
-  )
+  image = _to_float(image)
+  shape = tf.shape(image)
+
+  def resize(antialias: bool) -> tf.Tensor:
+    method = tf.image.ResizeMethod.BICUBIC
+    return tf.image.resize(image, [size, size], method=method, antialias=antialias)
+
+  shrinks = tf.logical_or(shape[0] > size, shape[1] > size)
+  image = tf.cond(shrinks, lambda: resize(True), lambda: resize(False))
   return _ensure_rgb(tf.clip_by_value(image, 0.0, 1.0))
 
 
