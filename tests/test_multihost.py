@@ -40,7 +40,7 @@ _OVERRIDES = {
   "optimizer.warmup_epochs": 1.0,
   "optimizer.base_learning_rate": 0.01,
 }
-_ATOL = 1e-5
+_RTOL = 5e-3  # summation order across 2 × 4 vs 8 devices: up to 1.1e-3 seen (AVX-512 VM)
 
 
 def _settings(data_dir: str, **overrides) -> dict:
@@ -121,13 +121,27 @@ def _losses(workdir: pathlib.Path) -> dict[int, float]:
   return losses
 
 
-def _assert_trees_close(a, b):
-  for (path, x), y in zip(
-    jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b), strict=True
+def _assert_trees_close(a, b, start=None):
+  """Leaf by leaf, ‖a − b‖ ≤ _RTOL · ‖b − start‖ (the change both runs made since `start`), or
+  ≤ _RTOL · ‖b‖ without `start`.
+
+  Norm-wise, because elementwise tolerances fail on near-zero elements (a BatchNorm bias of 4e-3
+  whose gradient changes sign differs by 1% between summation orders), and relative to the
+  change, because that is what two runs of the same steps must agree on: were one process's
+  gradients lost, the change would differ by about half of itself.
+  """
+  starts = (
+    jax.tree_util.tree_leaves(start)
+    if start is not None
+    else [None] * len(jax.tree_util.tree_leaves(b))
+  )
+  for (path, x), y, s in zip(
+    jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b), starts, strict=True
   ):
-    np.testing.assert_allclose(
-      np.asarray(x), np.asarray(y), rtol=0, atol=_ATOL, err_msg=jax.tree_util.keystr(path)
-    )
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    scale = np.linalg.norm(y - np.asarray(s, np.float64)) if s is not None else np.linalg.norm(y)
+    error = np.linalg.norm(x - y)
+    assert error <= _RTOL * scale + 1e-9, (jax.tree_util.keystr(path), error, scale)
 
 
 def _restore_here(workdir: pathlib.Path, like) -> dict:
@@ -184,7 +198,7 @@ def test_process_shards_read_each_example_once(cxr_data_dir):
 
 
 @pytest.mark.slow
-def test_two_processes_resume_and_train_as_one(two_processes, one_process):
+def test_two_processes_resume_and_train_as_one(two_processes, one_process, step_one):
   one_dir, expected = one_process
   losses, expected_losses = _losses(two_processes), _losses(one_dir)
   assert sorted(losses) == sorted(expected_losses) == [1, 2, 3, 4]
@@ -193,13 +207,16 @@ def test_two_processes_resume_and_train_as_one(two_processes, one_process):
   )
   # The 2-process checkpoint restores in this 1-process, 8-device process.
   restored = _restore_here(two_processes, expected)
+  start = _restore_here(step_one, expected)
   assert int(restored["step"]) == int(expected.step) == 4
-  for key in ("params", "batch_stats", "opt_state"):
-    _assert_trees_close(restored[key], getattr(expected, key))
+  for key in ("params", "batch_stats"):
+    _assert_trees_close(restored[key], getattr(expected, key), start[key])
+  _assert_trees_close(restored["opt_state"], expected.opt_state)
 
 
 @pytest.mark.slow
-def test_load_weights_reads_a_two_process_checkpoint(two_processes, one_process):
+def test_load_weights_reads_a_two_process_checkpoint(two_processes, one_process, step_one):
   params, _, step = checkpoint.load_weights(two_processes)
   assert step == 4
-  _assert_trees_close(params, one_process[1].params)
+  start, _, _ = checkpoint.load_weights(step_one)
+  _assert_trees_close(params, one_process[1].params, start)
