@@ -15,18 +15,30 @@ from data_builders import synthetic
 LAYOUTS = ("chexpert", "ham10000", "nih")
 
 
-def write(layout: str, out: str, *, seed: int = 0, num_cases: int = 300, image_size: int = 96):
+def write(
+  layout: str,
+  out: str,
+  *,
+  seed: int = 0,
+  num_cases: int = 300,
+  image_size: int = 96,
+  num_valid_cases: int = -1,
+  test_fraction: float = 0.2,
+):
   """Writes `layout` ('chexpert', 'ham10000' or 'nih') to `out`; returns the writer's counts.
 
-  `num_cases` is the number of patients (chexpert, nih) or lesions (ham10000).
+  `num_cases` is the number of patients (chexpert, nih) or lesions (ham10000);
+  `num_valid_cases` the CheXpert validation patients (-1: num_cases // 10); `test_fraction` the
+  NIH patients in the test list.
   """
   common = dict(seed=seed, image_size=image_size)
   if layout == "chexpert":
-    return synthetic.write_chexpert(out, num_patients=num_cases, **common)
+    valid = None if num_valid_cases < 0 else num_valid_cases
+    return synthetic.write_chexpert(out, num_patients=num_cases, num_valid_patients=valid, **common)
   if layout == "ham10000":
     return synthetic.write_ham10000(out, num_lesions=num_cases, **common)
   if layout == "nih":
-    return synthetic.write_nih(out, num_patients=num_cases, **common)
+    return synthetic.write_nih(out, num_patients=num_cases, test_fraction=test_fraction, **common)
   raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
 
 
@@ -40,6 +52,8 @@ def _main(argv: list[str]) -> None:
     seed=values.seed,
     num_cases=values.num_cases,
     image_size=values.image_size,
+    num_valid_cases=values.num_valid_cases,
+    test_fraction=values.test_fraction,
   )
   logging.info("Wrote synthetic %s to %s: %s", values.layout, values.out, counts)
   print(counts)
@@ -52,4 +66,6 @@ if __name__ == "__main__":
   flags.DEFINE_integer("seed", 0, "Same seed -> byte-identical files.")
   flags.DEFINE_integer("num_cases", 300, "Patients (chexpert, nih) or lesions (ham10000).")
   flags.DEFINE_integer("image_size", 96, "Typical image height in pixels.")
+  flags.DEFINE_integer("num_valid_cases", -1, "chexpert: validation patients (-1: num_cases/10).")
+  flags.DEFINE_float("test_fraction", 0.2, "nih: fraction of patients in test_list.txt.")
   app.run(_main)

@@ -3,6 +3,8 @@
 The layout (paths, header, cell formats) is exactly the real one, so the real builder reads it.
 The structure (patients, studies, views) depends only on the counts, so the documented numbers
 hold for every seed; the seed picks appearances, labels and pixels. Same seed -> same bytes.
+Which findings a patient's studies show follows `findings.py` (chronic findings persist across a
+patient's studies, acute ones do not); the CSV cells then code them as CheXpert does.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import pathlib
 
 import numpy as np
 
-from data_builders.synthetic import cxr, drawing
+from data_builders.synthetic import cxr, drawing, findings
 
 ROOT = "CheXpert-v1.0-small"
 HEADER = (
@@ -49,11 +51,14 @@ def _structure(num_patients: int, study_probs: tuple[float, ...]) -> list[list[i
   return [[1 + int(rng.uniform() < 0.4) for _ in range(n)] for n in num_studies]
 
 
-def _study_labels(rng: np.random.Generator, *, valid: bool) -> tuple[dict[str, str], dict]:
-  """Returns (cell text per observation, finding strengths to draw) for one study."""
+def _study_labels(
+  rng: np.random.Generator, shown: dict[str, bool], *, valid: bool
+) -> tuple[dict[str, str], dict]:
+  """Returns (cell text per observation, finding strengths to draw) for one study showing
+  `shown` ({finding: present}, from `findings.sample_study`)."""
   cells, strengths = {}, {}
   for name in COMPETITION + ("Support Devices",):
-    positive = rng.uniform() < (0.3 if name in COMPETITION else 0.25)
+    positive = shown[name]
     if valid:
       cells[name] = "1.0" if positive else "0.0"
     elif positive:
@@ -87,10 +92,13 @@ def _write_split(
   for offset, study_views in enumerate(structure):
     patient = f"patient{first_patient + offset:05d}"
     anatomy = cxr.sample_anatomy(rng)
+    chronic = findings.sample_patient(rng)
     sex = str(rng.choice(["Male", "Female", "Unknown"], p=[0.55, 0.44, 0.01]))
     age = int(rng.integers(18, 91))
+    shown = None
     for study, num_views in enumerate(study_views, start=1):
-      cells, strengths = _study_labels(rng, valid=split == "valid")
+      shown = findings.sample_study(rng, chronic, shown)
+      cells, strengths = _study_labels(rng, shown, valid=split == "valid")
       for view in range(1, num_views + 1):
         lateral = view == 2
         height = int(image_size + rng.integers(-14, 15))
@@ -123,7 +131,8 @@ def write_chexpert(
   Train patients have 1-3 studies (45/35/20%); each study has a frontal view and, 40% of the
   time, a lateral one. Valid patients (numbered after the train ones, as in the real release)
   have one study and only 0/1 labels. The default (300 + 30 patients, ~96 px) writes 516 train
-  studies with 715 images and 30 valid studies with 45 images, in about 5 s.
+  studies with 715 images and 30 valid studies with 45 images, in about 5 s. Findings follow
+  `findings.py`.
 
   Args:
     out_dir: the folder that will contain `CheXpert-v1.0-small/` (the builder's manual dir).

@@ -30,33 +30,49 @@ VISIBLE_FINDINGS = (
 
 @dataclasses.dataclass(frozen=True)
 class Anatomy:
-  """Appearance shared by all images of one patient."""
+  """Geometry shared by all images of one patient."""
 
   body: float  # overall body size
   lung_width: float
   lung_height: float
   lung_gap: float
   heart: float  # heart size before any cardiomegaly
-  tissue: float  # soft-tissue brightness
-  air: float  # lung brightness
   rib_frequency: float
-  gamma: float
   side: int  # side of most unilateral findings, -1 or +1
 
 
+@dataclasses.dataclass(frozen=True)
+class Exposure:
+  """How one image was acquired: drawn afresh for every image (a per-image nuisance)."""
+
+  tissue: float  # soft-tissue brightness
+  air: float  # lung brightness
+  gamma: float
+  gain: float
+  noise: float  # standard deviation of the additive pixel noise
+
+
 def sample_anatomy(rng: np.random.Generator) -> Anatomy:
-  """Draws one patient's anatomy and intensity profile."""
+  """Draws one patient's anatomy."""
   return Anatomy(
     body=rng.uniform(0.85, 1.05),
     lung_width=rng.uniform(0.24, 0.32),
     lung_height=rng.uniform(0.48, 0.62),
     lung_gap=rng.uniform(0.08, 0.13),
-    heart=rng.uniform(0.85, 1.05),
-    tissue=rng.uniform(0.45, 0.62),
-    air=rng.uniform(0.08, 0.2),
+    heart=rng.uniform(0.9, 1.0),
     rib_frequency=rng.uniform(4.5, 6.0),
-    gamma=rng.uniform(0.8, 1.25),
     side=int(rng.choice([-1, 1])),
+  )
+
+
+def sample_exposure(rng: np.random.Generator) -> Exposure:
+  """Draws one image's exposure: contrast between tissue and air, gamma and overall gain."""
+  return Exposure(
+    tissue=rng.uniform(0.4, 0.65),
+    air=rng.uniform(0.05, 0.25),
+    gamma=rng.uniform(0.7, 1.4),
+    gain=rng.uniform(0.85, 1.15),
+    noise=rng.uniform(0.01, 0.04),
   )
 
 
@@ -75,46 +91,46 @@ def _lungs(y, x, a: Anatomy, findings: Mapping[str, float]) -> tuple[np.ndarray,
   return total, sides
 
 
-def _frontal(y, x, a: Anatomy, findings: Mapping[str, float], rng) -> np.ndarray:
+def _frontal(y, x, a: Anatomy, e: Exposure, findings: Mapping[str, float], rng) -> np.ndarray:
   body = drawing.soft_ellipse(y, x, (0.1, 0.0), (1.1 * a.body, 0.78 * a.body), 0.06)
-  image = 0.04 + (a.tissue - 0.04) * body
+  image = 0.04 + (e.tissue - 0.04) * body
   lungs, sides = _lungs(y, x, a, findings)
   ribs = np.maximum(0.0, np.cos(2 * np.pi * a.rib_frequency * (y + 0.3 * x**2) / 2)) ** 6
-  image = image - (a.tissue - a.air) * lungs + 0.08 * ribs * lungs
+  image = image - (e.tissue - e.air) * lungs + 0.08 * ribs * lungs
   spine = drawing.sigmoid((0.07 - np.abs(x)) / 0.015) * body
-  image = np.maximum(image, 0.62 * spine) + _lung_findings(y, x, sides, lungs, a, findings, rng)
-  heart_scale = a.heart * (1.0 + 0.5 * findings.get("Cardiomegaly", 0.0))
+  image = np.maximum(image, 0.62 * spine) + _lung_findings(y, x, sides, lungs, a, e, findings, rng)
+  heart_scale = a.heart * (1.0 + 0.7 * findings.get("Cardiomegaly", 0.0))
   heart = drawing.soft_ellipse(
-    y, x, (0.28 * a.body, 0.1 * a.body), (0.26 * a.heart * a.body, 0.27 * heart_scale * a.body)
+    y, x, (0.22 * a.body, 0.1 * a.body), (0.26 * a.heart * a.body, 0.27 * heart_scale * a.body)
   )
   return image * (1 - heart) + 0.66 * heart
 
 
-def _lateral(y, x, a: Anatomy, findings: Mapping[str, float], rng) -> np.ndarray:
+def _lateral(y, x, a: Anatomy, e: Exposure, findings: Mapping[str, float], rng) -> np.ndarray:
   body = drawing.soft_ellipse(y, x, (0.1, 0.0), (1.1 * a.body, 0.62 * a.body), 0.06)
-  image = 0.04 + (a.tissue - 0.04) * body
+  image = 0.04 + (e.tissue - 0.04) * body
   center, radii = (-0.05 * a.body, 0.0), (0.66 * a.lung_height / 0.55 * a.body, 0.45 * a.body)
   dome = center[0] + 0.7 * radii[0] - 0.15 * (1 - (x / radii[1]) ** 2)
   lung = drawing.soft_ellipse(y, x, center, radii) * drawing.sigmoid((dome - y) / 0.03)
-  image = image - (a.tissue - a.air) * lung
+  image = image - (e.tissue - e.air) * lung
   spine = drawing.sigmoid((0.08 - np.abs(x - 0.45 * a.body)) / 0.015) * body
   image = np.maximum(image, 0.6 * spine * (0.8 + 0.2 * np.cos(14 * y) ** 2))
-  image = image + _lung_findings(y, x, [(lung, center, radii)], lung, a, findings, rng)
-  heart_scale = a.heart * (1.0 + 0.45 * findings.get("Cardiomegaly", 0.0))
+  image = image + _lung_findings(y, x, [(lung, center, radii)], lung, a, e, findings, rng)
+  heart_scale = a.heart * (1.0 + 0.6 * findings.get("Cardiomegaly", 0.0))
   heart = drawing.soft_ellipse(
     y, x, (0.25 * a.body, -0.2 * a.body), (0.27 * a.heart * a.body, 0.22 * heart_scale * a.body)
   )
   return image * (1 - heart) + 0.64 * heart
 
 
-def _lung_findings(y, x, sides, lungs, a: Anatomy, findings, rng) -> np.ndarray:
+def _lung_findings(y, x, sides, lungs, a: Anatomy, e: Exposure, findings, rng) -> np.ndarray:
   """Returns the brightness added inside the lungs by effusion, consolidation, edema, etc."""
   added = np.zeros_like(y)
   mask, center, radii = sides[0] if len(sides) == 1 or a.side < 0 else sides[1]
   if (s := findings.get("Pleural Effusion", 0.0)) > 0:
-    level = center[0] + radii[0] * (0.75 - 0.5 * s) - 0.12 * ((x - center[1]) / radii[1]) ** 2
+    level = center[0] + radii[0] * (0.6 - 0.65 * s) - 0.12 * ((x - center[1]) / radii[1]) ** 2
     fluid = drawing.sigmoid((y - level) / 0.025) * mask
-    added += (a.tissue + 0.05 - a.air) * fluid
+    added += (e.tissue + 0.05 - e.air) * fluid
   if (s := findings.get("Consolidation", 0.0)) > 0:
     patch = drawing.smooth_noise(rng, y.shape, 8)
     for _ in range(rng.integers(2, 4)):
@@ -145,21 +161,23 @@ def render(
   height: int,
   width: int,
   rng: np.random.Generator,
-  noise: float = 0.02,
 ) -> np.ndarray:
   """Draws one chest X-ray as uint8 [height, width, 1].
 
   Args:
-    anatomy: the patient's appearance (shared across their images).
+    anatomy: the patient's geometry (shared across their images).
     findings: finding name (see `VISIBLE_FINDINGS`) -> strength in [0, 1]; others are ignored.
     lateral: draw a lateral view instead of a frontal one.
     height: image height in pixels.
     width: image width in pixels.
-    rng: source of the per-image shift/rotation/zoom, brightness and noise.
-    noise: standard deviation of the additive pixel noise.
+    rng: source of the per-image exposure and noise (`sample_exposure`) and of the patient's
+      positioning on this image (shift, rotation, zoom).
   """
-  y, x = drawing.jitter(*drawing.grid(height, width), rng)
+  exposure = sample_exposure(rng)
+  y, x = drawing.jitter(
+    *drawing.grid(height, width), rng, max_shift=0.12, max_degrees=12.0, zoom=(0.85, 1.15)
+  )
   draw = _lateral if lateral else _frontal
-  image = np.clip(draw(y, x, anatomy, findings, rng), 0.0, 1.0) ** anatomy.gamma
-  image = image * rng.uniform(0.9, 1.1) + rng.normal(0.0, noise, image.shape)
+  image = np.clip(draw(y, x, anatomy, exposure, findings, rng), 0.0, 1.0) ** exposure.gamma
+  image = image * exposure.gain + rng.normal(0.0, exposure.noise, image.shape)
   return drawing.to_uint8(image)

@@ -1,7 +1,18 @@
 """Synthetic dermoscopy-like skin lesions whose colour, shape and texture depend on the class.
 
-A case (one lesion) has a fixed skin tone, lesion shape and size; its images differ by rotation,
-shift, zoom and brightness, as repeat photographs of one lesion do.
+The generative model, and why each factor is there (MICLe's positive pair is two photographs of
+one lesion, SimCLR's two augmentations of one photograph):
+
+- **Per class** (`CLASS_STYLE`): colour, border irregularity, texture strength and asymmetry,
+  plus a pale centre (df) or vessels (bcc): the diagnostic signal, which every image of a lesion
+  shares.
+- **Per lesion** (`Lesion`, drawn once per case): skin tone, radius, border wobble, elongation
+  and the texture pattern itself. Shared by a case's images, so they agree on more than the
+  class: an identity signal that instance discrimination can use and diagnosis cannot.
+- **Per image** (`render`): rotation (any angle), shift, zoom (0.85-1.15), skin mottling,
+  overall brightness (±12%) and sensor noise, as repeat photographs of one lesion differ. These
+  are the nuisances MICLe's pairs teach invariance to without augmentation having to imitate
+  them. No hair or ruler artefacts are drawn.
 """
 
 from __future__ import annotations

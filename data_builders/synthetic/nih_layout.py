@@ -1,7 +1,10 @@
 """Writes a synthetic NIH ChestX-ray14 download: Data_Entry CSV, split lists and PNG folders.
 
-NIH images come out square, all the same size and with a different intensity profile from the
-CheXpert ones (a mild distribution shift, as between the real sets).
+NIH images come out square, all the same size, frontal only and with a different intensity
+profile from the CheXpert ones (a mild distribution shift, as between the real sets). The five
+CheXpert competition conditions follow the same generative model as the CheXpert writer
+(`findings.py`: chronic findings persist across a patient's follow-ups, acute ones do not); the
+other NIH findings appear independently in 3% of images each.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import pathlib
 
 import numpy as np
 
-from data_builders.synthetic import cxr, drawing
+from data_builders.synthetic import cxr, drawing, findings
 
 HEADER = (
   "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
@@ -21,15 +24,10 @@ FINDINGS = (
     "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis",
     "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax",
 )  # fmt: skip
-PREVALENCE = {
-  "Atelectasis": 0.15,
-  "Cardiomegaly": 0.1,
-  "Consolidation": 0.08,
-  "Edema": 0.06,
-  "Effusion": 0.15,
-}
+OTHER_PREVALENCE = 0.03  # each NIH finding outside the five competition conditions
 # NIH finding -> what cxr.render draws for it.
 _DRAWN_AS = {"Effusion": "Pleural Effusion", "Mass": "Nodule", "Nodule": "Nodule"}
+_NIH_NAME = {"Pleural Effusion": "Effusion"}  # findings.py name -> NIH name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,9 +39,21 @@ class Counts:
   test_images: int
 
 
-def _findings(rng: np.random.Generator) -> list[str]:
-  found = [name for name in FINDINGS if rng.uniform() < PREVALENCE.get(name, 0.03)]
-  return found or ["No Finding"]
+def _findings(rng: np.random.Generator, shown: dict[str, bool]) -> tuple[list[str], dict]:
+  """(NIH finding labels, strengths to draw) of one image showing `shown` (`findings.py`)."""
+  modelled = {_NIH_NAME.get(name, name) for name, present in shown.items() if present}
+  found = [
+    name
+    for name in FINDINGS
+    if name in modelled or (name not in _COMPETITION and rng.uniform() < OTHER_PREVALENCE)
+  ]
+  strengths = {_DRAWN_AS.get(f, f): 1.0 for f in found}
+  if shown["Support Devices"]:  # drawn (a tube), but NIH has no label for it
+    strengths["Support Devices"] = 1.0
+  return found or ["No Finding"], strengths
+
+
+_COMPETITION = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion")
 
 
 def write_nih(
@@ -80,12 +90,14 @@ def write_nih(
   rows, train_val, test = [], [], []
   for patient in range(1, num_patients + 1):
     anatomy = cxr.sample_anatomy(rng)
+    chronic = findings.sample_patient(rng)
     age, sex = int(rng.integers(18, 90)), str(rng.choice(["M", "F"]))
     in_test = rng.uniform() < test_fraction
+    shown = None
     for follow_up in range(int(rng.integers(1, 5))):
       name = f"{patient:08d}_{follow_up:03d}.png"
-      found = _findings(rng)
-      strengths = {_DRAWN_AS.get(f, f): 1.0 for f in found}
+      shown = findings.sample_study(rng, chronic, shown)
+      found, strengths = _findings(rng, shown)
       image = cxr.render(
         anatomy, strengths, lateral=False, height=image_size, width=image_size, rng=rng
       )

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from data_builders import build, common, synthetic
 from data_builders.synthetic import __main__ as synthetic_main
-from data_builders.synthetic import chexpert_layout, ham10000_layout, nih_layout
+from data_builders.synthetic import chexpert_layout, demo, findings, ham10000_layout, nih_layout
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -162,3 +166,123 @@ def test_build_run_prints_bad_input_as_one_line(tmp_path, capsys):
   assert code == 1
   last_line = capsys.readouterr().err.splitlines()[-1]  # After TFDS's progress bars.
   assert last_line.startswith(f"error: {csv_path}, line 1: missing required column(s)")
+
+
+def test_findings_model_persistence_carry_over_and_prevalence():
+  rng = np.random.default_rng(0)
+  num_patients, num_studies = 20_000, 3
+  chronic = [findings.sample_patient(rng) for _ in range(num_patients)]
+  studies = []
+  for has in chronic:
+    shown, series = None, []
+    for _ in range(num_studies):
+      shown = findings.sample_study(rng, has, shown)
+      series.append(shown)
+    studies.append(series)
+  for name, prevalence in findings.CHRONIC.items():
+    has = np.array([name in c for c in chronic])
+    shown = np.array([[s[name] for s in series] for series in studies])
+    assert abs(has.mean() - prevalence) < 0.015, name
+    assert abs(shown[has].mean() - findings.PERSISTENCE) < 0.01, name
+    assert not shown[~has].any(), name  # never shown by a patient who does not have it
+    assert abs(shown.mean() - findings.study_prevalence(name)) < 0.015, name
+  for name, prevalence in findings.ACUTE.items():
+    shown = np.array([[s[name] for s in series] for series in studies])
+    for k in range(num_studies):  # the same prevalence at every study (the chain is stationary)
+      assert abs(shown[:, k].mean() - prevalence) < 0.015, (name, k)
+    after_positive = shown[:, 1:][shown[:, :-1]]
+    expected = findings.CARRY_OVER + (1 - findings.CARRY_OVER) * prevalence
+    assert abs(after_positive.mean() - expected) < 0.03, name
+
+
+def _nih_follow_up_series(folder: pathlib.Path) -> dict[str, list[set[str]]]:
+  rows = common.read_csv(folder / "Data_Entry_2017_v2020.csv", nih_layout.HEADER.split(","))
+  series: dict[str, list[tuple[int, set[str]]]] = {}
+  for row in rows:
+    labels = set(row["Finding Labels"].split("|"))
+    series.setdefault(row["Patient ID"], []).append((int(row["Follow-up #"]), labels))
+  return {p: [labels for _, labels in sorted(s)] for p, s in series.items()}
+
+
+def _rate_after_positive(series: dict[str, list[set[str]]], names) -> float:
+  after = [
+    name in later
+    for studies in series.values()
+    for earlier, later in zip(studies[:-1], studies[1:], strict=True)
+    for name in names
+    if name in earlier
+  ]
+  return float(np.mean(after))
+
+
+def test_nih_writer_follows_the_findings_model(tmp_path):
+  counts = synthetic.write_nih(tmp_path, num_patients=400, seed=0, image_size=16, test_fraction=0.5)
+  series = _nih_follow_up_series(tmp_path)
+  assert len(series) == counts.patients == 400
+  test_patients = {n.split("_")[0] for _, n in common.read_lines(tmp_path / "test_list.txt")}
+  assert 0.42 < len(test_patients) / 400 < 0.58
+  # A chronic finding seen at one follow-up is seen at the next 90% of the time; an acute one
+  # 0.5 + 0.5 × 0.2 = 60% of the time (findings.py).
+  assert _rate_after_positive(series, ("Cardiomegaly", "Effusion")) > 0.8
+  assert 0.45 < _rate_after_positive(series, ("Atelectasis", "Consolidation", "Edema")) < 0.75
+  images = [labels for studies in series.values() for labels in studies]
+  for nih_name, name in [("Cardiomegaly", "Cardiomegaly"), ("Effusion", "Pleural Effusion")]:
+    rate = np.mean([nih_name in labels for labels in images])
+    assert abs(rate - findings.study_prevalence(name)) < 0.06, nih_name
+  assert np.mean(["Hernia" in labels for labels in images]) < 0.08
+
+
+def test_chexpert_writer_follows_the_findings_model(tmp_path):
+  counts = synthetic.write_chexpert(
+    tmp_path, num_patients=400, num_valid_patients=300, seed=0, image_size=24
+  )
+  assert (counts.train_patients, counts.valid_patients, counts.valid_studies) == (400, 300, 300)
+  valid = _csv(tmp_path / chexpert_layout.ROOT / "valid.csv")
+  header, rows = valid[0], valid[1:]
+  assert len(rows) == counts.valid_images
+  first_view = {}
+  for row in rows:  # one study per valid patient; its frontal and lateral rows share the labels
+    first_view.setdefault(row[0].rsplit("/", 1)[0], row)
+  assert len(first_view) == 300
+  for name in ("Cardiomegaly", "Pleural Effusion", "Atelectasis", "Edema"):
+    rate = np.mean([r[header.index(name)] == "1.0" for r in first_view.values()])
+    assert abs(rate - findings.study_prevalence(name)) < 0.07, name
+  # Train cells code a finding as "1.0" 80% of the time (else uncertain); per study.
+  train = _csv(tmp_path / chexpert_layout.ROOT / "train.csv")
+  header, rows = train[0], train[1:]
+  series: dict[str, dict[str, set[str]]] = {}
+  for row in rows:
+    _, _, patient, study, _ = row[0].split("/")
+    series.setdefault(patient, {})[study] = {n for n in header[5:] if row[header.index(n)] == "1.0"}
+  ordered = {p: [s[k] for k in sorted(s)] for p, s in series.items()}
+  chronic = _rate_after_positive(ordered, tuple(findings.CHRONIC))
+  acute = _rate_after_positive(ordered, tuple(findings.ACUTE))
+  assert chronic > 0.6 and acute < 0.6 and chronic - acute > 0.12, (chronic, acute)
+
+
+def test_demo_data_is_rebuilt_only_when_its_stamp_changes(tmp_path):
+  sizes = {"nih": {"num_patients": 6, "test_fraction": 0.5, "seed": 0, "image_size": 16}}
+  assert demo.ensure(tmp_path, ["nih"], sizes) == {"nih": True}
+  built = tmp_path / "tensorflow_datasets" / "nih_cxr14" / "images"
+  stamp = json.loads((tmp_path / "manual" / "nih" / demo.STAMP).read_text())
+  assert stamp == {"layout": "nih", "arguments": sizes["nih"], "version": demo.GENERATOR_VERSION}
+  before = _digests(tmp_path / "manual")
+  assert demo.ensure(tmp_path, ["nih"], sizes) == {"nih": False}
+  assert _digests(tmp_path / "manual") == before
+  bigger = {"nih": dict(sizes["nih"], num_patients=9)}
+  assert demo.ensure(tmp_path, ["nih"], bigger) == {"nih": True}
+  series = _nih_follow_up_series(tmp_path / "manual" / "nih")
+  assert len(series) == 9
+  (version,) = list(built.iterdir())
+  splits = tfds.builder_from_directory(str(version)).info.splits
+  # The TFDS build was redone from the new files (TFDS alone would keep the old one).
+  assert sum(s.num_examples for s in splits.values()) == sum(map(len, series.values()))
+  shutil.rmtree(built)  # a missing build is rebuilt from the (current) files
+  assert demo.ensure(tmp_path, ["nih"], bigger) == {"nih": True}
+  foreign = tmp_path / "other"
+  (foreign / "manual" / "nih").mkdir(parents=True)
+  (foreign / "manual" / "nih" / "mine.csv").write_text("x\n")
+  with pytest.raises(ValueError, match="mine|did not write"):
+    demo.ensure(foreign, ["nih"], sizes)
+  with pytest.raises(ValueError, match="unknown layout 'mri'"):
+    demo.ensure(tmp_path, ["mri"], sizes)
