@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo demo-data lint clean
+.PHONY: venv test demo demo-data derm-data lint clean
 
 venv: $(STAMP)
 
@@ -23,33 +23,22 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist=loadfile -q
 
 DATA := data
-TFDS := $(DATA)/tensorflow_datasets
-DEMO_WORKDIR ?= workdirs/cxr_demo
-FT_ROOT ?= workdirs/finetune_demo
 
-# Synthetic data in the real download layouts, built with the real TFDS builders (idempotent).
+# Synthetic CheXpert- and NIH-style data in the real download layouts, built with the real TFDS
+# builders; written once per generator version (data_builders/synthetic/demo.py).
 demo-data: $(STAMP)
-	test -f $(DATA)/manual/chexpert/CheXpert-v1.0-small/train.csv || \
-	  $(PY) -m data_builders.synthetic --layout=chexpert --out=$(DATA)/manual/chexpert --seed=0
-	$(PY) -m data_builders.build chexpert_micle --manual_dir=$(DATA)/manual/chexpert --data_dir=$(TFDS)
-	test -f $(DATA)/manual/ham10000/HAM10000_metadata.csv || \
-	  $(PY) -m data_builders.synthetic --layout=ham10000 --out=$(DATA)/manual/ham10000 --seed=0
-	$(PY) -m data_builders.build derm/ham10000_cases --manual_dir=$(DATA)/manual/ham10000 --data_dir=$(TFDS)
-	$(PY) -m data_builders.build derm/ham10000_images --manual_dir=$(DATA)/manual/ham10000 --data_dir=$(TFDS)
-	test -f $(DATA)/manual/nih/Data_Entry_2017_v2020.csv || \
-	  $(PY) -m data_builders.synthetic --layout=nih --out=$(DATA)/manual/nih --seed=0
-	$(PY) -m data_builders.build nih_cxr14/images --manual_dir=$(DATA)/manual/nih --data_dir=$(TFDS)
+	$(PY) -m data_builders.synthetic.demo --data=$(DATA) --layouts=chexpert,nih
 
-# MICLe pretraining of a small ResNet on synthetic CheXpert-style data, then fine-tuning from
-# scratch and from that checkpoint at two label fractions, evaluated in distribution and on
-# synthetic NIH ChestX-ray14 (shift); prints a table and writes the label-efficiency plot.
+# HAM10000-style data, for the dermatology and ImageNet-stand-in demo configs.
+derm-data: $(STAMP)
+	$(PY) -m data_builders.synthetic.demo --data=$(DATA) --layouts=ham10000
+
+# The study on the synthetic data: SimCLR and MICLe pretraining at equal budgets, fine-tuning of
+# scratch, SimCLR and MICLe at 5% and 100% of the labels, evaluation in distribution and on the
+# NIH-style shift set, the table with paired differences, and the label-efficiency plot.
 demo: demo-data
-	$(PY) -m micle_jax.main --config=configs/cxr.py:demo --workdir=$(DEMO_WORKDIR)
-	$(PY) -m micle_jax.sweep run --config=configs/finetune_cxr.py:demo --root=$(FT_ROOT) \
-	  --fractions=0.25,1.0 --seeds=0 --inits=scratch,micle=$(DEMO_WORKDIR)
-	$(PY) -m micle_jax.sweep collect --root=$(FT_ROOT) --plot
-	@echo "Demo finished. Pretraining: $(DEMO_WORKDIR); fine-tuning runs and results: $(FT_ROOT)"
-	@echo "  $(VENV)/bin/tensorboard --logdir workdirs"
+	$(PY) -m micle_jax.study --config=configs/study_cxr.py:demo
+	@echo "Demo finished: workdirs/study_demo (TensorBoard: $(VENV)/bin/tensorboard --logdir workdirs)"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check micle_jax configs tests data_builders

@@ -2,7 +2,8 @@ r"""SimCLR / MICLe pretraining on dermatology cases (`derm`: HAM10000, PAD-UFES-
 
 Paper scale (TPU pod slice; not timed by us):
   python -m micle_jax.main --config=configs/derm.py --workdir=gs://BUCKET/derm_micle_r50x1
-  ResNet-50 1×, 224 px, global batch 1024, LARS 0.075·√B, τ = 0.1, 100 epochs over cases,
+  ResNet-50 1×, 224 px, global batch 1024, LARS 0.075·√B, τ = 0.1,
+  100 epochs over the images (the same number of steps for SimCLR and MICLe),
   SimCLR augmentation with a mild rotation (`derm` preset). Source: `source=ham10000` (default),
   `pad_ufes20` or `generic` (your case CSV).
 
@@ -39,11 +40,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dataset.name = f"derm/{a.source}_{form}"
   c.augment.preset = "derm"
   c.labels.task = "multiclass"
+  c.probe.update(dataset=f"derm/{a.source}_images", split="train", task="multiclass")
   c.model.update(depth=a.depth, width=a.width, sk_ratio=0.0625 if a.sk else 0.0)
   c.batch_size = a.batch
   c.num_epochs = a.epochs
   if a.demo:
     common.make_demo(c)
-    c.dataset.data_dir = "data/tensorflow_datasets"
+    c.dataset.data_dir = c.probe.data_dir = "data/tensorflow_datasets"
   c.lock()
   return c

@@ -65,6 +65,16 @@ PRESETS: dict[str, ViewPreset] = {
   # Dermatology: SimCLR's view plus a mild ±20° rotation (lesions have no canonical orientation;
   # larger angles would mostly add black corners to the crop).
   "derm": ViewPreset(rotation_degrees=20.0),
+  # Chest X-rays at 32–64 px (the CPU demo): crops of at least 60% of the image, ±10°, jitter
+  # s = 0.4. At that size the 224 px recipe's 8% crops and ±45° rotations leave two views, and
+  # above all two images of one patient (MICLe), with almost nothing in common to match on.
+  "cxr_small": ViewPreset(
+    crop_area_range=(0.6, 1.0),
+    jitter_strength=0.4,
+    grayscale_p=0.0,
+    blur_p=0.0,
+    rotation_degrees=10.0,
+  ),
 }
 
 # Fine-tuning views: random resized crop + flip; dermatology adds a light colour jitter
@@ -72,6 +82,7 @@ PRESETS: dict[str, ViewPreset] = {
 FINETUNE_PRESETS: dict[str, ViewPreset] = {
   "simclr": ViewPreset(jitter_strength=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0),
   "cxr": ViewPreset(jitter_strength=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0),
+  "cxr_small": ViewPreset(jitter_strength=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0),
   "derm": ViewPreset(jitter_strength=0.25, jitter_p=0.8, grayscale_p=0.0, blur_p=0.0),
 }
 
@@ -174,7 +185,12 @@ def finetune_train(
 # shorter side. Chest X-rays: the whole image. A centre square of a portrait radiograph would
 # drop a quarter of its height, the costophrenic angles where effusions show among it, while
 # training crops cover the whole film.
-EVAL_CROP_FRACTIONS: dict[str, float | None] = {"simclr": 0.875, "derm": 0.875, "cxr": None}
+EVAL_CROP_FRACTIONS: dict[str, float | None] = {
+  "simclr": 0.875,
+  "derm": 0.875,
+  "cxr": None,
+  "cxr_small": None,
+}
 
 
 def eval_crop_fraction(preset: str) -> float | None:
@@ -199,7 +215,7 @@ def eval_preprocess(
   Args:
     image_or_bytes: encoded bytes (JPEGs decode only the crop) or a decoded HWC image.
     size: output side in pixels (antialiased bicubic resize, clipped to [0, 1]).
-    preset: "simclr", "derm" (centre crop of 0.875) or "cxr" (whole image).
+    preset: "simclr", "derm" (centre crop of 0.875), "cxr" or "cxr_small" (whole image).
     crop_fraction: overrides the preset: a centre-crop fraction of the shorter side, or None for
       the whole image; the default (-1) takes the preset's.
 

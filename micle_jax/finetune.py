@@ -137,7 +137,7 @@ def _training_data(config, info, label_fn):
       f"config.batch_size={config.batch_size}: only {subset.num_examples} training "
       f"images at label_fraction={config.label_fraction}"
     )
-  examples = finetune_input.train_examples(info, subset.patients)
+  examples = finetune_input.train_examples(info, subset.patients, subset.num_examples)
   local_examples = finetune_input.count_examples(examples)
   if local_examples < sharding.local_batch_size(config.batch_size):
     raise ValueError(

@@ -118,12 +118,15 @@ def run(
   mesh: jax.sharding.Mesh,
   start_step: int,
   total_steps: int,
+  on_save: Callable[[int, Any], None] | None = None,
 ) -> Any:
   """Steps from `start_step` to `total_steps`, logging, checkpointing, and stopping cleanly.
 
   Reads `log_every_steps`, `checkpoint_every_steps`, `max_steps_per_run` and `profile_steps`
   from `config`. `step_fn(state, global_batch)` must report `loss` and `params_finite`; a
   non-finite step raises `FloatingPointError` before anything after it is saved or logged.
+  `on_save(step, state)` runs after each checkpoint is written (e.g. a probe of the state); it
+  must not change the state.
   """
   hooks = [
     periodic_actions.ReportProgress(
@@ -165,6 +168,8 @@ def run(
         writer.write_scalars(step, window.compute_and_reset())
       if save_now:
         checkpoint.save(mngr, step, checkpoint.state_to_tree(state), force=True)
+        if on_save is not None:
+          on_save(step, state)
       if stopping:
         logging.warning("Stopped at step %d on request; checkpoint saved.", step)
         break

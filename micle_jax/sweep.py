@@ -25,25 +25,30 @@ writes `results.csv` and `differences.csv` beside it and prints both tables.
 `notebooks/label_efficiency.ipynb` and `notebooks/distribution_shift.ipynb` plot those CSVs.
 """
 
-import copy
 import csv
-import dataclasses
 import io
 import json
-import shlex
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-import ml_collections
 from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
 from micle_jax import checkpoint, differences, distributed, finetune, run_files, sweep_report
+from micle_jax.sweep_plan import (  # noqa: F401 (the sweep's public names)
+  SCRATCH,
+  SWEPT_KEYS,
+  Run,
+  command,
+  parse_fractions,
+  parse_init_overrides,
+  parse_inits,
+  parse_seeds,
+  plan,
+  run_workdir,
+)
 
-SCRATCH = "scratch"
-# The config keys a sweep sets per run; overriding them for the whole sweep is an error.
-SWEPT_KEYS = ("init_from", "label_fraction", "seed")
 CSV_COLUMNS = (
   "init",
   "init_from",
@@ -66,121 +71,6 @@ CSV_COLUMNS = (
   "workdir",
 )
 DIFFERENCES_FILE = "differences.csv"
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-  """One fine-tuning run of a sweep: where it writes, and the config it trains with."""
-
-  init: str  # the init's name: the first path component under the sweep root
-  init_from: str
-  label_fraction: float
-  seed: int
-  workdir: str
-  config: ml_collections.ConfigDict = dataclasses.field(compare=False, repr=False)
-
-
-def parse_inits(items: Sequence[str]) -> dict[str, str]:
-  """["scratch", "simclr=PATH", ...] -> {name: init_from}; a bare name is allowed for scratch."""
-  inits: dict[str, str] = {}
-  for item in items:
-    name, sep, path = (s.strip() for s in item.partition("="))
-    if not sep and name != SCRATCH:
-      raise ValueError(f"init {item!r}: expected NAME=PATH (or {SCRATCH!r})")
-    if not sep or not path:
-      path = SCRATCH
-    if not name or "/" in name or name in (".", ".."):
-      raise ValueError(f"init {item!r}: the name must be one path component")
-    if name in inits:
-      raise ValueError(f"init name {name!r} given twice")
-    inits[name] = path
-  if not inits:
-    raise ValueError("no inits given")
-  return inits
-
-
-def parse_fractions(items: Sequence[str]) -> list[float]:
-  """["0.1", "1"] -> [0.1, 1.0]; each must be in (0, 1], none twice."""
-  fractions = [float(f) for f in items]
-  for f in fractions:
-    if not 0.0 < f <= 1.0:
-      raise ValueError(f"label fraction {f} must be in (0, 1]")
-  if len(set(fractions)) != len(fractions) or not fractions:
-    raise ValueError(f"label fractions {fractions}: need at least one, none twice")
-  return fractions
-
-
-def parse_seeds(items: Sequence[str]) -> list[int]:
-  """["0", "1"] -> [0, 1]; none twice."""
-  seeds = [int(s) for s in items]
-  if len(set(seeds)) != len(seeds) or not seeds:
-    raise ValueError(f"seeds {seeds}: need at least one, none twice")
-  return seeds
-
-
-def run_workdir(root: epath.PathLike, init: str, label_fraction: float, seed: int) -> str:
-  """`root/<init>/f<fraction>/s<seed>`, e.g. `root/micle/f0.1/s0`."""
-  return str(epath.Path(root) / init / f"f{float(label_fraction)}" / f"s{int(seed)}")
-
-
-def plan(
-  config: ml_collections.ConfigDict,
-  root: epath.PathLike,
-  *,
-  inits: Mapping[str, str],
-  fractions: Sequence[float],
-  seeds: Sequence[int],
-) -> list[Run]:
-  """inits × fractions × seeds (in that order), each with its own validated copy of `config`."""
-  runs = []
-  for init, init_from in inits.items():
-    for fraction in fractions:
-      for seed in seeds:
-        run_config = copy.deepcopy(config)
-        run_config.init_from = init_from
-        run_config.label_fraction = float(fraction)
-        run_config.seed = int(seed)
-        finetune.validate_config(run_config)  # Fails before the first run trains, not hours in.
-        runs.append(
-          Run(
-            init=init,
-            init_from=init_from,
-            label_fraction=float(fraction),
-            seed=int(seed),
-            workdir=run_workdir(root, init, fraction, seed),
-            config=run_config,
-          )
-        )
-  return runs
-
-
-def _flag_value(value: Any) -> str:
-  return str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def command(
-  run_: Run, config_arg: str, overrides: Mapping[str, Any] | None = None, python: str = "python"
-) -> str:
-  """The shell command (shlex-quoted) that trains `run_` with `python -m micle_jax.finetune`.
-
-  Args:
-    run_: the run.
-    config_arg: the `--config` value, e.g. "configs/finetune_cxr.py:linear".
-    overrides: further `--config.key=value` overrides (not the swept keys), in order.
-    python: the interpreter to call.
-  """
-  overrides = dict(overrides or {})
-  clash = sorted(set(overrides) & set(SWEPT_KEYS))
-  if clash:
-    raise ValueError(f"--config.{clash[0]} is set by the sweep itself; drop the override")
-  args = [python, "-m", "micle_jax.finetune", f"--config={config_arg}", f"--workdir={run_.workdir}"]
-  args += [f"--config.{key}={_flag_value(value)}" for key, value in overrides.items()]
-  args += [
-    f"--config.init_from={run_.init_from}",
-    f"--config.label_fraction={run_.label_fraction}",
-    f"--config.seed={run_.seed}",
-  ]
-  return shlex.join(args)
 
 
 def run(runs: Sequence[Run]) -> list[Run]:
@@ -331,6 +221,13 @@ def define_flags(flag_values: flags.FlagValues = FLAGS, sys_argv: list[str] | No
   flags.DEFINE_list("fractions", ["1.0"], "Label fractions, e.g. 0.1,0.5,1.0.", **fv)
   flags.DEFINE_list("seeds", ["0"], "Seeds (also pick the label-fraction subset), e.g. 0,1.", **fv)
   flags.DEFINE_list("inits", [SCRATCH], "scratch and/or NAME=PATH (pretraining weights).", **fv)
+  flags.DEFINE_list(
+    "init_overrides",
+    [],
+    "INIT:KEY=VALUE config overrides for one init's runs, e.g. "
+    "scratch:optimizer.base_learning_rate=1.0 (comma-separated).",
+    **fv,
+  )
   flags.DEFINE_bool("print_only", False, "run: print a finetune command per run, train none.", **fv)
   flags.DEFINE_string("out", None, "collect: the CSV to write (default ROOT/results.csv).", **fv)
   flags.DEFINE_bool("plot", False, "collect: also save label_efficiency.png next to the CSV.", **fv)
@@ -353,6 +250,7 @@ def _main_run() -> None:
     inits=parse_inits(FLAGS.inits),
     fractions=parse_fractions(FLAGS.fractions),
     seeds=parse_seeds(FLAGS.seeds),
+    init_overrides=parse_init_overrides(FLAGS.init_overrides),
   )
   if FLAGS.print_only:
     config_arg = config_flags.get_config_filename(FLAGS["config"])

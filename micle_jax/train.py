@@ -15,10 +15,11 @@ naming the step, without saving over the last good checkpoint.
 """
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 from clu import metric_writers, parameter_overview
 from etils import epath
@@ -30,6 +31,7 @@ from micle_jax import (
   loop,
   models,
   optim,
+  probe,
   run_files,
   sharding,
   steps,
@@ -58,6 +60,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   except ValueError as e:
     raise ValueError(f"config.augment.preset: {e}") from e
   views.check(config.dataset.views, "dataset.views")
+  loop.config_spec(probe.ProbeSpec, config.probe, "probe")
   loop.config_spec(input_pipeline.LabelSpec, config.labels, "labels")
   loop.config_spec(optim.OptimizerSpec, config.optimizer, "optimizer")
   models.create_model(loop.config_spec(models.ModelSpec, config.model, "model"))
@@ -198,12 +201,60 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     task=steps.task_for_labels(label_spec.task),
     learning_rate_fn=schedule,
   )
+  on_save = _probe_hook(config, workdir, writer, mesh, start_step, state)
   state = loop.run(
-    config, workdir, mngr, writer, state, step_fn, batches, mesh, start_step, total_steps
+    config,
+    workdir,
+    mngr,
+    writer,
+    state,
+    step_fn,
+    batches,
+    mesh,
+    start_step,
+    total_steps,
+    on_save=on_save,
   )
   mngr.wait_until_finished()
   mngr.close()
   writer.flush()
   if jax.process_index() == 0:
-    run_files.write_json(workdir / run_files.PRETRAINING_FILE, summary(step=int(state.step)))
+    final = summary(step=int(state.step))
+    final["probe"] = on_save.history if on_save is not None else None
+    run_files.write_json(workdir / run_files.PRETRAINING_FILE, final)
   return state
+
+
+class _ProbeHook:
+  """Scores the probe on a state and logs it as `probe/*`, keeping the history by step."""
+
+  def __init__(self, probe_: probe.Probe, writer, history: dict[str, Any]):
+    self.probe, self.writer, self.history = probe_, writer, history
+
+  def __call__(self, step: int, state: Any) -> None:
+    scores = self.probe(state)
+    self.history[str(step)] = scores
+    self.writer.write_scalars(step, {f"probe/{k}": v for k, v in scores.items() if np.isfinite(v)})
+    logging.info("probe at step %d: %s", step, scores)
+
+
+def _probe_hook(config, workdir, writer, mesh, start_step: int, state) -> _ProbeHook | None:
+  """The probe of `config.probe` (None when off), scored now if the run starts at step 0."""
+  spec = loop.config_spec(probe.ProbeSpec, config.probe, "probe")
+  if not spec.dataset:
+    return None
+  probe_ = probe.Probe(
+    spec,
+    preset=config.augment.preset,
+    image_size=config.augment.image_size,
+    labels=config.labels,
+    mesh=mesh,
+  )
+  history = {}
+  path = workdir / run_files.PRETRAINING_FILE
+  if start_step > 0 and path.exists():
+    history = dict(run_files.read_json(path).get("probe") or {})
+  hook = _ProbeHook(probe_, writer, history)
+  if start_step == 0:
+    hook(0, state)  # the architecture at initialisation (or as restored from init_from)
+  return hook

@@ -10,7 +10,13 @@ import pathlib
 import pytest
 
 from configs import cxr
-from micle_jax import benchmark, benchmark_input, benchmark_profile, benchmark_train
+from micle_jax import (
+  augment_presets,
+  benchmark,
+  benchmark_input,
+  benchmark_profile,
+  benchmark_train,
+)
 
 TRAIN_POSITIVE = (
   "lower_time_s",
@@ -125,13 +131,13 @@ def test_profile_section(result, profile_dir, num_devices):
 
 def test_input_section(result):
   inputs = result["input"]
-  assert set(inputs["presets"]) == {"simclr", "cxr", "derm"}
+  assert set(inputs["presets"]) == set(augment_presets.PRESETS)  # simclr, cxr, derm, cxr_small
   for stats in [*inputs["presets"].values(), inputs["micle"]]:
     for key in PAIR_POSITIVE:
       assert _positive(stats[key]), (key, stats[key])
     assert stats["num_pairs"] == 8 and stats["repeats"] == 3
     assert stats["views_per_s"] == pytest.approx(2 * stats["pairs_per_s"])
-  assert inputs["micle"]["preset"] == "cxr"
+  assert inputs["micle"]["preset"] == "cxr_small"  # the config's own preset
   assert _positive(inputs["micle_vs_simclr"]) and _positive(inputs["micle_vs_simclr_cpu"])
   assert inputs["image_size"] == 64 and inputs["num_images"] == 8 and inputs["repeats"] == 3
   assert 20_000 < inputs["jpeg_bytes_mean"] < 200_000

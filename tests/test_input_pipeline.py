@@ -269,5 +269,25 @@ def test_simclr_and_micle_get_the_same_budget(cxr_data_dir):
   simclr, micle = budgets["simclr"], budgets["micle"]
   assert simclr.counts.images == micle.counts.images > micle.counts.examples
   assert simclr.steps_per_epoch == micle.steps_per_epoch == simclr.counts.images // 8
-  assert simclr.total_steps == micle.total_steps == 15 * simclr.steps_per_epoch
+  assert simclr.total_steps == micle.total_steps == config.num_epochs * simclr.steps_per_epoch
   assert micle.data_steps_per_epoch == micle.counts.examples // 8 < micle.steps_per_epoch
+
+
+def test_a_small_label_fraction_subset_is_cached_without_changing_its_examples(
+  cxr_data_dir, monkeypatch
+):
+  from micle_jax import finetune_input
+
+  info = _info(cxr_data_dir, name="chexpert_micle/images")
+  patients = {f"patient{i:05d}" for i in (1, 3, 4, 9)}
+
+  def ids(examples):
+    return [(e["image_id"], e["image"]) for e in examples.as_numpy_iterator()]
+
+  cached = finetune_input.train_examples(info, patients, num_examples=6)
+  monkeypatch.setattr(finetune_input, "MEMORY_CACHE_BYTES", 0)
+  plain = finetune_input.train_examples(info, patients, num_examples=6)
+  first = ids(cached)
+  assert {i.decode().split("/")[2] for i, _ in first} <= patients and len(first) >= 4
+  assert first == ids(cached) == ids(plain)  # the second pass (from memory) reads the same
+  assert "Cache" in type(cached).__name__ and "Cache" not in type(plain).__name__

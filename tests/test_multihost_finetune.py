@@ -29,6 +29,7 @@ def _settings(data_dir: str) -> dict:
     "eval_batch_size": 16,
     "label_fraction": 0.5,
     "num_epochs": 1,
+    "num_steps": -1,  # one epoch of the subset, not the demo's fixed step count
     "bootstrap_samples": 20,
     "log_every_steps": 1,
     "model.proj_out_dim": 16,

@@ -13,7 +13,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import finetune_cxr
-from micle_jax import evaluation, finetune, run_files, sweep
+from micle_jax import evaluation, finetune, run_files, sweep, sweep_plan
 
 CONFIG_FILE = str(pathlib.Path(__file__).parents[1] / "configs" / "finetune_cxr.py")
 INITS = {"scratch": "scratch", "micle": "gs://bucket/pre trained/micle"}
@@ -122,6 +122,38 @@ def test_plan_is_the_cartesian_product_with_one_config_each(config, tmp_path):
   bad.mode = "partial"
   with pytest.raises(ValueError, match="config.mode"):  # Before anything trains.
     sweep.plan(bad, tmp_path, inits=INITS, fractions=[1.0], seeds=[0])
+
+
+def test_init_overrides_apply_to_their_init_only_and_reach_the_commands(config, tmp_path):
+  overrides = sweep_plan.parse_init_overrides(
+    ["scratch:optimizer.base_learning_rate=1.0", "scratch:model.zero_init_head=false"]
+  )
+  assert overrides == {
+    "scratch": {"optimizer.base_learning_rate": "1.0", "model.zero_init_head": "false"}
+  }
+  runs = sweep.plan(
+    config, tmp_path, inits=INITS, fractions=[0.1], seeds=[0], init_overrides=overrides
+  )
+  by_init = {r.init: r for r in runs}
+  scratch = by_init["scratch"].config
+  assert scratch.optimizer.base_learning_rate == 1.0 and scratch.model.zero_init_head is False
+  assert by_init["micle"].config.optimizer == config.optimizer
+  assert by_init["micle"].config.model == config.model
+  _, parsed, _ = _parse_finetune_command(sweep.command(by_init["scratch"], f"{CONFIG_FILE}:demo"))
+  assert parsed.optimizer.base_learning_rate == 1.0 and parsed.model.zero_init_head is False
+  _, parsed, _ = _parse_finetune_command(sweep.command(by_init["micle"], f"{CONFIG_FILE}:demo"))
+  assert parsed.optimizer.base_learning_rate == config.optimizer.base_learning_rate
+  for bad, message in [
+    ({"byol": {"seed": 1}}, "not among the inits"),
+    ({"scratch": {"optimizer.learning_rat": 1}}, "no key 'optimizer.learning_rat'"),
+    ({"scratch": {"seed": "3"}}, "set by the sweep itself"),
+    ({"scratch": {"optimizer.base_learning_rate": "fast"}}, "'fast' is not a float"),
+  ]:
+    with pytest.raises(ValueError, match=message):
+      sweep.plan(config, tmp_path, inits=INITS, fractions=[0.1], seeds=[0], init_overrides=bad)
+  for bad in ("scratch", "scratch:lr", ":lr=1"):
+    with pytest.raises(ValueError, match="INIT:KEY=VALUE"):
+      sweep_plan.parse_init_overrides([bad])
 
 
 def test_parsers_accept_the_flag_forms_and_reject_mistakes():

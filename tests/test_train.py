@@ -9,10 +9,13 @@ import signal
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 from etils import epath
 
 from configs import cxr
 from micle_jax import checkpoint, steps, train
+
+_COMPETITION = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 
 
 def _config(data_dir, **overrides):
@@ -26,6 +29,8 @@ def _config(data_dir, **overrides):
   config.keep_checkpoints = 10
   config.model.proj_out_dim = 16
   config.optimizer.warmup_epochs = 1.0
+  config.probe.update(data_dir=data_dir, max_images=24, k=3, batch_size=16)
+  config.labels.task = "chexpert"  # the supervised monitor, which init_from must never carry over
   for key, value in overrides.items():
     section, _, name = key.rpartition(".")
     (config[section] if section else config)[name] = value
@@ -155,6 +160,30 @@ def test_pretraining_records_its_budget(uninterrupted):
   assert summary["init"]["source"] == "scratch"
 
 
+def test_the_probe_scores_every_checkpoint_and_never_changes_the_run(
+  uninterrupted, cxr_data_dir, tmp_path
+):
+  workdir, with_probe = uninterrupted
+  history = json.loads((workdir / "pretraining.json").read_text())["probe"]
+  assert sorted(history, key=int) == ["0", "2", "4", "6"]  # initialisation + every checkpoint
+  assert all(0.0 <= h["mean_auc"] <= 1.0 for h in history.values())
+  assert set(history["6"]) == {"mean_auc"} | {f"auc/{n}" for n in _COMPETITION}
+  assert history["0"] != history["6"]  # it measures the network as it trains
+  tags = {
+    v.tag
+    for path in workdir.glob("events.out.tfevents.*")
+    for event in tf.compat.v1.train.summary_iterator(str(path))
+    for v in event.summary.value
+  }
+  assert "probe/mean_auc" in tags
+  without = jax.device_get(
+    train.train_and_evaluate(_config(cxr_data_dir, **{"probe.dataset": ""}), str(tmp_path))
+  )
+  _assert_trees_equal(without.params, with_probe.params)
+  _assert_trees_equal(without.batch_stats, with_probe.batch_stats)
+  assert json.loads((tmp_path / "pretraining.json").read_text())["probe"] is None
+
+
 def test_init_from_a_different_architecture_names_the_parameters(
   uninterrupted, cxr_data_dir, tmp_path
 ):
@@ -174,6 +203,8 @@ def test_init_from_a_different_architecture_names_the_parameters(
     ("model.depth", 42, "model.depth=42"),
     ("optimizer.name", "adam", "optimizer.name"),
     ("labels.task", "regression", "task='regression'"),
+    ("probe.task", "mri", "probe.task='mri'"),
+    ("probe.views", "oblique", "probe.views"),
   ],
 )
 def test_invalid_config_fails_before_any_work(cxr_data_dir, tmp_path, key, value, message):
