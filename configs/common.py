@@ -74,7 +74,7 @@ def _lars_section(
 
 
 def pretrain_base() -> ml_collections.ConfigDict:
-  """Keys every pretraining config has, with SimCLR(v2)'s defaults (DESIGN.md §3)."""
+  """Keys every pretraining config has, with SimCLR(v2)'s defaults."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.method = "micle"  # "simclr" (two views of one image) or "micle" (two images of one case)

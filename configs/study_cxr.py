@@ -2,7 +2,7 @@ r"""The paper's chest X-ray study as one command: pretrain SimCLR and MICLe at e
 fine-tune scratch, SimCLR and MICLe at several label fractions and seeds, and compare.
 
   python -m micle_jax.study --config=configs/study_cxr.py:demo       # `make demo`, ~9 minutes
-  python -m micle_jax.study --config=configs/study_cxr.py:cpu        # 3 seeds, ~35 minutes
+  python -m micle_jax.study --config=configs/study_cxr.py:cpu        # 3 seeds, ~26 minutes
   python -m micle_jax.study --config=configs/study_cxr.py --print_only --config.root=gs://B/study
       # paper scale: prints one command per pretraining and fine-tuning run, for a TPU fleet
 

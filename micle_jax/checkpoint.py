@@ -6,9 +6,17 @@ weights-only checkpoint (converted SimCLRv2 weights, or an export) holds
 `{'params', 'batch_stats'}` in the same layout. `load_weights` reads either.
 
 Resume order (as in big_vision): the latest checkpoint in the workdir → `init_from` → scratch.
+A workdir's newest checkpoint that cannot be read (truncated or missing files, bad metadata, a
+structure that does not fit) is set aside as `<step>.damaged` and the next older one is tried
+(`restore_newest_readable`); temporary folders of saves that never committed are removed when a
+manager opens the workdir. A named `init_from` checkpoint that cannot be read is an error naming
+it, never a silent fall-back to another one.
 """
 
 import dataclasses
+import logging as python_logging
+import sys
+import threading
 from typing import Any
 
 import jax
@@ -20,6 +28,11 @@ from flax import traverse_util
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_ITEM = "state"
+DAMAGED_SUFFIX = ".damaged"
+
+
+class UnreadableCheckpointError(RuntimeError):
+  """No checkpoint of a workdir could be restored; the message lists each step tried and why."""
 
 
 def _absolute(path: epath.PathLike) -> epath.Path:
@@ -43,6 +56,9 @@ def manager(
     enable_async_checkpointing=async_save,
     read_only=read_only,
     create=not read_only,
+    # A save killed before it committed leaves `<step>.orbax-checkpoint-tmp*`: never a step,
+    # and removed here so that the next save at that step does not collide with it.
+    cleanup_tmp_directories=not read_only,
   )
   return ocp.CheckpointManager(
     _absolute(workdir) / CHECKPOINT_DIR, options=options, item_names=(STATE_ITEM,)
@@ -76,6 +92,102 @@ def restore(mngr: ocp.CheckpointManager, step: int, target: dict[str, Any]) -> d
     step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract)})
   )
   return restored[STATE_ITEM]
+
+
+def reason(error: BaseException, limit: int = 400) -> str:
+  """One line saying why a read failed: the error's type and the start of its message."""
+  text = " ".join(str(error).split())
+  return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def _is_closed_loop_noise(error: BaseException | None) -> bool:
+  return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+def _drop_closed_loop_noise() -> None:
+  """Silences the echo of a failed restore (installed once, on the first failure).
+
+  When a restore fails, the reads still pending in TensorStore later call back into the asyncio
+  loop that Orbax has already closed, and Python prints each as a `RuntimeError: Event loop is
+  closed` traceback, and asyncio logs each failed read again as "Future exception was never
+  retrieved" (or "Task ..."): dozens of them, after the one line that says what failed. They say nothing more, so
+  exactly those are dropped; every other unraisable, thread exception or asyncio log is reported.
+  """
+  if getattr(sys.unraisablehook, "_drops_closed_loop_noise", False):
+    return
+  unraisable_hook, thread_hook = sys.unraisablehook, threading.excepthook
+
+  def on_unraisable(unraisable):
+    if not _is_closed_loop_noise(unraisable.exc_value):
+      unraisable_hook(unraisable)
+
+  def on_thread_exception(args):
+    if not _is_closed_loop_noise(args.exc_value):
+      thread_hook(args)
+
+  on_unraisable._drops_closed_loop_noise = True
+  sys.unraisablehook, threading.excepthook = on_unraisable, on_thread_exception
+  python_logging.getLogger("asyncio").addFilter(
+    lambda record: not record.getMessage().startswith(
+      ("Future exception was never retrieved", "Task exception was never retrieved")
+    )
+  )
+
+
+def set_aside(mngr: ocp.CheckpointManager, step: int) -> epath.Path:
+  """Renames step `step` to `<step>.damaged` (`.damaged.N` if taken); returns the new path.
+
+  Orbax no longer sees it as a step, so it is neither restored, nor deleted by `max_to_keep`, nor
+  in the way of the next save at that step; it stays on disk for inspection.
+  """
+  root = epath.Path(mngr.directory)
+  target = root / f"{step}{DAMAGED_SUFFIX}"
+  n = 1
+  while target.exists():
+    target, n = root / f"{step}{DAMAGED_SUFFIX}.{n}", n + 1
+  if jax.process_index() == 0:
+    (root / str(step)).rename(target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
+  mngr.reload()
+  return target
+
+
+def restore_newest_readable(
+  mngr: ocp.CheckpointManager, target: dict[str, Any]
+) -> tuple[int, dict[str, Any]] | None:
+  """(step, tree) of the newest step of `mngr` that restores into `target`; None if it has none.
+
+  Each newer step that fails is logged in one line (step, folder, reason) and set aside once an
+  older one has restored. If none restores, nothing is renamed and `UnreadableCheckpointError`
+  lists every step tried, so that a rerun fails the same way instead of starting from scratch.
+  """
+  failed: list[tuple[int, str]] = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      tree = restore(mngr, step, target)
+    except Exception as e:  # noqa: BLE001 -- whatever a damaged step raises, try the previous one
+      _drop_closed_loop_noise()
+      failed.append((step, reason(e)))
+      logging.warning(
+        "Checkpoint step %d (%s) cannot be restored: %s",
+        step,
+        epath.Path(mngr.directory) / str(step),
+        failed[-1][1],
+      )
+      continue
+    for bad, why in failed:
+      aside = set_aside(mngr, bad)
+      logging.warning("Skipped step %d (%s); set aside as %s", bad, why, aside)
+    if failed:
+      logging.warning("Resuming from step %d, the newest readable checkpoint", step)
+    return step, tree
+  if failed:
+    tried = "; ".join(f"step {step}: {why}" for step, why in failed)
+    raise UnreadableCheckpointError(f"no checkpoint in {mngr.directory} can be restored ({tried})")
+  return None
 
 
 def save_weights(directory: epath.PathLike, params: Any, batch_stats: Any, step: int = 0) -> None:
@@ -117,6 +229,19 @@ def load_weights(path: epath.PathLike) -> tuple[dict[str, Any], dict[str, Any], 
       directory inside it, or a weights-only checkpoint written by `save_weights`.
   """
   root, step = _resolve(path)
+  try:
+    tree = _read_weights(root, step)
+  except Exception as e:  # noqa: BLE001 -- a named checkpoint that cannot be read is an error
+    _drop_closed_loop_noise()
+    raise ValueError(
+      f"init_from={path}: checkpoint step {step} in {root} cannot be read ({reason(e)})"
+    ) from e
+  logging.info("Loaded weights from %s (step %d)", root, step)
+  to_host = lambda t: jax.tree_util.tree_map(np.asarray, t)  # noqa: E731
+  return to_host(tree["params"]), to_host(tree.get("batch_stats", {})), step
+
+
+def _read_weights(root: epath.Path, step: int) -> dict[str, Any]:
   mngr = ocp.CheckpointManager(
     root,
     options=ocp.CheckpointManagerOptions(read_only=True, create=False),
@@ -133,11 +258,8 @@ def load_weights(path: epath.PathLike) -> tuple[dict[str, Any], dict[str, Any], 
   restored = mngr.restore(
     step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract)})
   )
-  tree = restored[STATE_ITEM]
   mngr.close()
-  logging.info("Loaded weights from %s (step %d)", root, step)
-  to_host = lambda t: jax.tree_util.tree_map(np.asarray, t)  # noqa: E731
-  return to_host(tree["params"]), to_host(tree.get("batch_stats", {})), step
+  return restored[STATE_ITEM]
 
 
 @dataclasses.dataclass(frozen=True)

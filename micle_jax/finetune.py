@@ -15,6 +15,7 @@ pretraining budget), `predictions/<eval>.npz` (per-image predictions, which the 
 across inits), `train_patients.json`, `init.json`, `config.json` and TensorBoard events.
 """
 
+import sys
 from typing import Any
 
 import jax
@@ -353,7 +354,10 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not distributed.initialize():
     distributed.split_cpu_into_devices(FLAGS.config.batch_size)
-  results = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    results = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except checkpoint.UnreadableCheckpointError as e:
+    sys.exit(f"error: {e}")  # one line, exit status 1, not a traceback
   for key, result in results["eval"].items():
     summary = ", ".join(
       f"{k}={v['value']} [{v['ci_low']}, {v['ci_high']}]"

@@ -1,7 +1,7 @@
 """The building blocks every model uses: one convolution layer of our own, and BatchNorm.
 
 Every convolution of the ResNet goes through `Conv`, so that a faster implementation for one
-backend can be dropped in without touching the architecture (DESIGN.md §5): on this CPU a 1×1
+backend can be dropped in without touching the architecture: on a CPU a 1×1
 convolution written as a matmul has a ~3× faster gradient than `lax.conv`, and XLA lowers both
 alike on TPU/GPU.
 """

@@ -51,18 +51,20 @@ def resume_or_initialize(
   *,
   rule: checkpoint.RestoreRule,
 ) -> tuple[Any, InitInfo]:
-  """Resume order: the latest checkpoint in the workdir → `init_from` → `state` (scratch).
+  """Resume order: the workdir's newest readable checkpoint → `init_from` → `state` (scratch).
+
+  Newer checkpoints that cannot be restored are set aside (`checkpoint.restore_newest_readable`).
 
   A workdir's own checkpoint is the run itself and restores whole. From `init_from` (a workdir or
   Orbax checkpoint) only the parameters and BatchNorm statistics that `rule` allows are taken
   (see `checkpoint.restore_allowed`); everything else, the supervised head included, keeps its
   initial value, and step, optimizer state and rng start fresh.
   """
-  latest = mngr.latest_step()
-  if latest is not None:
-    logging.info("Resuming from %s step %d", mngr.directory, latest)
-    restored = checkpoint.restore(mngr, latest, checkpoint.state_to_tree(state))
-    return state.replace(**restored), InitInfo("resume", str(mngr.directory), latest)
+  found = checkpoint.restore_newest_readable(mngr, checkpoint.state_to_tree(state))
+  if found is not None:
+    step, restored = found
+    logging.info("Resuming from %s step %d", mngr.directory, step)
+    return state.replace(**restored), InitInfo("resume", str(mngr.directory), step)
   if not init_from or init_from == "scratch":
     logging.info("Training from scratch.")
     return state, InitInfo("scratch")

@@ -5,6 +5,8 @@ Kept short on purpose: parse flags, set up logging and the distributed runtime, 
 with `--config.key=value` (e.g. `--config.batch_size=256`); unknown keys fail.
 """
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -23,10 +25,13 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not distributed.initialize():
     distributed.split_cpu_into_devices(FLAGS.config.batch_size)
-  from micle_jax import train  # Imported after jax.distributed is initialised.
+  from micle_jax import checkpoint, train  # Imported after jax.distributed is initialised.
 
   logging.info("Config:\n%s", FLAGS.config)
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except checkpoint.UnreadableCheckpointError as e:
+    sys.exit(f"error: {e}")  # one line, exit status 1, not a traceback
   logging.info("Done: %s", FLAGS.workdir)
 
 

@@ -1,6 +1,6 @@
 """The SimCLR variant of ResNet v1 and its heads, in Flax.
 
-Architecture as in SimCLR(v2)'s `resnet.py` (DESIGN.md §3): depths 18/34 (basic blocks) and
+Architecture as in SimCLR(v2)'s `tf2/resnet.py`: depths 18/34 (basic blocks) and
 50/101/152/200 (bottlenecks); every channel count scaled by `width`; strided convolutions with
 fixed padding; the last BatchNorm of each block starts with γ = 0; optional selective kernels
 (`sk_ratio > 0`, which also switch on the ResNet-D stem and avg-pool shortcut). A `cifar` stem

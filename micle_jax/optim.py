@@ -1,6 +1,6 @@
 """Optimizers and learning-rate schedules, built from a plain spec with optax (no hand-written maths).
 
-Pretraining uses LARS as in SimCLR (DESIGN.md §3): weight decay is added to the gradient first,
+Pretraining uses LARS as in SimCLR (`tf2/lars_optimizer.py`): weight decay is added to the gradient first,
 then the trust ratio η‖w‖/‖g‖, then momentum on lr·trust·g — exactly `optax.lars`. BatchNorm
 parameters and biases are excluded from both the decay and the trust ratio.
 

@@ -248,9 +248,13 @@ def predict_images(
   for index, path in enumerate(paths):
     try:
       batch.append(preprocess(tf.constant((root / path).read_bytes())).numpy())
-    except tf.errors.OpError as e:
+    except (tf.errors.OpError, OSError) as e:
+      what = "cannot decode the image" if isinstance(e, tf.errors.OpError) else "cannot read it"
+      text = e.message if isinstance(e, tf.errors.OpError) else str(e)
+      message = " ".join(text.split("}}")[-1].split())
       if not skip_unreadable:
-        raise ValueError(f"{root / path}: cannot decode the image ({e.message})") from e
+        raise ValueError(f"{root / path}: {what} ({message})") from e
+      logging.warning("Skipped %s: %s (%s)", root / path, what, message)
       skipped.append(path)
       continue
     kept.append(index)
@@ -259,7 +263,9 @@ def predict_images(
   if batch:
     flush()
   if skipped:
-    logging.warning("Skipped %d unreadable images, e.g. %s", len(skipped), skipped[:3])
+    logging.warning(
+      "Skipped %d of %d files: they could not be read or decoded", len(skipped), len(paths)
+    )
   if not kept:
     raise ValueError(f"{root}: none of the {len(paths)} images could be decoded")
   return Predictions(

@@ -177,7 +177,7 @@ def test_tf2_checkpoint_and_tf1_names_give_the_same_weights(r50_sk):
 
 
 def test_basic_blocks_convert_load_and_train(tmp_path):
-  # 96 px keeps the last feature map at 3×3, not 2×2 (slow conv gradients on CPU, DESIGN.md §5).
+  # 96 px keeps the last feature map at 3×3, not 2×2 (slow conv gradients on CPU).
   images = np.random.default_rng(1).uniform(size=(2, 96, 96, 3)).astype(np.float32)
   model = ref.Model(depth=18, width=0.125, num_proj_layers=2, proj_out_dim=8, num_classes=3)
   ref.save_tf2(model, str(tmp_path / "tf2"))

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import logging
 
 import jax
 import numpy as np
@@ -163,6 +164,31 @@ def test_unreadable_image_fails_naming_it_or_is_skipped(workdir, image_dir, tmp_
   preds = predict.predict_images(predictor, tmp_path, paths, skip_unreadable=True)
   assert preds.skipped == ["broken.jpg"]
   assert preds.images == paths[1:] and preds.probs.shape == (2, len(LABELS))
+
+
+def test_skip_unreadable_drops_a_truncated_jpeg_and_a_non_image_logging_each(
+  workdir, tmp_path, caplog
+):
+  folder = tmp_path / "images"
+  for rel, _, shape in IMAGES[:2]:
+    _write_image(folder / rel, shape, 0)
+  _write_image(folder / "whole.jpg", (40, 40), 1)
+  jpeg = (folder / "whole.jpg").read_bytes()
+  (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])  # a copy that stopped halfway
+  (folder / "notes.png").write_text("not an image at all\n")
+  (folder / "readme.txt").write_text("never listed: not an image extension\n")
+  with pytest.raises(ValueError, match="notes.png: cannot decode the image"):
+    predict.run(workdir[0], folder, tmp_path / "preds.csv")
+  caplog.set_level(logging.WARNING)
+  preds = predict.run(workdir[0], folder, tmp_path / "preds.csv", skip_unreadable=True)
+  assert sorted(preds.skipped) == ["notes.png", "truncated.jpg"]
+  assert sorted(preds.images) == sorted([IMAGES[0][0], IMAGES[1][0], "whole.jpg"])
+  with open(tmp_path / "preds.csv", newline="") as f:
+    assert sorted(row["image"] for row in csv.DictReader(f)) == sorted(preds.images)
+  messages = [r.getMessage() for r in caplog.records]
+  for name in ("notes.png", "truncated.jpg"):
+    assert sum(m.startswith("Skipped ") and name in m for m in messages) == 1, name
+  assert any(m.startswith("Skipped 2 of 5 files") for m in messages)
 
 
 def test_missing_workdir_files_are_named(workdir, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from ml_collections import config_dict
 
 from configs import study_cxr
-from micle_jax import study
+from micle_jax import study, sweep_report
 
 
 def _study(root, cxr_dir, nih_dir, **overrides):
@@ -117,6 +117,34 @@ def test_a_tiny_study_end_to_end(cxr_data_dir, nih_data_dir, tmp_path, capsys):
   assert (tmp_path / "finetune" / "differences.csv").exists()
   scratch = json.loads((tmp_path / "finetune/scratch/f0.5/s0/config.json").read_text())
   assert scratch["optimizer"]["base_learning_rate"] == 1.0
+  # A second study in another folder prints the same tables: the study is deterministic.
+  other = _study(tmp_path / "again", cxr_data_dir, nih_data_dir)
+  rows_b, diffs_b = study.run_study(other)
+  assert sweep_report.table(rows_b) == sweep_report.table(rows)
+  assert sweep_report.differences_table(diffs_b) == sweep_report.differences_table(diffs)
+  assert diffs_b == diffs
   # Rerun: every stage is found finished; the same table comes back.
   rows_again, diffs_again = study.run_study(s)
   assert rows_again == rows and diffs_again == diffs
+
+
+def test_print_only_prints_every_command_and_runs_nothing(tmp_path):
+  import os
+  import pathlib
+  import subprocess
+  import sys
+
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  command = [sys.executable, "-m", "micle_jax.study", "--config=configs/study_cxr.py:demo"]
+  command += [f"--config.root={tmp_path}/study", "--print_only"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.splitlines()
+  assert len(lines) == 2 + 3 * 2 + 1  # 2 pretrainings, 3 inits × 2 fractions, the collection
+  assert [shlex.split(line)[2] for line in lines] == (
+    ["micle_jax.main"] * 2 + ["micle_jax.finetune"] * 6 + ["micle_jax.sweep"]
+  )
+  assert f"--workdir={tmp_path}/study/pretrain/micle" in lines[1]
+  assert "--config.label_fraction=0.05" in lines[2] and "base_learning_rate=1.0" in lines[2]
+  assert not (tmp_path / "study").exists()

@@ -1,4 +1,4 @@
-"""Tiny model settings for tests: XLA convolution gradients are slow on CPU (DESIGN.md §5)."""
+"""Tiny model settings for tests: XLA's convolution gradients are slow on CPU."""
 
 from micle_jax import models
 

@@ -286,3 +286,13 @@ def test_demo_data_is_rebuilt_only_when_its_stamp_changes(tmp_path):
     demo.ensure(foreign, ["nih"], sizes)
   with pytest.raises(ValueError, match="unknown layout 'mri'"):
     demo.ensure(tmp_path, ["mri"], sizes)
+
+
+def test_ham10000_class_balance_follows_the_documented_frequencies(tmp_path):
+  counts = synthetic.write_ham10000(tmp_path, num_lesions=600, seed=0, image_size=16)
+  rows = _csv(tmp_path / "HAM10000_metadata.csv")[1:]
+  dx_of_lesion = {lesion_id: dx for lesion_id, _, dx, *_ in rows}
+  assert len(dx_of_lesion) == counts.lesions == 600 and len(rows) == counts.images
+  for dx, p in ham10000_layout.DX_PROBS.items():
+    rate = sum(d == dx for d in dx_of_lesion.values()) / 600
+    assert abs(rate - p) < 0.05, (dx, rate, p)
