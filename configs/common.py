@@ -187,8 +187,9 @@ def make_finetune_demo(c: ml_collections.ConfigDict) -> None:
   """Matches `make_demo`'s tiny model; seconds per run on 2 CPU cores.
 
   Every label fraction gets the same 150 steps of batch 32. The learning rate, 0.01, suits a
-  pretrained network (larger ones wash its features out); a network trained from scratch needs
-  a larger one, which the study config gives the scratch init (docs/study.md).
+  pretrained network (the best of the rates tried on data the demo does not report); a network
+  trained from scratch needs a larger one, which the study config gives the scratch init
+  (docs/study.md).
   """
   c.model.update(DEMO_MODEL)
   c.augment.image_size = 32

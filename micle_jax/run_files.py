@@ -30,12 +30,15 @@ RUNTIME_KEYS = (
 LENGTH_KEYS = ("num_steps", "num_epochs")
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(
+  tree: Mapping[str, Any] | ml_collections.ConfigDict, prefix: str = ""
+) -> dict[str, Any]:
+  """{"optimizer": {"base_learning_rate": 1.0}} -> {"optimizer.base_learning_rate": 1.0}."""
   out = {}
   for key, value in tree.items():
     path = f"{prefix}{key}"
-    if isinstance(value, Mapping):
-      out.update(_flatten(value, path + "."))
+    if isinstance(value, Mapping | ml_collections.ConfigDict):
+      out.update(flatten(value, path + "."))
     else:
       out[path] = value
   return out
@@ -57,7 +60,7 @@ def config_differences(
 ) -> list[str]:
   """Dotted keys whose values differ (or exist on one side only), except the allowed ones."""
   allowed = set(RUNTIME_KEYS) | set(may_differ)
-  a, b = _flatten(stored), _flatten(current)
+  a, b = flatten(stored), flatten(current)
   keys = sorted(set(a) | set(b))
   return [
     k
@@ -91,7 +94,7 @@ def check_reusable(
   length = LENGTH_KEYS if allow_length_change else ()
   differing = config_differences(stored, current, may_differ=length)
   if differing:
-    flat_stored, flat_current = _flatten(stored), _flatten(current)
+    flat_stored, flat_current = flatten(stored), flatten(current)
     shown = ", ".join(
       f"{k}: {flat_stored.get(k, '<absent>')!r} -> {flat_current.get(k, '<absent>')!r}"
       for k in differing[:8]

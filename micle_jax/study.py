@@ -22,7 +22,6 @@ import dataclasses
 import importlib.util
 import shlex
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -31,7 +30,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from micle_jax import differences, distributed, sharding, sweep, sweep_plan, sweep_report, train
+from micle_jax import distributed, run_files, sharding, sweep, sweep_plan, train
 
 PRETRAIN_DIR = "pretrain"
 FINETUNE_DIR = "finetune"
@@ -56,17 +55,6 @@ def load_config(path: str, arg: str = "") -> ml_collections.ConfigDict:
   return module.get_config(arg or None)
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  """{"optimizer": {"base_learning_rate": 1.0}} -> {"optimizer.base_learning_rate": 1.0}."""
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping | ml_collections.ConfigDict):
-      out.update(flatten(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
 def _with_arg(arg: str, extra: str) -> str:
   return ",".join(filter(None, (arg, extra)))
 
@@ -86,7 +74,7 @@ def plan_pretraining(study: ml_collections.ConfigDict) -> list[Pretraining]:
   for method in study.methods:
     arg = _with_arg(study.pretrain.arg, f"method={method}")
     config = load_config(study.pretrain.config, arg)
-    overrides = flatten(study.pretrain.overrides)
+    overrides = run_files.flatten(study.pretrain.overrides)
     if study.init_from:
       overrides["init_from"] = study.init_from
     for key, value in overrides.items():
@@ -110,12 +98,14 @@ def check_equal_budgets(runs: list[Pretraining]) -> dict[str, int]:
 
 def plan_finetuning(study, pretrainings: list[Pretraining]) -> list[sweep.Run]:
   config = load_config(study.finetune.config, study.finetune.arg)
-  for key, value in flatten(study.finetune.overrides).items():
+  for key, value in run_files.flatten(study.finetune.overrides).items():
     sweep_plan.set_key(config, key, value, where=f"finetune override {key}")
   inits = {sweep.SCRATCH: sweep.SCRATCH} if study.scratch else {}
   inits.update({p.method: p.workdir for p in pretrainings})
   init_overrides = {
-    name: flatten(values) for name, values in study.init_overrides.items() if name in inits
+    name: run_files.flatten(values)
+    for name, values in study.init_overrides.items()
+    if name in inits
   }
   return sweep.plan(
     config,
@@ -135,7 +125,7 @@ def commands(study, pretrainings, finetunings, python: str = "python") -> list[s
     args += [f"--config.{k}={sweep_plan.flag_value(v)}" for k, v in p.overrides.items()]
     lines.append(shlex.join(args))
   finetune_arg = f"{study.finetune.config}:{study.finetune.arg}".rstrip(":")
-  overrides = flatten(study.finetune.overrides)
+  overrides = run_files.flatten(study.finetune.overrides)
   lines += [sweep.command(run, finetune_arg, overrides, python=python) for run in finetunings]
   root = epath.Path(study.root) / FINETUNE_DIR
   lines.append(shlex.join([python, "-m", "micle_jax.sweep", "collect", f"--root={root}", "--plot"]))
@@ -157,19 +147,7 @@ class _Stopwatch:
 def collect(study) -> tuple[list[dict], list[dict]]:
   """results.csv, differences.csv and the plot under ROOT/finetune; prints both tables."""
   root = epath.Path(study.root) / FINETUNE_DIR
-  runs = sweep.collect_runs(root)
-  rows = [row for r in runs for row in sweep._rows(r["results"], r["init"], r["workdir"])]
-  sweep.write_csv(rows, root / "results.csv")
-  diffs = differences.paired_differences(runs, num_samples=study.bootstrap_samples)
-  sweep.write_csv(diffs, root / sweep.DIFFERENCES_FILE, differences.COLUMNS)
-  try:
-    sweep_report.plot_label_efficiency(rows, root / "label_efficiency.png")
-  except ImportError:
-    logging.warning("matplotlib is not installed: no label_efficiency.png")
-  print(sweep_report.table(rows))
-  print()
-  print(sweep_report.differences_table(diffs))
-  return rows, diffs
+  return sweep.report(root, num_samples=study.bootstrap_samples, plot=True)
 
 
 def run_study(study: ml_collections.ConfigDict) -> tuple[list[dict], list[dict]]:

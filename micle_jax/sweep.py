@@ -202,6 +202,32 @@ def write_csv(
   path.write_text(buffer.getvalue())
 
 
+def report(
+  root: epath.PathLike, *, out: epath.PathLike | None = None, num_samples: int, plot: bool
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+  """Collects `root`: writes results.csv (or `out`), differences.csv beside it and, with `plot`,
+  label_efficiency.png; prints both tables; returns (rows, differences)."""
+  out = epath.Path(out or epath.Path(root) / "results.csv")
+  runs = collect_runs(root)
+  rows = [row for r in runs for row in _rows(r["results"], r["init"], r["workdir"])]
+  write_csv(rows, out)
+  diffs = differences.paired_differences(runs, num_samples=num_samples)
+  diff_path = out.parent / DIFFERENCES_FILE
+  write_csv(diffs, diff_path, differences.COLUMNS)
+  logging.info("Wrote %d rows to %s and %d to %s", len(rows), out, len(diffs), diff_path)
+  print(sweep_report.table(rows))
+  print()
+  print(sweep_report.differences_table(diffs))
+  if plot:
+    png = out.parent / "label_efficiency.png"
+    try:
+      sweep_report.plot_label_efficiency(rows, png)
+      print(f"Label-efficiency plot: {png}")
+    except ImportError:  # the tables and CSVs above are the results; the plot is a convenience
+      logging.warning("matplotlib is not installed (requirements-notebooks.txt): no %s", png)
+  return rows, diffs
+
+
 FLAGS = flags.FLAGS
 SUBCOMMANDS = ("run", "collect")
 
@@ -269,21 +295,7 @@ def main(argv: list[str]) -> None:
   if argv[1] == "run":
     _main_run()
     return
-  out = FLAGS.out or str(epath.Path(FLAGS.root) / "results.csv")
-  runs = collect_runs(FLAGS.root)
-  rows = [row for r in runs for row in _rows(r["results"], r["init"], r["workdir"])]
-  write_csv(rows, out)
-  diffs = differences.paired_differences(runs, num_samples=FLAGS.bootstrap_samples)
-  diff_path = epath.Path(out).parent / DIFFERENCES_FILE
-  write_csv(diffs, diff_path, differences.COLUMNS)
-  logging.info("Wrote %d rows to %s and %d to %s", len(rows), out, len(diffs), diff_path)
-  print(sweep_report.table(rows))
-  print()
-  print(sweep_report.differences_table(diffs))
-  if FLAGS.plot:
-    png = epath.Path(out).parent / "label_efficiency.png"
-    sweep_report.plot_label_efficiency(rows, png)
-    print(f"Label-efficiency plot: {png}")
+  report(FLAGS.root, out=FLAGS.out, num_samples=FLAGS.bootstrap_samples, plot=FLAGS.plot)
 
 
 if __name__ == "__main__":

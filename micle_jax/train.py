@@ -226,12 +226,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
 
 
 class _ProbeHook:
-  """Scores the probe on a state and logs it as `probe/*`, keeping the history by step."""
+  """Scores the probe on a state and logs it as `probe/*`, keeping the history by step.
 
-  def __init__(self, probe_: probe.Probe, writer, history: dict[str, Any]):
-    self.probe, self.writer, self.history = probe_, writer, history
+  The probe set is read on the first score, so a finished run that is started again (and trains
+  no step) reads nothing.
+  """
+
+  def __init__(self, make_probe, writer, history: dict[str, Any]):
+    self.make_probe, self.writer, self.history = make_probe, writer, history
+    self.probe: probe.Probe | None = None
 
   def __call__(self, step: int, state: Any) -> None:
+    if self.probe is None:
+      self.probe = self.make_probe()
     scores = self.probe(state)
     self.history[str(step)] = scores
     self.writer.write_scalars(step, {f"probe/{k}": v for k, v in scores.items() if np.isfinite(v)})
@@ -243,7 +250,8 @@ def _probe_hook(config, workdir, writer, mesh, start_step: int, state) -> _Probe
   spec = loop.config_spec(probe.ProbeSpec, config.probe, "probe")
   if not spec.dataset:
     return None
-  probe_ = probe.Probe(
+  make_probe = functools.partial(
+    probe.Probe,
     spec,
     preset=config.augment.preset,
     image_size=config.augment.image_size,
@@ -254,7 +262,7 @@ def _probe_hook(config, workdir, writer, mesh, start_step: int, state) -> _Probe
   path = workdir / run_files.PRETRAINING_FILE
   if start_step > 0 and path.exists():
     history = dict(run_files.read_json(path).get("probe") or {})
-  hook = _ProbeHook(probe_, writer, history)
+  hook = _ProbeHook(make_probe, writer, history)
   if start_step == 0:
     hook(0, state)  # the architecture at initialisation (or as restored from init_from)
   return hook

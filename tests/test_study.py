@@ -77,7 +77,7 @@ def test_the_demo_plan_has_equal_budgets_three_inits_and_the_scratch_override(
 
 
 def test_unequal_pretraining_budgets_stop_the_study_before_any_work(
-  cxr_data_dir, nih_data_dir, tmp_path
+  cxr_data_dir, nih_data_dir, tmp_path, monkeypatch
 ):
   s = _study(tmp_path, cxr_data_dir, nih_data_dir)
   with s.pretrain.overrides.unlocked():
@@ -93,7 +93,12 @@ def test_unequal_pretraining_budgets_stop_the_study_before_any_work(
   runs[1].config.num_steps = steps["micle"] + 1
   with pytest.raises(ValueError, match="budgets differ between methods"):
     study.check_equal_budgets(runs)
-  assert not (tmp_path / "pretrain").exists()
+  # The study itself refuses before it pretrains anything.
+  monkeypatch.setattr(study, "plan_pretraining", lambda _: runs)
+  wanted = rf"budgets differ between methods.*'micle': \({steps['micle'] + 1}, 8\)"
+  with pytest.raises(ValueError, match=wanted):
+    study.run_study(s)
+  assert not (tmp_path / "pretrain").exists() and not (tmp_path / "finetune").exists()
 
 
 def test_a_tiny_study_end_to_end(cxr_data_dir, nih_data_dir, tmp_path, capsys):
