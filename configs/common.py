@@ -95,7 +95,8 @@ def pretrain_base() -> ml_collections.ConfigDict:
     dict(task="none", label_set="competition5", uncertainty_policy="ones")
   )
   # kNN probe of the backbone's features at step 0 and every checkpoint (probe/* in TensorBoard):
-  # the first max_images labelled images of `split` ("" dataset: off). Never trains anything.
+  # the first max_images labelled images of `split` ("" dataset: off; "" data_dir: the
+  # pretraining dataset's). Never trains anything.
   c.probe = ml_collections.ConfigDict(
     dict(
       dataset="",

@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.num_epochs = a.epochs
   if a.demo:
     common.make_demo(c)
-    c.dataset.data_dir = c.probe.data_dir = "data/tensorflow_datasets"
+    c.dataset.data_dir = "data/tensorflow_datasets"  # the probe reads there too
     # Frontal images only, as the fine-tuning and the NIH shift set read; no supervised monitor
     # (the kNN probe measures the representation without training anything on labels).
     c.dataset.views = c.probe.views = "frontal"

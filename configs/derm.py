@@ -46,6 +46,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.num_epochs = a.epochs
   if a.demo:
     common.make_demo(c)
-    c.dataset.data_dir = c.probe.data_dir = "data/tensorflow_datasets"
+    c.dataset.data_dir = "data/tensorflow_datasets"  # the probe reads there too
   c.lock()
   return c

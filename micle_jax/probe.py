@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import tensorflow_datasets as tfds
 
 from micle_jax import eval_metrics, finetune_input, input_pipeline, sharding, views
 
@@ -31,7 +32,8 @@ TASKS = ("chexpert", "nih", "multiclass")
 
 @dataclasses.dataclass(frozen=True)
 class ProbeSpec:
-  """The `probe` config section. `dataset` "" switches the probe off."""
+  """The `probe` config section. `dataset` "" switches the probe off; `data_dir` "" is the
+  TFDS default (pretraining passes its own dataset's `data_dir` instead)."""
 
   dataset: str = ""
   split: str = "train"
@@ -107,9 +109,13 @@ class Probe:
 
   def __init__(self, spec: ProbeSpec, *, preset: str, image_size: int, labels, mesh):
     self.spec = spec
+    # The first max_images examples, or the whole split when it is smaller (TFDS refuses a slice
+    # past the end).
+    available = tfds.builder(spec.dataset, data_dir=spec.data_dir or None).info.splits
+    count = available[spec.split].num_examples if spec.split in available else spec.max_images
     info = input_pipeline.open_dataset(
       spec.dataset,
-      f"{spec.split}[:{spec.max_images}]",
+      f"{spec.split}[:{min(spec.max_images, count)}]",
       spec.data_dir or None,
       input_pipeline.LabelSpec(),
       spec.views,

@@ -14,6 +14,7 @@ derived from the step; see `input_pipeline`). A non-finite loss or parameter sto
 naming the step, without saving over the last good checkpoint.
 """
 
+import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -250,6 +251,9 @@ def _probe_hook(config, workdir, writer, mesh, start_step: int, state) -> _Probe
   spec = loop.config_spec(probe.ProbeSpec, config.probe, "probe")
   if not spec.dataset:
     return None
+  # The probe set lives beside the pretraining data unless the config says otherwise, so one
+  # --config.dataset.data_dir moves both.
+  spec = dataclasses.replace(spec, data_dir=spec.data_dir or config.dataset.data_dir)
   make_probe = functools.partial(
     probe.Probe,
     spec,

@@ -5,6 +5,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+import tensorflow_datasets as tfds
 from tiny_models import tiny_spec
 
 from micle_jax import eval_metrics, models, probe, sharding, train_state
@@ -129,3 +130,13 @@ def test_the_probe_scores_a_network_trained_on_its_labels_above_its_initialisati
     jax.tree_util.tree_leaves(again), jax.tree_util.tree_leaves(trained.params), strict=True
   ):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_a_split_smaller_than_max_images_is_read_whole(cxr_data_dir):
+  spec = probe.ProbeSpec(dataset="chexpert_micle/images", data_dir=cxr_data_dir, max_images=10_000)
+  labels = ml_collections.ConfigDict(dict(label_set="competition5", uncertainty_policy="ones"))
+  the_probe = probe.Probe(
+    spec, preset="cxr_small", image_size=32, labels=labels, mesh=sharding.create_mesh()
+  )
+  split = tfds.builder("chexpert_micle/images", data_dir=cxr_data_dir).info.splits["train"]
+  assert the_probe.num_images == split.num_examples > 0

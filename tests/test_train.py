@@ -29,7 +29,7 @@ def _config(data_dir, **overrides):
   config.keep_checkpoints = 10
   config.model.proj_out_dim = 16
   config.optimizer.warmup_epochs = 1.0
-  config.probe.update(data_dir=data_dir, max_images=24, k=3, batch_size=16)
+  config.probe.update(max_images=24, k=3, batch_size=16)  # data_dir: the dataset's
   config.labels.task = "chexpert"  # the supervised monitor, which init_from must never carry over
   for key, value in overrides.items():
     section, _, name = key.rpartition(".")
@@ -47,7 +47,13 @@ def _assert_trees_equal(a, b):
 @pytest.fixture(scope="module")
 def uninterrupted(cxr_data_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  state = train.train_and_evaluate(_config(cxr_data_dir), str(workdir))
+  # From a folder without the demo's data/: the probe must find its images beside the dataset's.
+  cwd = os.getcwd()
+  os.chdir(workdir)
+  try:
+    state = train.train_and_evaluate(_config(cxr_data_dir), str(workdir))
+  finally:
+    os.chdir(cwd)
   return workdir, jax.device_get(state)
 
 
