@@ -5,7 +5,7 @@
 #   launch/local_multihost.sh 2 -- --config=configs/cxr.py:demo --workdir=workdirs/mh
 #
 # Process i gets MICLE_COORDINATOR=localhost:$PORT, MICLE_NUM_PROCESSES=N, MICLE_PROCESS_ID=i
-# (read by micle_jax/distributed.py) and DEVICES_PER_PROCESS host CPU devices, and writes its
+# (read by micle_jax/runtime/distributed.py) and DEVICES_PER_PROCESS host CPU devices, and writes its
 # output to $LOG_DIR/process_i.log. The script waits for all of them; when one fails, it stops
 # the others and exits with the failing status.
 set -euo pipefail

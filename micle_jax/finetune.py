@@ -27,23 +27,11 @@ from clu import metric_writers
 from etils import epath
 from ml_collections import config_flags
 
-from micle_jax import (
-  augment_presets,
-  checkpoint,
-  distributed,
-  eval_metrics,
-  evaluation,
-  finetune_input,
-  input_pipeline,
-  loop,
-  models,
-  optim,
-  run_files,
-  sharding,
-  steps,
-  train_state,
-  views,
-)
+from micle_jax.data import augment_presets, finetune_input, input_pipeline, views
+from micle_jax.eval import eval_metrics, evaluation
+from micle_jax.models import resnet
+from micle_jax.runtime import checkpoint, distributed, run_files, sharding
+from micle_jax.train import loop, optim, steps, train_state
 
 MODES = ("full", "linear")
 RESULTS_FILE = "results.json"
@@ -80,7 +68,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   evaluation.check_aggregation(steps.task_for_labels(config.task), config.eval_aggregation)
   augment_presets.eval_crop_fraction(config.augment.preset)
   loop.config_spec(optim.OptimizerSpec, config.optimizer, "optimizer")
-  models.create_model(loop.config_spec(models.ModelSpec, config.model, "model"))
+  resnet.create_model(loop.config_spec(resnet.ModelSpec, config.model, "model"))
 
 
 def _optimizer(config, schedule) -> optax.GradientTransformation:
@@ -95,17 +83,17 @@ def _optimizer(config, schedule) -> optax.GradientTransformation:
   )
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.ContrastiveModel:
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> resnet.ContrastiveModel:
   """The fine-tuning model of `config` (linear mode: frozen backbone behind a stop-gradient)."""
   spec = loop.config_spec(
-    models.ModelSpec,
+    resnet.ModelSpec,
     config.model,
     "model",
     num_classes=num_classes,
     stop_gradient_supervised=config.mode == "linear",
     freeze_backbone=config.mode == "linear",
   )
-  return models.create_model(spec)
+  return resnet.create_model(spec)
 
 
 def initial_state(config, model, tx, mngr, mesh) -> tuple[Any, loop.InitInfo]:

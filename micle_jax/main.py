@@ -1,7 +1,7 @@
 r"""Entry point: `python -m micle_jax.main --config=configs/cxr.py --workdir=DIR`.
 
 Kept short on purpose: parse flags, set up logging and the distributed runtime, and hand
-`(config, workdir)` to `train.train_and_evaluate`. Override any config key from the command line
+`(config, workdir)` to `pretrain.train_and_evaluate`. Override any config key from the command line
 with `--config.key=value` (e.g. `--config.batch_size=256`); unknown keys fail.
 """
 
@@ -10,7 +10,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from micle_jax import distributed
+from micle_jax.runtime import distributed
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -25,11 +25,13 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not distributed.initialize():
     distributed.split_cpu_into_devices(FLAGS.config.batch_size)
-  from micle_jax import checkpoint, train  # Imported after jax.distributed is initialised.
+  # Imported after jax.distributed is initialised.
+  from micle_jax import pretrain
+  from micle_jax.runtime import checkpoint
 
   logging.info("Config:\n%s", FLAGS.config)
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    pretrain.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except checkpoint.UnreadableCheckpointError as e:
     sys.exit(f"error: {e}")  # one line, exit status 1, not a traceback
   logging.info("Done: %s", FLAGS.workdir)

@@ -11,18 +11,19 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-import test_train
+import test_pretrain
 from flax import traverse_util
 
 from configs import cxr
-from micle_jax import checkpoint, train
+from micle_jax import pretrain
+from micle_jax.runtime import checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _config(data_dir, **overrides):
-  """test_train's tiny pretraining (6 steps, checkpoints every 2), without the probe."""
-  return test_train._config(data_dir, **{"probe.dataset": "", **overrides})
+  """test_pretrain's tiny pretraining (6 steps, checkpoints every 2), without the probe."""
+  return test_pretrain._config(data_dir, **{"probe.dataset": "", **overrides})
 
 
 def _flags(config) -> list[str]:
@@ -51,7 +52,7 @@ def _steps(workdir) -> list[str]:
 @pytest.fixture(scope="module")
 def uninterrupted(cxr_data_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  state = jax.device_get(train.train_and_evaluate(_config(cxr_data_dir), str(workdir)))
+  state = jax.device_get(pretrain.train_and_evaluate(_config(cxr_data_dir), str(workdir)))
   assert _steps(workdir) == ["2", "4", "6"]
   return workdir, state
 
@@ -90,7 +91,7 @@ def test_a_damaged_newest_step_is_set_aside_and_resume_ends_bit_identical(
   workdir = tmp_path / "run"
   shutil.copytree(source, workdir)
   damage(workdir / "checkpoints" / "6")
-  state = jax.device_get(train.train_and_evaluate(_config(cxr_data_dir), str(workdir)))
+  state = jax.device_get(pretrain.train_and_evaluate(_config(cxr_data_dir), str(workdir)))
   assert int(state.step) == 6
   _assert_same_state(state, expected)  # fell back to step 4, trained 5 and 6 again
   assert _steps(workdir) == ["2", "4", "6", "6.damaged"]  # kept aside, and 6 written anew
@@ -108,7 +109,7 @@ def test_when_no_step_is_readable_the_run_stops_naming_each_and_renames_nothing(
   for step in ("2", "4", "6"):
     _truncate(workdir / "checkpoints" / step)
   with pytest.raises(checkpoint.UnreadableCheckpointError) as error:
-    train.train_and_evaluate(_config(cxr_data_dir), str(workdir))
+    pretrain.train_and_evaluate(_config(cxr_data_dir), str(workdir))
   message = str(error.value)
   assert "\n" not in message and "no checkpoint in" in message
   assert message.index("step 6:") < message.index("step 4:") < message.index("step 2:")
@@ -149,7 +150,8 @@ def test_a_save_killed_in_flight_resumes_from_the_previous_committed_step(
     sys.path[:0] = [{str(REPO)!r}, {str(REPO / "tests")!r}]
     import jax
     jax.config.update("jax_compilation_cache_dir", {jax.config.jax_compilation_cache_dir!r})
-    from micle_jax import checkpoint, train
+    from micle_jax import pretrain
+    from micle_jax.runtime import checkpoint
     import test_checkpoint_recovery as t
 
     save = checkpoint.save
@@ -161,7 +163,7 @@ def test_a_save_killed_in_flight_resumes_from_the_previous_committed_step(
       return out
 
     checkpoint.save = save_then_die
-    train.train_and_evaluate(t._config({cxr_data_dir!r}), {str(workdir)!r})
+    pretrain.train_and_evaluate(t._config({cxr_data_dir!r}), {str(workdir)!r})
     """
   )
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
@@ -171,7 +173,7 @@ def test_a_save_killed_in_flight_resumes_from_the_previous_committed_step(
   assert result.returncode == -9, result.stderr[-3000:]
   left = _steps(workdir)
   assert "2" in left and "4" not in left, left  # killed before step 4 committed
-  state = jax.device_get(train.train_and_evaluate(_config(cxr_data_dir), str(workdir)))
+  state = jax.device_get(pretrain.train_and_evaluate(_config(cxr_data_dir), str(workdir)))
   _assert_same_state(state, expected)
   assert _steps(workdir) == ["2", "4", "6"]  # the half-written save is gone, not a step
 
@@ -187,5 +189,5 @@ def test_init_from_a_damaged_checkpoint_fails_naming_it(uninterrupted, cxr_data_
     checkpoint.load_weights(damaged)
   config = _config(cxr_data_dir, init_from=str(damaged))
   with pytest.raises(ValueError, match="checkpoint step 6"):
-    train.train_and_evaluate(config, str(tmp_path / "run"))
+    pretrain.train_and_evaluate(config, str(tmp_path / "run"))
   assert _steps(damaged) == ["2", "4", "6"]  # never falls back to step 4 of a named checkpoint

@@ -9,7 +9,10 @@ import jax
 import pytest
 
 from configs import cxr, derm, finetune_cxr, finetune_derm, imagenet
-from micle_jax import benchmark_train, finetune, models, optim, train_state
+from micle_jax import finetune
+from micle_jax.models import resnet
+from micle_jax.tools import benchmark_train
+from micle_jax.train import optim, train_state
 
 _NUM_CLASSES = 5
 
@@ -35,11 +38,11 @@ def _traced_optimizer_state(model, tx, image_size: int):
 )
 def test_pretraining_variants_build(module, arg):
   config = module.get_config(arg)
-  spec = models.ModelSpec(
+  spec = resnet.ModelSpec(
     **{**config.model.to_dict(), "num_classes": benchmark_train.monitor_classes(config)}
   )
   tx = optim.create_optimizer(optim.OptimizerSpec(**config.optimizer.to_dict()), learning_rate=0.1)
-  state = _traced_optimizer_state(models.create_model(spec), tx, config.augment.image_size)
+  state = _traced_optimizer_state(resnet.create_model(spec), tx, config.augment.image_size)
   assert jax.tree_util.tree_leaves(state)
 
 

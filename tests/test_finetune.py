@@ -12,17 +12,12 @@ import tensorflow_datasets as tfds
 from tiny_models import tiny_spec
 
 from configs import finetune_cxr
-from micle_jax import (
-  checkpoint,
-  evaluation,
-  finetune,
-  finetune_input,
-  input_pipeline,
-  models,
-  optim,
-  sharding,
-  train_state,
-)
+from micle_jax import finetune
+from micle_jax.data import finetune_input, input_pipeline
+from micle_jax.eval import evaluation
+from micle_jax.models import resnet
+from micle_jax.runtime import checkpoint, sharding
+from micle_jax.train import optim, train_state
 
 RESULT_KEYS = {
   "init_from",
@@ -66,7 +61,7 @@ def pretrained(tmp_path_factory):
   spec = tiny_spec(num_proj_layers=2, proj_out_dim=16, num_classes=5)
   mesh = sharding.create_mesh()
   state = train_state.create_train_state(
-    models.create_model(spec), optax.sgd(0.1), seed=7, image_shape=(32, 32, 3), mesh=mesh
+    resnet.create_model(spec), optax.sgd(0.1), seed=7, image_shape=(32, 32, 3), mesh=mesh
   )
   params = jax.device_get(state.params)
   # Make every leaf recognisable (not an initialiser's output); the monitor holds HEAD_VALUE.

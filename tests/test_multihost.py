@@ -23,10 +23,12 @@ import pytest
 import tensorflow as tf
 
 from configs import cxr
-from micle_jax import checkpoint, input_pipeline, sharding, train
+from micle_jax import pretrain
+from micle_jax.data import input_pipeline
+from micle_jax.runtime import checkpoint, sharding
 
 _PROCESSES = 2
-# tests/test_train.py's tiny run, 4 steps, at a learning rate low enough that rounding differences
+# tests/test_pretrain.py's tiny run, 4 steps, at a learning rate low enough that rounding differences
 # stay small: at the demo's 1.0 (gradient norms ~600), a 4e-7 relative difference in the step-3
 # loss grew to 4e-4 at step 4.
 _OVERRIDES = {
@@ -106,7 +108,7 @@ def _train_one_process(workdir: pathlib.Path, data_dir: str, **overrides):
       "pretrain_batches",
       _as_if_two_processes(input_pipeline.pretrain_batches),
     )
-    state = train.train_and_evaluate(_config(data_dir, **overrides), str(workdir))
+    state = pretrain.train_and_evaluate(_config(data_dir, **overrides), str(workdir))
   return jax.device_get(state)
 
 

@@ -16,7 +16,8 @@ import local_launch
 import pytest
 
 from configs import finetune_cxr
-from micle_jax import finetune, finetune_input, input_pipeline
+from micle_jax import finetune
+from micle_jax.data import finetune_input, input_pipeline
 
 _CONFIG = "demo,no_shift,linear"
 _BATCH_SIZE = 8

@@ -1,0 +1,1 @@
+"""Input: augmentation, pretraining and supervised pipelines, tasks."""

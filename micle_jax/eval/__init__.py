@@ -1,0 +1,1 @@
+"""Evaluation: metrics with bootstrap CIs, predictions, paired differences, the probe."""

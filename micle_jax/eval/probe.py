@@ -1,0 +1,170 @@
+"""A kNN probe of a representation: how well frozen features of labelled images predict labels.
+
+Pretraining learns without labels, so its loss says little about what the representation is
+worth to a classifier. The probe measures that without touching the model: it embeds a fixed
+set of labelled images with the network in inference mode (backbone features, L2-normalised) and
+scores a k-nearest-neighbour classifier on them, leaving each patient's own images out of their
+neighbours (a patient's images look alike for reasons that have nothing to do with the labels).
+Nothing is trained, and nothing the probe computes enters the training state, so a run with the
+probe ends with exactly the parameters of a run without it.
+
+Scores: multi-label tasks (chest X-rays) the mean AUC over labels of the neighbours' mean
+target; multi-class tasks the top-1 accuracy of the neighbours' vote. Computed at step 0 (the
+architecture at initialisation) and at every checkpoint, logged as `probe/*`.
+
+The probe set is the first `max_images` examples of its split that pass the view filter. Use
+images the reported evaluation does not: the pretraining config's default is the training split
+(whose labels pretraining never reads).
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+
+from micle_jax.data import finetune_input, input_pipeline, views
+from micle_jax.eval import eval_metrics
+from micle_jax.runtime import sharding
+
+TASKS = ("chexpert", "nih", "multiclass")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeSpec:
+  """The `probe` config section. `dataset` "" switches the probe off; `data_dir` "" is the
+  TFDS default (pretraining passes its own dataset's `data_dir` instead)."""
+
+  dataset: str = ""
+  split: str = "train"
+  data_dir: str = ""
+  task: str = "chexpert"
+  views: str = "all"
+  max_images: int = 512
+  k: int = 20
+  batch_size: int = 128
+
+  def __post_init__(self):
+    if self.task not in TASKS:
+      raise ValueError(f"probe.task={self.task!r} not in {TASKS}")
+    views.check(self.views, "probe.views")
+    for key in ("max_images", "k", "batch_size"):
+      if getattr(self, key) <= 0:
+        raise ValueError(f"probe.{key}={getattr(self, key)} must be > 0")
+
+
+def knn_scores(features: np.ndarray, groups: np.ndarray, targets: np.ndarray, k: int) -> np.ndarray:
+  """Leave-group-out kNN: each row's mean target over its k most similar rows of other groups.
+
+  Args:
+    features: [N, D] (cosine similarity: rows are L2-normalised here).
+    groups: [N] group ids (patients); a row's own group is never its neighbour.
+    targets: [N, K] values to average (one-hot classes, or multi-label targets; NaN = unknown,
+      ignored in the mean).
+    k: neighbours.
+
+  Returns:
+    [N, K] mean neighbour targets (NaN where no neighbour knows the target).
+  """
+  x = np.asarray(features, np.float64)
+  x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+  similarity = x @ x.T
+  groups = np.asarray(groups)
+  similarity[groups[:, None] == groups[None, :]] = -np.inf
+  k = min(k, len(x) - 1)
+  # Ties broken by row index (stable sort of the negated similarity): deterministic.
+  neighbours = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+  values = np.asarray(targets, np.float64)[neighbours]  # [N, k, K]
+  valid = (
+    np.isfinite(values) & np.isfinite(np.take_along_axis(similarity, neighbours, 1))[..., None]
+  )
+  total = np.where(valid, values, 0.0).sum(1)
+  count = valid.sum(1)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(count > 0, total / count, np.nan)
+
+
+def score(
+  features: np.ndarray, batch: dict[str, np.ndarray], *, task: str, names, k: int
+) -> dict[str, float]:
+  """The probe's metrics for features of the probe set (`batch`: labels and patient ids)."""
+  groups = batch["patient_id"]
+  if task == "multiclass":
+    labels = batch["label"].astype(np.int64)
+    votes = knn_scores(features, groups, np.eye(len(names))[labels], k)
+    return {"top1": eval_metrics.top_k_accuracy(np.nan_to_num(votes, nan=-1.0), labels, 1)}
+  targets = np.where(batch["target_mask"] > 0, batch["targets"], np.nan)
+  predicted = knn_scores(features, groups, targets, k)
+  defined = np.isfinite(predicted) & (batch["target_mask"] > 0)
+  per_label = eval_metrics.per_label_auc(
+    np.nan_to_num(predicted), batch["targets"], defined, tuple(names)
+  )
+  return {"mean_auc": eval_metrics.mean_auc(per_label)} | {
+    f"auc/{n}": v for n, v in per_label.items()
+  }
+
+
+class Probe:
+  """The probe set of a run, loaded once; `__call__(state)` scores a training state."""
+
+  def __init__(self, spec: ProbeSpec, *, preset: str, image_size: int, labels, mesh):
+    self.spec = spec
+    # The first max_images examples, or the whole split when it is smaller (TFDS refuses a slice
+    # past the end).
+    available = tfds.builder(spec.dataset, data_dir=spec.data_dir or None).info.splits
+    count = available[spec.split].num_examples if spec.split in available else spec.max_images
+    info = input_pipeline.open_dataset(
+      spec.dataset,
+      f"{spec.split}[:{min(spec.max_images, count)}]",
+      spec.data_dir or None,
+      input_pipeline.LabelSpec(),
+      spec.views,
+      views_key="probe.views",
+    )
+    self.names = finetune_input.label_names(spec.task, info, labels.label_set)
+    label_fn = finetune_input.make_label_fn(
+      spec.task, label_set=labels.label_set, policy=labels.uncertainty_policy
+    )
+    batch_size = max(spec.batch_size // sharding.data_parallel_size(mesh), 1)
+    batch_size *= sharding.data_parallel_size(mesh)
+    self.batches = list(
+      finetune_input.eval_batches(
+        info,
+        info.split,
+        label_fn=label_fn,
+        image_size=image_size,
+        preset=preset,
+        batch_size=batch_size,
+        mesh=mesh,
+      )
+    )
+    keep = np.concatenate([b["valid"] > 0 for b in self.batches])
+    self.labels = {
+      key: np.concatenate([b[key] for b in self.batches])[keep]
+      for key in ("label", "targets", "target_mask", "patient_id")
+      if key in self.batches[0]
+    }
+    self.keep = keep
+    self.mesh = mesh
+    self._features: Callable[..., Any] | None = None
+
+  @property
+  def num_images(self) -> int:
+    return int(self.keep.sum())
+
+  def __call__(self, state: Any) -> dict[str, float]:
+    if self._features is None:
+      self._features = jax.jit(
+        lambda variables, images: state.apply_fn(variables, images, train=False)["features"],
+        in_shardings=(sharding.replicated(self.mesh), sharding.data_sharding(self.mesh)),
+        out_shardings=sharding.data_sharding(self.mesh),
+      )
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    parts = [
+      sharding.to_host(self._features(variables, sharding.make_global_batch(b["image"], self.mesh)))
+      for b in self.batches
+    ]
+    features = np.concatenate(parts)[self.keep]
+    return score(features, self.labels, task=self.spec.task, names=self.names, k=self.spec.k)

@@ -1,0 +1,1 @@
+"""Networks: the SimCLR ResNet, its heads, and the one convolution layer."""

@@ -1,0 +1,1 @@
+"""Running on hosts: mesh and sharding, distributed start, checkpoints, run files."""

@@ -1,0 +1,1 @@
+"""Tools on top of the drivers: benchmark, conversion, sweeps, prediction, the study."""

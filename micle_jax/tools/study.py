@@ -1,0 +1,197 @@
+r"""The label-efficiency study as one command: `python -m micle_jax.study --config=configs/study_cxr.py`.
+
+Stages, each resumable (a finished stage is found and skipped, an unfinished one resumes):
+
+1. **Pretrain** every method of `config.methods` (SimCLR, MICLe) from the same pretraining config,
+   optionally from `config.init_from` (e.g. converted ImageNet weights). The methods must run the
+   same number of steps of the same batch; the study stops before any work if they would not.
+2. **Fine-tune** scratch and every pretrained network at every label fraction and seed
+   (`sweep.plan` / `sweep.run`, with `config.init_overrides` for inits that need their own
+   hyperparameters).
+3. **Collect** `results.csv`, `differences.csv` (paired differences with paired-bootstrap CIs)
+   and `label_efficiency.png` under `ROOT/finetune`, and print both tables.
+
+The wall time of each stage is printed. `--print_only` prints, instead, the command of every
+pretraining and fine-tuning run and of the collection, for a TPU fleet (the fine-tuning commands
+need the pretraining runs to have finished).
+
+Layout: `ROOT/pretrain/<method>/` (pretraining workdirs), `ROOT/finetune/<init>/f<fraction>/s<seed>/`.
+"""
+
+import dataclasses
+import importlib.util
+import shlex
+import time
+from typing import Any
+
+import jax
+import ml_collections
+from absl import app, flags, logging
+from etils import epath
+from ml_collections import config_flags
+
+from micle_jax import pretrain
+from micle_jax.runtime import distributed, run_files, sharding
+from micle_jax.tools import sweep, sweep_plan
+
+PRETRAIN_DIR = "pretrain"
+FINETUNE_DIR = "finetune"
+
+
+_REPO = epath.Path(__file__).parent.parent
+
+
+def load_config(path: str, arg: str = "") -> ml_collections.ConfigDict:
+  """`get_config(arg)` of the config file `path` (as `--config=path:arg` would give it).
+
+  A relative path is looked up in the working directory, then in this repository.
+  """
+  file = epath.Path(path)
+  if not file.exists() and not file.is_absolute() and (_REPO / path).exists():
+    file = _REPO / path
+  if not file.exists():
+    raise FileNotFoundError(f"config file {path} not found")
+  spec = importlib.util.spec_from_file_location(f"_study_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def _with_arg(arg: str, extra: str) -> str:
+  return ",".join(filter(None, (arg, extra)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretraining:
+  method: str
+  config_arg: str  # e.g. "configs/cxr.py:demo,method=micle"
+  overrides: dict[str, Any]
+  config: ml_collections.ConfigDict
+  workdir: str
+
+
+def plan_pretraining(study: ml_collections.ConfigDict) -> list[Pretraining]:
+  """One pretraining per method: the shared config, its overrides, the method and init_from."""
+  runs = []
+  for method in study.methods:
+    arg = _with_arg(study.pretrain.arg, f"method={method}")
+    config = load_config(study.pretrain.config, arg)
+    overrides = run_files.flatten(study.pretrain.overrides)
+    if study.init_from:
+      overrides["init_from"] = study.init_from
+    for key, value in overrides.items():
+      sweep_plan.set_key(config, key, value, where=f"pretrain override {key}")
+    pretrain.validate_config(config)
+    workdir = str(epath.Path(study.root) / PRETRAIN_DIR / method)
+    runs.append(Pretraining(method, f"{study.pretrain.config}:{arg}", overrides, config, workdir))
+  return runs
+
+
+def check_equal_budgets(runs: list[Pretraining]) -> dict[str, int]:
+  """{method: total steps}; raises unless every method runs as many steps of the same batch."""
+  budgets = {}
+  for run in runs:
+    budget = pretrain.plan_budget(run.config, sharding.local_batch_size(run.config.batch_size))
+    budgets[run.method] = (budget.total_steps, run.config.batch_size)
+  if len(set(budgets.values())) > 1:
+    raise ValueError(f"pretraining budgets differ between methods (steps, batch): {budgets}")
+  return {method: steps for method, (steps, _) in budgets.items()}
+
+
+def plan_finetuning(study, pretrainings: list[Pretraining]) -> list[sweep.Run]:
+  config = load_config(study.finetune.config, study.finetune.arg)
+  for key, value in run_files.flatten(study.finetune.overrides).items():
+    sweep_plan.set_key(config, key, value, where=f"finetune override {key}")
+  inits = {sweep.SCRATCH: sweep.SCRATCH} if study.scratch else {}
+  inits.update({p.method: p.workdir for p in pretrainings})
+  init_overrides = {
+    name: run_files.flatten(values)
+    for name, values in study.init_overrides.items()
+    if name in inits
+  }
+  return sweep.plan(
+    config,
+    epath.Path(study.root) / FINETUNE_DIR,
+    inits=inits,
+    fractions=sweep.parse_fractions([str(f) for f in study.fractions]),
+    seeds=sweep.parse_seeds([str(s) for s in study.seeds]),
+    init_overrides=init_overrides,
+  )
+
+
+def commands(study, pretrainings, finetunings, python: str = "python") -> list[str]:
+  """Every command of the study, in order: pretrainings, fine-tunings, collection."""
+  lines = []
+  for p in pretrainings:
+    args = [python, "-m", "micle_jax.main", f"--config={p.config_arg}", f"--workdir={p.workdir}"]
+    args += [f"--config.{k}={sweep_plan.flag_value(v)}" for k, v in p.overrides.items()]
+    lines.append(shlex.join(args))
+  finetune_arg = f"{study.finetune.config}:{study.finetune.arg}".rstrip(":")
+  overrides = run_files.flatten(study.finetune.overrides)
+  lines += [sweep.command(run, finetune_arg, overrides, python=python) for run in finetunings]
+  root = epath.Path(study.root) / FINETUNE_DIR
+  lines.append(shlex.join([python, "-m", "micle_jax.sweep", "collect", f"--root={root}", "--plot"]))
+  return lines
+
+
+class _Stopwatch:
+  def __init__(self):
+    self.stages: list[tuple[str, float]] = []
+
+  def run(self, name: str, fn, *args):
+    start = time.perf_counter()
+    result = fn(*args)
+    self.stages.append((name, time.perf_counter() - start))
+    print(f"[study] {name}: {self.stages[-1][1]:.0f} s", flush=True)
+    return result
+
+
+def collect(study) -> tuple[list[dict], list[dict]]:
+  """results.csv, differences.csv and the plot under ROOT/finetune; prints both tables."""
+  root = epath.Path(study.root) / FINETUNE_DIR
+  return sweep.report(root, num_samples=study.bootstrap_samples, plot=True)
+
+
+def run_study(study: ml_collections.ConfigDict) -> tuple[list[dict], list[dict]]:
+  """Pretrains, fine-tunes and collects as `study` says; returns (results rows, differences)."""
+  if study.compilation_cache:
+    jax.config.update("jax_compilation_cache_dir", str(epath.Path(study.root) / "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  pretrainings = plan_pretraining(study)
+  finetunings = plan_finetuning(study, pretrainings)  # validated before anything trains
+  steps = check_equal_budgets(pretrainings)
+  logging.info("Pretraining budgets (steps): %s", steps)
+  clock = _Stopwatch()
+  for p in pretrainings:
+    name = f"pretrain {p.method} ({steps[p.method]} steps)"
+    clock.run(name, pretrain.train_and_evaluate, p.config, p.workdir)
+  clock.run(f"fine-tune ({len(finetunings)} runs)", sweep.run, finetunings)
+  out = clock.run("collect", collect, study)
+  total = sum(seconds for _, seconds in clock.stages)
+  print(f"[study] total: {total:.0f} s ({total / 60:.1f} min)")
+  return out
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  study = FLAGS.config
+  if FLAGS.print_only:
+    pretrainings = plan_pretraining(study)
+    for line in commands(study, pretrainings, plan_finetuning(study, pretrainings)):
+      print(line)
+    return
+  if not distributed.initialize():
+    batch = load_config(study.pretrain.config, study.pretrain.arg).batch_size
+    distributed.split_cpu_into_devices(batch)
+  run_study(study)
+
+
+if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", None, "Study config (configs/study_*.py).")
+  flags.DEFINE_bool("print_only", False, "Print every command instead of running them.")
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

@@ -1,0 +1,1 @@
+"""Training: state, pure steps, losses, optimizers, the step loop."""

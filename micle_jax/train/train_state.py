@@ -1,0 +1,75 @@
+"""The training state: params, BatchNorm statistics, optimizer state, step and rng, in one pytree."""
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh
+
+from micle_jax.runtime import sharding
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything a step reads and writes; `apply_fn` and `tx` are static.
+
+  `rng` is a raw uint32 key (`jax.random.PRNGKey`), so a checkpoint holds plain arrays. Steps
+  derive per-step randomness as `fold_in(rng, step)`, so a resumed run draws the same numbers.
+  """
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array
+  apply_fn: Callable[..., Any] = struct.field(pytree_node=False)
+  tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+  def variables(self) -> dict[str, Any]:
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def init_variables(model: nn.Module, rng: jax.Array, image_shape: tuple[int, int, int]) -> Any:
+  """Initial {'params', 'batch_stats'} of `model` for images of `image_shape` (H, W, C)."""
+  dummy = jnp.zeros((2, *image_shape), jnp.float32)
+  return model.init({"params": rng}, dummy, train=False)
+
+
+def create_train_state(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  *,
+  seed: int,
+  image_shape: tuple[int, int, int],
+  mesh: Mesh,
+) -> TrainState:
+  """Initialises a replicated TrainState on `mesh` from `seed` (deterministic).
+
+  Args:
+    model: the Flax model.
+    tx: the optimizer.
+    seed: the config's seed; parameter init and the step rng both derive from it.
+    image_shape: (H, W, C) of one input image.
+    mesh: the device mesh; the state is replicated over it.
+  """
+  init_rng, step_rng = jax.random.split(jax.random.PRNGKey(seed))
+
+  def init() -> TrainState:
+    variables = init_variables(model, init_rng, image_shape)
+    params = variables["params"]
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=variables.get("batch_stats", {}),
+      opt_state=tx.init(params),
+      rng=step_rng,
+      apply_fn=model.apply,
+      tx=tx,
+    )
+
+  abstract = jax.eval_shape(init)
+  shardings = jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), abstract)
+  return jax.jit(init, out_shardings=shardings)()
