@@ -55,6 +55,13 @@ def _model_section(**extra) -> ml_collections.ConfigDict:
   )
 
 
+def _labels_section(*, task: str) -> ml_collections.ConfigDict:
+  """How labels are read, in pretraining and fine-tuning alike (`labels.*` keys)."""
+  return ml_collections.ConfigDict(
+    dict(task=task, label_set="competition5", uncertainty_policy="ones")
+  )
+
+
 def _lars_section(
   *, base_learning_rate: float, weight_decay: float, warmup_epochs: float
 ) -> ml_collections.ConfigDict:
@@ -91,9 +98,7 @@ def pretrain_base() -> ml_collections.ConfigDict:
   c.augment = ml_collections.ConfigDict(dict(preset="simclr", image_size=224))
   # Supervised monitor (SimCLR's linear head on stop-gradient features): "none", "multiclass"
   # (feature `label`) or "chexpert" (raw observations + label_set + uncertainty_policy).
-  c.labels = ml_collections.ConfigDict(
-    dict(task="none", label_set="competition5", uncertainty_policy="ones")
-  )
+  c.labels = _labels_section(task="none")
   # kNN probe of the backbone's features at step 0 and every checkpoint (probe/* in TensorBoard):
   # the first max_images labelled images of `split` ("" dataset: off; "" data_dir: the
   # pretraining dataset's). Never trains anything.
@@ -147,7 +152,6 @@ def finetune_base() -> ml_collections.ConfigDict:
   c.seed = 0  # also picks the label-fraction subset and the bootstrap resamples
   c.init_from = ""  # a pretraining workdir, an Orbax checkpoint, or "" / "scratch"
   c.mode = "full"  # "full" fine-tuning, or "linear" (frozen backbone, linear head)
-  c.task = "chexpert"  # "chexpert" | "nih" (multi-label AUC) or "multiclass" (top-1/top-3)
   c.label_fraction = 1.0  # of training patients; nested subsets for one seed
   # views: "all", "frontal", "ap" or "pa" (chest X-rays), for training and the in-distribution eval.
   c.dataset = ml_collections.ConfigDict(
@@ -160,7 +164,8 @@ def finetune_base() -> ml_collections.ConfigDict:
       views="all",
     )
   )
-  c.labels = ml_collections.ConfigDict(dict(label_set="competition5", uncertainty_policy="ones"))
+  # The labels trained on: task "chexpert" | "nih" (multi-label AUC) or "multiclass" (top-1/top-3).
+  c.labels = _labels_section(task="chexpert")
   c.augment = ml_collections.ConfigDict(dict(preset="cxr", image_size=224))
   # ft_proj_selector = proj_layers_kept = supervised_input_layer (0: head on backbone features).
   # init_from restores the backbone and those layers only; the supervised head starts at zero.

@@ -37,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     study=False,
   )
   c = common.finetune_base()
-  c.task = "chexpert"
+  c.labels.task = "chexpert"
   c.mode = "linear" if a.linear else "full"
   c.label_fraction = a.fraction
   c.dataset.name = "chexpert_micle/images"

@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     selector=0,
   )
   c = common.finetune_base()
-  c.task = "multiclass"
+  c.labels.task = "multiclass"
   c.mode = "linear" if a.linear else "full"
   c.label_fraction = a.fraction
   c.dataset.name = f"derm/{a.source}_images"

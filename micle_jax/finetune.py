@@ -15,97 +15,234 @@ pretraining budget), `predictions/<eval>.npz` (per-image predictions, which the 
 across inits), `train_patients.json`, `init.json`, `config.json` and TensorBoard events.
 """
 
-import sys
-from typing import Any
+import dataclasses
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
 import numpy as np
-import optax
-from absl import app, flags, logging
+from absl import flags, logging
 from clu import metric_writers
 from etils import epath
-from ml_collections import config_flags
 
-from micle_jax.data import augment_presets, finetune_input, input_pipeline, views
+from micle_jax import app, specs
+from micle_jax.data import finetune_input, input_pipeline, tasks
 from micle_jax.eval import eval_metrics, evaluation
-from micle_jax.models import resnet
-from micle_jax.runtime import checkpoint, distributed, run_files, sharding
-from micle_jax.train import loop, optim, steps, train_state
+from micle_jax.runtime import checkpoint, run_files, sharding
+from micle_jax.train import build, loop, steps
 
-MODES = ("full", "linear")
 RESULTS_FILE = "results.json"
 TRAIN_PATIENTS_FILE = "train_patients.json"
+INIT_FILE = "init.json"
 
 
-def _eval_targets(config: ml_collections.ConfigDict) -> list[tuple[str, Any]]:
-  """(results key, {name, split, data_dir, task, views}) of every evaluation of `config`."""
-  d = config.dataset
-  targets = [
-    (
-      "in_distribution",
-      dict(name=d.name, split=d.eval_split, data_dir=d.data_dir, task=config.task, views=d.views),
-    )
-  ]
-  return targets + [(key, shift.to_dict()) for key, shift in config.shift.items()]
+def validate(config: ml_collections.ConfigDict) -> specs.FinetuneSpec:
+  """The config's spec, with the checks that need the task registry; fails naming the key."""
+  spec = specs.from_config(specs.FinetuneSpec, config)
+  loss = tasks.get(spec.labels.task).loss
+  try:
+    evaluation.check_aggregation(loss, spec.eval_aggregation)
+  except ValueError as e:
+    raise specs.ConfigError(str(e)) from e
+  for key, shift in spec.shift.items():
+    if tasks.get(shift.task, f"shift.{key}.task").loss != loss:
+      raise specs.ConfigError(
+        f"config.shift.{key}.task={shift.task!r} is {tasks.get(shift.task).loss}; the model's "
+        f"labels.task={spec.labels.task!r} is {loss}"
+      )
+  tasks.get(spec.labels.task).label_fn(spec.labels)  # a policy that does not fit fails now
+  return spec
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Fails before any work, naming the key."""
-  if config.mode not in MODES:
-    raise ValueError(f"config.mode={config.mode!r} not in {MODES}")
-  if not 0.0 < config.label_fraction <= 1.0:
-    raise ValueError(f"config.label_fraction={config.label_fraction} must be in (0, 1]")
-  for key in ("batch_size", "eval_batch_size", "log_every_steps", "checkpoint_every_steps"):
-    if config[key] <= 0:
-      raise ValueError(f"config.{key}={config[key]} must be > 0")
-  for key, target in _eval_targets(config):
-    where = "task" if key == "in_distribution" else f"shift.{key}.task"
-    if target["task"] not in finetune_input.TASKS:
-      raise ValueError(f"config.{where}={target['task']!r} not in {finetune_input.TASKS}")
-    views_key = "dataset.views" if key == "in_distribution" else f"shift.{key}.views"
-    views.check(target["views"], views_key)
-  evaluation.check_aggregation(steps.task_for_labels(config.task), config.eval_aggregation)
-  augment_presets.eval_crop_fraction(config.augment.preset)
-  loop.config_spec(optim.OptimizerSpec, config.optimizer, "optimizer")
-  resnet.create_model(loop.config_spec(resnet.ModelSpec, config.model, "model"))
+class EvalTarget(NamedTuple):
+  """One evaluation: its results key, dataset and split, labels task and view filter."""
+
+  key: str
+  name: str
+  split: str
+  data_dir: str
+  task: str
+  views: str
+
+  @property
+  def views_key(self) -> str:
+    return "dataset.views" if self.key == "in_distribution" else f"shift.{self.key}.views"
 
 
-def _optimizer(config, schedule) -> optax.GradientTransformation:
-  """The config's optimizer (the head as in SimCLR: no trust ratio); linear mode moves only it."""
-  spec = loop.config_spec(optim.OptimizerSpec, config.optimizer, "optimizer")
-  tx = optim.create_optimizer(spec, learning_rate=schedule, trust_scale_head=False)
-  if config.mode == "full":
-    return tx
-  return optax.multi_transform(
-    {"train": tx, "freeze": optax.set_to_zero()},
-    lambda params: {k: "train" if k == optim.SUPERVISED_HEAD else "freeze" for k in params},
-  )
+def eval_targets(spec: specs.FinetuneSpec) -> list[EvalTarget]:
+  """The in-distribution evaluation, then every shift dataset of the config."""
+  d = spec.dataset
+  targets = [EvalTarget("in_distribution", d.name, d.eval_split, d.data_dir, spec.labels.task, d.views)]
+  for key, shift in spec.shift.items():
+    targets.append(EvalTarget(key, shift.name, shift.split, shift.data_dir, shift.task, shift.views))
+  return targets
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> resnet.ContrastiveModel:
-  """The fine-tuning model of `config` (linear mode: frozen backbone behind a stop-gradient)."""
-  spec = loop.config_spec(
-    resnet.ModelSpec,
-    config.model,
-    "model",
+def model_spec(spec: specs.FinetuneSpec, num_classes: int) -> specs.ModelSpec:
+  """The fine-tuning model (linear mode: a frozen backbone behind a stop-gradient)."""
+  linear = spec.mode == "linear"
+  return dataclasses.replace(
+    spec.model,
     num_classes=num_classes,
-    stop_gradient_supervised=config.mode == "linear",
-    freeze_backbone=config.mode == "linear",
+    stop_gradient_supervised=linear,
+    freeze_backbone=linear,
   )
-  return resnet.create_model(spec)
 
 
-def initial_state(config, model, tx, mngr, mesh) -> tuple[Any, loop.InitInfo]:
-  """The starting state: resumed, or the backbone (+ kept projection layers) of `init_from` and a
-  fresh supervised head (`checkpoint.finetune_rule`), or scratch."""
-  size = config.augment.image_size
-  state = train_state.create_train_state(
-    model, tx, seed=config.seed, image_shape=(size, size, 3), mesh=mesh
+class TrainingData(NamedTuple):
+  """The label-fraction subset and this process's examples of it."""
+
+  info: input_pipeline.DatasetInfo
+  names: tuple[str, ...]
+  label_fn: Any
+  subset: finetune_input.FractionSubset
+  examples: Any
+  local_examples: int
+
+
+def training_data(spec: specs.FinetuneSpec) -> TrainingData:
+  """The training split's label-fraction subset, checked against the batch size."""
+  d, task = spec.dataset, tasks.get(spec.labels.task)
+  info = input_pipeline.open_dataset(d.name, d.train_split, d.data_dir or None, specs.LabelSpec(), d.views)
+  task.check(info.builder.info.features, d.name)
+  names = task.output_names(info.builder.info.features, spec.labels)
+  label_fn = task.label_fn(spec.labels)
+  subset = finetune_input.label_fraction_ids(
+    info, label_fn=label_fn, fraction=spec.label_fraction, seed=spec.seed
   )
-  kept = max(config.model.proj_layers_kept, 0)
-  rule = checkpoint.finetune_rule(kept)
-  return loop.resume_or_initialize(state, mngr, config.init_from, mesh, rule=rule)
+  if subset.num_examples < spec.batch_size:
+    raise ValueError(
+      f"config.batch_size={spec.batch_size}: only {subset.num_examples} training "
+      f"images at label_fraction={spec.label_fraction}"
+    )
+  examples = finetune_input.train_examples(info, subset.patients, subset.num_examples)
+  local_examples = finetune_input.count_examples(examples)
+  if local_examples < sharding.local_batch_size(spec.batch_size):
+    raise ValueError(
+      f"process {jax.process_index()}: its shard holds {local_examples} of the "
+      f"{subset.num_examples} training images at label_fraction={spec.label_fraction}, "
+      f"fewer than its share of config.batch_size={spec.batch_size}; use a smaller batch or "
+      "a larger label_fraction"
+    )
+  return TrainingData(info, names, label_fn, subset, examples, local_examples)
+
+
+def plan(spec: specs.FinetuneSpec, data: TrainingData) -> build.Plan:
+  """What `build` makes of a fine-tuning spec.
+
+  Steps per epoch for the schedule and the step count come from the whole subset, so that every
+  process runs the same number of steps; each process's shard holds a different number of the
+  subset's images, so its own stream of batches has its own epoch length.
+  """
+  per_epoch = data.subset.num_examples // spec.batch_size
+  return build.Plan(
+    kind="finetune",
+    model=model_spec(spec, len(data.names)),
+    optimizer=spec.optimizer,
+    batch_size=spec.batch_size,
+    total_steps=spec.num_steps if spec.num_steps > 0 else spec.num_epochs * per_epoch,
+    steps_per_epoch=per_epoch,
+    image_size=spec.augment.image_size,
+    seed=spec.seed,
+    label_loss=tasks.get(spec.labels.task).loss,
+    linear=spec.mode == "linear",
+  )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Fine-tunes and evaluates as `config` says; returns the results written to results.json."""
+  spec = validate(config)
+  workdir = epath.Path(workdir)
+  mesh = sharding.create_mesh()
+  sharding.check_batch_size(spec.batch_size, mesh, key="config.batch_size")
+  sharding.check_batch_size(spec.eval_batch_size, mesh, key="config.eval_batch_size")
+  data = training_data(spec)
+  run_plan = plan(spec, data)
+  logging.info(
+    "Fine-tuning on %d images (views: %s) of %d/%d patients (fraction %.2f); %d steps",
+    data.subset.num_examples,
+    spec.dataset.views,
+    len(data.subset.patients),
+    data.subset.num_patients,
+    spec.label_fraction,
+    run_plan.total_steps,
+  )
+  mngr = checkpoint.manager(workdir, max_to_keep=spec.loop.keep_checkpoints)
+  if mngr.latest_step() is not None:
+    run_files.check_reusable(workdir, config, what="resume", allow_length_change=True)
+  run = build.build(run_plan, mesh)
+  rule = checkpoint.finetune_rule(max(spec.model.proj_layers_kept, 0))
+  state, init = loop.resume_or_initialize(run.state, mngr, spec.init_from, mesh, rule=rule)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if jax.process_index() == 0:
+    run_files.write_config(workdir, config)
+    # The exact training patients, for auditing leakage and nesting across label fractions.
+    run_files.write_json(workdir / TRAIN_PATIENTS_FILE, sorted(data.subset.patients))
+  state = _train(spec, data, run, state, mngr, writer, workdir, mesh)
+  results = _results(spec, data, state, init, workdir)
+  for target in eval_targets(spec):
+    results["eval"][target.key] = evaluate(spec, state, mesh, workdir, target, data.names)
+    writer.write_scalars(int(state.step), _scalars(target.key, results["eval"][target.key]))
+  writer.flush()
+  if jax.process_index() == 0:
+    run_files.write_json(workdir / RESULTS_FILE, results)
+  return results
+
+
+def _train(spec, data: TrainingData, run: build.Built, state, mngr, writer, workdir, mesh):
+  """Trains from `state` to the plan's last step; returns the final state."""
+  local_batch = sharding.local_batch_size(spec.batch_size)
+  train_fn = finetune_input.make_train_fn(
+    label_fn=data.label_fn,
+    preset=spec.augment.preset,
+    image_size=spec.augment.image_size,
+    seed=spec.seed,
+    id_feature=data.info.id_feature,
+  )
+  batches = input_pipeline.epoch_stream(
+    data.examples,
+    map_fn=train_fn,
+    local_batch_size=local_batch,
+    per_epoch=data.local_examples // local_batch,
+    seed=spec.seed,
+    shuffle_buffer=spec.dataset.shuffle_buffer,
+    start_step=int(state.step),
+  )
+  state = loop.run(
+    spec=spec.loop,
+    workdir=workdir,
+    mngr=mngr,
+    writer=writer,
+    state=state,
+    step_fn=run.step_fn,
+    batches=batches.as_numpy_iterator(),
+    mesh=mesh,
+    total_steps=plan(spec, data).total_steps,
+  )
+  mngr.wait_until_finished()
+  mngr.close()
+  return state
+
+
+def _results(spec, data: TrainingData, state, init: loop.InitInfo, workdir) -> dict[str, Any]:
+  """results.json without the evaluations: what was trained, on what, from what."""
+  return {
+    "init_from": spec.init_from or "scratch",
+    "mode": spec.mode,
+    "task": spec.labels.task,
+    "label_fraction": spec.label_fraction,
+    "seed": spec.seed,
+    "step": int(state.step),
+    "train_images_seen": int(state.step) * spec.batch_size,
+    "num_train_images": data.subset.num_examples,
+    "num_train_patients": len(data.subset.patients),
+    "views": spec.dataset.views,
+    "eval_aggregation": spec.eval_aggregation,
+    "labels": list(data.names),
+    "init": _init_summary(spec, init, workdir),
+    "pretraining": _pretraining_summary(init) or _recorded_pretraining(workdir),
+    "eval": {},
+  }
 
 
 def _pretraining_summary(init: loop.InitInfo) -> dict[str, Any] | None:
@@ -116,146 +253,13 @@ def _pretraining_summary(init: loop.InitInfo) -> dict[str, Any] | None:
   return run_files.read_json(path) if path.exists() else None
 
 
-def _training_data(config, info, label_fn):
-  """(subset, this process's examples and their count), checked against the batch size."""
-  subset = finetune_input.label_fraction_ids(
-    info, task=config.task, label_fn=label_fn, fraction=config.label_fraction, seed=config.seed
-  )
-  if subset.num_examples < config.batch_size:
-    raise ValueError(
-      f"config.batch_size={config.batch_size}: only {subset.num_examples} training "
-      f"images at label_fraction={config.label_fraction}"
-    )
-  examples = finetune_input.train_examples(info, subset.patients, subset.num_examples)
-  local_examples = finetune_input.count_examples(examples)
-  if local_examples < sharding.local_batch_size(config.batch_size):
-    raise ValueError(
-      f"process {jax.process_index()}: its shard holds {local_examples} of the "
-      f"{subset.num_examples} training images at label_fraction={config.label_fraction}, "
-      f"fewer than its share of config.batch_size={config.batch_size}; use a smaller batch or "
-      "a larger label_fraction"
-    )
-  return subset, examples, local_examples
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Fine-tunes and evaluates as `config` says; returns the results written to results.json."""
-  validate_config(config)
-  workdir = epath.Path(workdir)
-  mesh = sharding.create_mesh()
-  sharding.check_batch_size(config.batch_size, mesh, key="config.batch_size")
-  sharding.check_batch_size(config.eval_batch_size, mesh, key="config.eval_batch_size")
-  local_batch = sharding.local_batch_size(config.batch_size)
-
-  d = config.dataset
-  info = input_pipeline.open_dataset(
-    d.name, d.train_split, d.data_dir or None, input_pipeline.LabelSpec(), d.views
-  )
-  names = finetune_input.label_names(config.task, info, config.labels.label_set)
-  label_fn = finetune_input.make_label_fn(
-    config.task, label_set=config.labels.label_set, policy=config.labels.uncertainty_policy
-  )
-  subset, examples, local_examples = _training_data(config, info, label_fn)
-  # Steps per epoch for the schedule and the step count come from the whole subset, so that every
-  # process runs the same number of steps; each process's shard holds a different number of the
-  # subset's images, so its own stream of batches has its own epoch length.
-  per_epoch = subset.num_examples // config.batch_size
-  total_steps = config.num_steps if config.num_steps > 0 else config.num_epochs * per_epoch
-  logging.info(
-    "Fine-tuning on %d images (views: %s) of %d/%d patients (fraction %.2f); %d steps",
-    subset.num_examples,
-    d.views,
-    len(subset.patients),
-    subset.num_patients,
-    config.label_fraction,
-    total_steps,
-  )
-
-  model = build_model(config, len(names))
-  opt_spec = loop.config_spec(optim.OptimizerSpec, config.optimizer, "optimizer")
-  schedule = optim.create_schedule(
-    opt_spec, batch_size=config.batch_size, total_steps=total_steps, steps_per_epoch=per_epoch
-  )
-  mngr = checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints)
-  if mngr.latest_step() is not None:
-    run_files.check_reusable(workdir, config, what="resume", allow_length_change=True)
-  state, init = initial_state(config, model, _optimizer(config, schedule), mngr, mesh)
-
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  if jax.process_index() == 0:
-    run_files.write_config(workdir, config)
-    # The exact training patients, for auditing leakage and nesting across label fractions.
-    run_files.write_json(workdir / TRAIN_PATIENTS_FILE, sorted(subset.patients))
-  train_fn = finetune_input.make_train_fn(
-    label_fn=label_fn,
-    preset=config.augment.preset,
-    image_size=config.augment.image_size,
-    seed=config.seed,
-    id_feature=info.id_feature,
-  )
-  batches = input_pipeline.epoch_stream(
-    examples,
-    map_fn=train_fn,
-    local_batch_size=local_batch,
-    per_epoch=local_examples // local_batch,
-    seed=config.seed,
-    shuffle_buffer=d.shuffle_buffer,
-    start_step=int(state.step),
-  )
-  step_fn = steps.compile_finetune_step(
-    mesh, task=steps.task_for_labels(config.task), learning_rate_fn=schedule
-  )
-  state = loop.run(
-    config,
-    workdir,
-    mngr,
-    writer,
-    state,
-    step_fn,
-    batches.as_numpy_iterator(),
-    mesh,
-    int(state.step),
-    total_steps,
-  )
-  mngr.wait_until_finished()
-  mngr.close()
-
-  results = {
-    "init_from": config.init_from or "scratch",
-    "mode": config.mode,
-    "task": config.task,
-    "label_fraction": config.label_fraction,
-    "seed": config.seed,
-    "step": int(state.step),
-    "train_images_seen": int(state.step) * config.batch_size,
-    "num_train_images": subset.num_examples,
-    "num_train_patients": len(subset.patients),
-    "views": d.views,
-    "eval_aggregation": config.eval_aggregation,
-    "labels": list(names),
-    "init": _init_summary(config, init, workdir),
-    "pretraining": _pretraining_summary(init) or _recorded_pretraining(workdir),
-    "eval": {},
-  }
-  for key, target in _eval_targets(config):
-    results["eval"][key] = evaluate(config, state, mesh, workdir, key, target, names)
-    writer.write_scalars(int(state.step), _scalars(key, results["eval"][key]))
-  writer.flush()
-  if jax.process_index() == 0:
-    run_files.write_json(workdir / RESULTS_FILE, results)
-  return results
-
-
-INIT_FILE = "init.json"
-
-
-def _init_summary(config, init: loop.InitInfo, workdir: epath.Path) -> dict[str, Any]:
+def _init_summary(spec, init: loop.InitInfo, workdir: epath.Path) -> dict[str, Any]:
   """What the run started from. A resumed run reports what its first start restored."""
   path = workdir / INIT_FILE
   if init.source == "resume" and path.exists():
     return run_files.read_json(path)
   summary = init.summary()
-  summary["head"] = "zeros" if config.model.zero_init_head else "random"
+  summary["head"] = "zeros" if spec.model.zero_init_head else "random"
   if jax.process_index() == 0:
     run_files.write_json(path, summary)
     pretraining = _pretraining_summary(init)
@@ -276,18 +280,18 @@ def _scalars(prefix: str, result: dict[str, Any]) -> dict[str, float]:
   }
 
 
-def predict(config, state, mesh, info, split: str, label_fn, names) -> evaluation.Predictions:
+def predict(spec, state, mesh, info, split: str, label_fn, names) -> evaluation.Predictions:
   """Probabilities, labels and ids of every (view-filtered) example of `split`, on every process."""
-  task = steps.task_for_labels(config.task)
-  predict_fn = steps.compile_predict_step(mesh, task=task)
+  label_loss = tasks.get(spec.labels.task).loss
+  predict_fn = steps.compile_predict_step(mesh, label_loss=label_loss)
   parts: dict[str, list[np.ndarray]] = {}
   for batch in finetune_input.eval_batches(
     info,
     split,
     label_fn=label_fn,
-    image_size=config.augment.image_size,
-    preset=config.augment.preset,
-    batch_size=config.eval_batch_size,
+    image_size=spec.augment.image_size,
+    preset=spec.augment.preset,
+    batch_size=spec.eval_batch_size,
     mesh=mesh,
   ):
     images = sharding.make_global_batch(batch.pop("image"), mesh)
@@ -298,36 +302,37 @@ def predict(config, state, mesh, info, split: str, label_fn, names) -> evaluatio
   out = {k: np.concatenate(v) for k, v in parts.items()}
   for key in ("image_id", "case_id", "patient_id", "study_id"):
     out[key] = np.asarray([v.decode() if isinstance(v, bytes) else str(v) for v in out[key]])
-  return evaluation.Predictions(task=task, names=tuple(names), **out)
+  return evaluation.Predictions(task=label_loss, names=tuple(names), **out)
 
 
-def evaluate(config, state, mesh, workdir, key: str, target: dict, names) -> dict[str, Any]:
+def evaluate(spec, state, mesh, workdir, target: EvalTarget, names) -> dict[str, Any]:
   """Predicts `target`, saves the predictions, and scores them with bootstrap CIs over units."""
-  name, split = target["name"], target["split"]
   info = input_pipeline.open_dataset(
-    name,
-    split,
-    target["data_dir"] or None,
-    input_pipeline.LabelSpec(),
-    target["views"],
-    views_key="dataset.views" if key == "in_distribution" else f"shift.{key}.views",
+    target.name,
+    target.split,
+    target.data_dir or None,
+    specs.LabelSpec(),
+    target.views,
+    views_key=target.views_key,
   )
-  eval_names = finetune_input.label_names(target["task"], info, config.labels.label_set)
+  task = tasks.get(target.task)
+  task.check(info.builder.info.features, target.name)
+  labels = dataclasses.replace(spec.labels, task=target.task)
+  eval_names = task.output_names(info.builder.info.features, labels)
   if tuple(eval_names) != tuple(names):
-    raise ValueError(f"{name}:{split} labels {eval_names} do not match the model's {names}")
-  label_fn = finetune_input.make_label_fn(
-    target["task"], label_set=config.labels.label_set, policy=config.labels.uncertainty_policy
-  )
-  preds = predict(config, state, mesh, info, split, label_fn, names)
+    raise ValueError(
+      f"{target.name}:{target.split} labels {eval_names} do not match the model's {names}"
+    )
+  preds = predict(spec, state, mesh, info, target.split, task.label_fn(labels), names)
   if jax.process_index() == 0:
-    evaluation.save_predictions(evaluation.predictions_path(workdir, key), preds)
-  units, fn = evaluation.metrics_fn(preds, config.eval_aggregation)
+    evaluation.save_predictions(evaluation.predictions_path(workdir, target.key), preds)
+  units, fn = evaluation.metrics_fn(preds, spec.eval_aggregation)
   metrics = eval_metrics.metrics_with_ci(
-    fn, len(units), num_samples=config.bootstrap_samples, seed=config.seed
+    fn, len(units), num_samples=spec.bootstrap_samples, seed=spec.seed
   )
   return {
-    "dataset": f"{name}:{split}",
-    "views": target["views"],
+    "dataset": f"{target.name}:{target.split}",
+    "views": target.views,
     "num_images": len(preds.image_id),
     "num_cases": len(units),
     "metrics": evaluation.undefined_as_none(metrics),
@@ -337,15 +342,16 @@ def evaluate(config, state, mesh, workdir, key: str, target: dict, names) -> dic
 FLAGS = flags.FLAGS
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not distributed.initialize():
-    distributed.split_cpu_into_devices(FLAGS.config.batch_size)
-  try:
-    results = train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except checkpoint.UnreadableCheckpointError as e:
-    sys.exit(f"error: {e}")  # one line, exit status 1, not a traceback
+def define_flags() -> None:
+  app.config_flag("Config file (configs/finetune_*.py[:arg]).")
+  flags.DEFINE_string(
+    "workdir", None, "Checkpoints, events, config and results.json.", required=True
+  )
+
+
+def main() -> None:
+  app.start_devices(FLAGS.config.batch_size)
+  results = train_and_evaluate(FLAGS.config, FLAGS.workdir)
   for key, result in results["eval"].items():
     summary = ", ".join(
       f"{k}={v['value']} [{v['ci_low']}, {v['ci_high']}]"
@@ -356,7 +362,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Checkpoints, events, config and results.json.")
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, define_flags)

@@ -120,9 +120,8 @@ def test_when_no_step_is_readable_the_run_stops_naming_each_and_renames_nothing(
     import sys
     sys.argv = ["main", "--config={REPO}/configs/cxr.py:demo", "--workdir={workdir}",
                 *{_flags(_config(cxr_data_dir))!r}]
-    from absl import app
-    from micle_jax import main
-    app.run(main.main)
+    import runpy
+    runpy.run_module("micle_jax.main", run_name="__main__")
     """
   )
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")

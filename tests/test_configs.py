@@ -5,14 +5,18 @@ mistakes (a mask that does not fit the parameters, a head that does not fit the 
 in seconds for paper-sized models too.
 """
 
+import dataclasses
+
 import jax
+import optax
 import pytest
 
 from configs import cxr, derm, finetune_cxr, finetune_derm, imagenet
-from micle_jax import finetune
+from micle_jax import finetune, specs
+from micle_jax.data import tasks
 from micle_jax.models import resnet
 from micle_jax.tools import benchmark_train
-from micle_jax.train import optim, train_state
+from micle_jax.train import build, train_state
 
 _NUM_CLASSES = 5
 
@@ -37,12 +41,25 @@ def _traced_optimizer_state(model, tx, image_size: int):
   ],
 )
 def test_pretraining_variants_build(module, arg):
-  config = module.get_config(arg)
-  spec = resnet.ModelSpec(
-    **{**config.model.to_dict(), "num_classes": benchmark_train.monitor_classes(config)}
+  spec = specs.from_config(specs.PretrainSpec, module.get_config(arg))
+  plan = build.Plan(
+    kind="pretrain",
+    model=dataclasses.replace(spec.model, num_classes=benchmark_train.monitor_classes(spec)),
+    optimizer=spec.optimizer,
+    batch_size=spec.batch_size,
+    total_steps=100,
+    steps_per_epoch=10,
+    image_size=spec.augment.image_size,
+    seed=spec.seed,
+    label_loss=tasks.get(spec.labels.task).loss,
   )
-  tx = optim.create_optimizer(optim.OptimizerSpec(**config.optimizer.to_dict()), learning_rate=0.1)
-  state = _traced_optimizer_state(resnet.create_model(spec), tx, config.augment.image_size)
+  _check_traces(plan)
+
+
+def _check_traces(plan: build.Plan) -> None:
+  """The plan's model and optimizer state trace, as `build.build` would make them."""
+  tx = build.optimizer(plan, optax.constant_schedule(0.1))
+  state = _traced_optimizer_state(resnet.create_model(plan.model), tx, plan.image_size)
   assert jax.tree_util.tree_leaves(state)
 
 
@@ -60,8 +77,17 @@ def test_pretraining_variants_build(module, arg):
   ],
 )
 def test_finetuning_variants_build(module, arg):
-  config = module.get_config(arg)
-  model = finetune.build_model(config, _NUM_CLASSES)
-  tx = finetune._optimizer(config, schedule=0.1)
-  state = _traced_optimizer_state(model, tx, config.augment.image_size)
-  assert jax.tree_util.tree_leaves(state)
+  spec = finetune.validate(module.get_config(arg))
+  plan = build.Plan(
+    kind="finetune",
+    model=finetune.model_spec(spec, _NUM_CLASSES),
+    optimizer=spec.optimizer,
+    batch_size=spec.batch_size,
+    total_steps=100,
+    steps_per_epoch=10,
+    image_size=spec.augment.image_size,
+    seed=spec.seed,
+    label_loss=tasks.get(spec.labels.task).loss,
+    linear=spec.mode == "linear",
+  )
+  _check_traces(plan)

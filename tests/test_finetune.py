@@ -12,12 +12,12 @@ import tensorflow_datasets as tfds
 from tiny_models import tiny_spec
 
 from configs import finetune_cxr
-from micle_jax import finetune
-from micle_jax.data import finetune_input, input_pipeline
+from micle_jax import finetune, specs
+from micle_jax.data import finetune_input, input_pipeline, tasks
 from micle_jax.eval import evaluation
 from micle_jax.models import resnet
 from micle_jax.runtime import checkpoint, sharding
-from micle_jax.train import optim, train_state
+from micle_jax.train import build, loop, optim, train_state
 
 RESULT_KEYS = {
   "init_from",
@@ -52,6 +52,24 @@ def _config(cxr_dir, nih_dir, **overrides):
     section, _, name = key.rpartition(".")
     (c[section] if section else c)[name] = value
   return c
+
+
+def _plan(config, **overrides) -> build.Plan:
+  """The build plan of a fine-tuning config (5 labels, a short schedule)."""
+  spec = finetune.validate(config)
+  fields = dict(
+    kind="finetune",
+    model=finetune.model_spec(spec, 5),
+    optimizer=spec.optimizer,
+    batch_size=spec.batch_size,
+    total_steps=10,
+    steps_per_epoch=5,
+    image_size=spec.augment.image_size,
+    seed=spec.seed,
+    label_loss="multilabel",
+    linear=spec.mode == "linear",
+  )
+  return build.Plan(**{**fields, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -134,10 +152,12 @@ def test_a_pretraining_monitor_head_never_reaches_finetuning(
   config = _config(
     cxr_data_dir, nih_data_dir, init_from=str(path), mode=mode, label_fraction=fraction
   )
-  model = finetune.build_model(config, 5)
-  mngr = checkpoint.manager(tmp_path)
-  state, init = finetune.initial_state(
-    config, model, finetune._optimizer(config, 0.1), mngr, sharding.create_mesh()
+  spec = finetune.validate(config)
+  plan = _plan(config)
+  mesh = sharding.create_mesh()
+  rule = checkpoint.finetune_rule(max(spec.model.proj_layers_kept, 0))
+  state, init = loop.resume_or_initialize(
+    build.build(plan, mesh).state, checkpoint.manager(tmp_path), spec.init_from, mesh, rule=rule
   )
   state = jax.device_get(state)
   np.testing.assert_array_equal(state.params["head_supervised"]["kernel"], 0.0)
@@ -164,7 +184,7 @@ def test_finetuning_lars_gives_the_head_plain_momentum_steps():
     },
   }
   grads = [jax.tree_util.tree_map(lambda x: jnp.asarray(rng.normal(size=x.shape)), params)] * 2
-  tx = finetune._optimizer(config, schedule=0.1)
+  tx = build.optimizer(_plan(config), optax.constant_schedule(0.1))
   opt_state, p = tx.init(params), params
   for g in grads:
     updates, opt_state = tx.update(g, opt_state, p)
@@ -194,13 +214,11 @@ def test_mismatched_architecture_lists_the_parameters(
 def test_label_fractions_are_nested_leak_free_and_counted_on_the_whole_split(
   cxr_data_dir, monkeypatch
 ):
-  config = _config(cxr_data_dir, None)
+  config = _config(cxr_data_dir, "")
   info = input_pipeline.open_dataset(
-    config.dataset.name, config.dataset.train_split, cxr_data_dir, input_pipeline.LabelSpec()
+    config.dataset.name, config.dataset.train_split, cxr_data_dir, specs.LabelSpec()
   )
-  label_fn = finetune_input.make_label_fn(
-    "chexpert", label_set=config.labels.label_set, policy=config.labels.uncertainty_policy
-  )
+  label_fn = tasks.get("chexpert").label_fn(specs.from_config(specs.FinetuneSpec, config).labels)
 
   def patients_of(split):
     examples = tfds.as_numpy(info.builder.as_dataset(split=split))
@@ -213,7 +231,7 @@ def test_label_fractions_are_nested_leak_free_and_counted_on_the_whole_split(
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(jax, "process_index", lambda: process_index)
     return finetune_input.label_fraction_ids(
-      info, task="chexpert", label_fn=label_fn, fraction=fraction, seed=0
+      info, label_fn=label_fn, fraction=fraction, seed=0
     )
 
   quarter, half = subset(0.25), subset(0.5)
@@ -234,7 +252,7 @@ def test_linear_mode_moves_only_the_supervised_head(optimizer):
     "backbone": {"conv": {"kernel": jnp.ones((3, 3, 2, 4))}, "bn": {"scale": jnp.ones(4)}},
     optim.SUPERVISED_HEAD: {"kernel": jnp.ones((4, 5)), "bias": jnp.zeros(5)},
   }
-  tx = finetune._optimizer(config, schedule=0.1)
+  tx = build.optimizer(_plan(config), optax.constant_schedule(0.1))
   grads = jax.tree_util.tree_map(jnp.ones_like, params)
   updates, _ = tx.update(grads, tx.init(params), params)
   assert all(not np.any(u) for u in jax.tree_util.tree_leaves(updates["backbone"]))

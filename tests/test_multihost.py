@@ -23,7 +23,7 @@ import pytest
 import tensorflow as tf
 
 from configs import cxr
-from micle_jax import pretrain
+from micle_jax import pretrain, specs
 from micle_jax.data import input_pipeline
 from micle_jax.runtime import checkpoint, sharding
 
@@ -182,7 +182,7 @@ def one_process(step_one, cxr_data_dir):
 
 def test_process_shards_read_each_example_once(cxr_data_dir):
   info = input_pipeline.open_dataset(
-    "chexpert_micle/patients", "train", cxr_data_dir, input_pipeline.LabelSpec()
+    "chexpert_micle/patients", "train", cxr_data_dir, specs.LabelSpec()
   )
 
   def case_ids(split) -> list[bytes]:

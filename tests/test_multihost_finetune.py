@@ -16,8 +16,8 @@ import local_launch
 import pytest
 
 from configs import finetune_cxr
-from micle_jax import finetune
-from micle_jax.data import finetune_input, input_pipeline
+from micle_jax import finetune, specs
+from micle_jax.data import finetune_input, input_pipeline, tasks
 
 _CONFIG = "demo,no_shift,linear"
 _BATCH_SIZE = 8
@@ -68,14 +68,12 @@ def test_two_processes_finetune_the_whole_subset_and_evaluate_every_example(
     config.dataset.name,
     config.dataset.train_split,
     cxr_data_dir,
-    input_pipeline.LabelSpec(),
+    specs.LabelSpec(),
     config.dataset.views,
   )
-  label_fn = finetune_input.make_label_fn(
-    config.task, label_set=config.labels.label_set, policy=config.labels.uncertainty_policy
-  )
+  label_fn = tasks.get(config.labels.task).label_fn(finetune.validate(config).labels)
   subset = finetune_input.label_fraction_ids(
-    info, task=config.task, label_fn=label_fn, fraction=config.label_fraction, seed=config.seed
+    info, label_fn=label_fn, fraction=config.label_fraction, seed=config.seed
   )
   assert results["num_train_images"] == subset.num_examples
   written = json.loads((two_processes / finetune.TRAIN_PATIENTS_FILE).read_text())

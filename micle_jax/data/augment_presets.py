@@ -14,6 +14,7 @@ import dataclasses
 
 import tensorflow as tf
 
+from micle_jax import specs
 from micle_jax.data import augment, augment_photometric
 
 
@@ -85,6 +86,8 @@ FINETUNE_PRESETS: dict[str, ViewPreset] = {
   "cxr_small": ViewPreset(jitter_strength=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0),
   "derm": ViewPreset(jitter_strength=0.25, jitter_p=0.8, grayscale_p=0.0, blur_p=0.0),
 }
+
+assert set(PRESETS) == set(FINETUNE_PRESETS) == set(specs.PRESETS), "presets of the schema"
 
 
 def _lookup(preset: ViewPreset | str, table: dict[str, ViewPreset]) -> ViewPreset:

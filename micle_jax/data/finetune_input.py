@@ -1,16 +1,12 @@
 """Fine-tuning and evaluation input: labelled images, label-fraction subsets, padded eval batches.
 
-Tasks (what the labels are, read from an image-level example):
-- "chexpert": raw CheXpert `observations` → multi-label targets and a mask, with the label set
-  and uncertainty policy of the config (U-Ignore masks the loss).
-- "nih": NIH ChestX-ray14's `chexpert5` (the CheXpert competition conditions, Effusion →
-  Pleural Effusion) → multi-label targets, all cells valid. For shift evaluation.
-- "multiclass": the integer `label` (dermatology, ImageNet).
+Labels are read by a task's label function (`data.tasks`): `{'label'}` for multi-class tasks,
+`{'targets', 'target_mask'}` for multi-label ones.
 """
 
 import collections
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -18,54 +14,18 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from data_builders import splits
-from data_builders.chexpert import labels as chexpert_labels
 from micle_jax.data import augment_presets, input_pipeline, views
 from micle_jax.runtime import sharding
 
-TASKS = ("chexpert", "nih", "multiclass")
-NIH_LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 _SCAN_BATCH = 1024  # examples per batch of the label-fraction metadata scan
 
 
-def label_names(task: str, info: input_pipeline.DatasetInfo, label_set: str) -> tuple[str, ...]:
-  """Output names of the classifier for `task` on the dataset of `info`."""
-  features = info.builder.info.features
-  needed = {"chexpert": "observations", "nih": "chexpert5", "multiclass": "label"}[task]
-  if needed not in features:
-    raise ValueError(
-      f"task={task!r} needs the feature `{needed}`; the dataset has {sorted(features)}"
-    )
-  if task == "chexpert":
-    return tuple(chexpert_labels.label_names(label_set))
-  if task == "nih":
-    return NIH_LABELS
-  return tuple(features["label"].names)
-
-
-def make_label_fn(task: str, *, label_set: str, policy: Any) -> Callable[[dict], dict]:
-  """features -> {'label'} or {'targets', 'target_mask'} (float32)."""
-  if task not in TASKS:
-    raise ValueError(f"task={task!r} not in {TASKS}")
-
-  def label_fn(features):
-    if task == "chexpert":
-      targets, mask = chexpert_labels.targets_and_mask(
-        features["observations"], policy=policy, label_set=label_set
-      )
-      return {"targets": targets, "target_mask": mask}
-    if task == "nih":
-      targets = tf.cast(features["chexpert5"], tf.float32)
-      return {"targets": targets, "target_mask": tf.ones_like(targets)}
-    return {"label": tf.cast(features["label"], tf.int32)}
-
-  return label_fn
-
-
-def _stratum(features: dict[str, tf.Tensor], task: str, label_fn: Callable) -> tf.Tensor:
+def _stratum(features: dict[str, tf.Tensor], label_fn: Callable) -> tf.Tensor:
   """A label to stratify label-fraction subsets by (multi-label: the first positive, or -1)."""
-  if task == "multiclass":
-    return tf.cast(features["label"], tf.int64)
-  positive = label_fn(features)["targets"] > 0.5
+  labels = label_fn(features)
+  if "label" in labels:
+    return tf.cast(labels["label"], tf.int64)
+  positive = labels["targets"] > 0.5
   first = tf.argmax(tf.cast(positive, tf.int64), output_type=tf.int64)
   return tf.where(tf.reduce_any(positive), first, tf.constant(-1, tf.int64))
 
@@ -79,7 +39,7 @@ class FractionSubset(NamedTuple):
 
 
 def label_fraction_ids(
-  info: input_pipeline.DatasetInfo, *, task: str, label_fn: Callable, fraction: float, seed: int
+  info: input_pipeline.DatasetInfo, *, label_fn: Callable, fraction: float, seed: int
 ) -> FractionSubset:
   """The patients of the `fraction` subset of the whole training split (all processes agree).
 
@@ -94,7 +54,7 @@ def label_fraction_ids(
   if info.views != "all":
     ds = ds.filter(lambda f: views.keep_example(f, info.views, case_level=False))
   ds = ds.map(
-    lambda f: {"patient_id": f["patient_id"], "stratum": _stratum(f, task, label_fn)},
+    lambda f: {"patient_id": f["patient_id"], "stratum": _stratum(f, label_fn)},
     num_parallel_calls=tf.data.AUTOTUNE,
     deterministic=True,
   )

@@ -39,32 +39,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from data_builders import build as data_build
-from data_builders.chexpert import labels as chexpert_labels
-from micle_jax.data import augment_presets, views
+from micle_jax import specs
+from micle_jax.data import augment_presets, tasks, views
 
-METHODS = ("simclr", "micle")
-TASKS = ("none", "multiclass", "chexpert")
 _HASH_BUCKETS = 2**62
-
-
-@dataclasses.dataclass(frozen=True)
-class LabelSpec:
-  """How the supervised monitor reads labels from an example.
-
-  Attributes:
-    task: "none"; "multiclass" (integer feature `label`); "chexpert" (raw `observations` turned
-      into targets and a mask with `label_set` and `uncertainty_policy`).
-    label_set: CheXpert label set ("competition5" or "all14").
-    uncertainty_policy: "ones" | "zeros" | "ignore", or a {condition: policy} dict.
-  """
-
-  task: str = "none"
-  label_set: str = "competition5"
-  uncertainty_policy: Any = "ones"
-
-  def __post_init__(self):
-    if self.task not in TASKS:
-      raise ValueError(f"task={self.task!r} not in {TASKS}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +89,7 @@ def open_dataset(
   name: str,
   split: str,
   data_dir: str | None,
-  label_spec: LabelSpec,
+  label_spec: specs.LabelSpec,
   view_filter: str = "all",
   *,
   views_key: str = "dataset.views",
@@ -136,15 +114,9 @@ def open_dataset(
     raise ValueError(
       f"config.{views_key}={view_filter!r}: dataset {name!r} has no view feature; use 'all'"
     )
-  num_classes = 0
-  if label_spec.task == "multiclass":
-    if "label" not in features:
-      raise ValueError(f"task='multiclass' needs a `label` feature; {name!r} has {list(features)}")
-    num_classes = features["label"].num_classes
-  elif label_spec.task == "chexpert":
-    if "observations" not in features:
-      raise ValueError(f"task='chexpert' needs `observations`; {name!r} has {list(features)}")
-    num_classes = len(chexpert_labels.label_names(label_spec.label_set))
+  task = tasks.get(label_spec.task)
+  task.check(features, name)
+  num_classes = len(task.output_names(features, label_spec))
   process_split = process_split_of(split)
   total = builder.info.splits[split].num_examples
   per_process = builder.info.splits[process_split].num_examples
@@ -224,26 +196,6 @@ def sample_pair_indices(
   return i, j
 
 
-def _labels(
-  features: dict[str, tf.Tensor], index: tf.Tensor | None, spec: LabelSpec
-) -> dict[str, tf.Tensor]:
-  """The monitor's labels; for case-level per-image labels, those of image `index`."""
-  if spec.task == "multiclass":
-    label = features["label"]
-    if index is not None and label.shape.rank == 1:
-      label = tf.gather(label, index)
-    return {"label": tf.cast(label, tf.int32)}
-  if spec.task == "chexpert":
-    obs = features["observations"]
-    if index is not None:
-      obs = tf.gather(obs, index)
-    targets, mask = chexpert_labels.targets_and_mask(
-      obs, policy=spec.uncertainty_policy, label_set=spec.label_set
-    )
-    return {"targets": targets, "target_mask": mask}
-  return {}
-
-
 def view_seed(seed: int, epoch: int | tf.Tensor, image_key: tf.Tensor, view: int) -> tf.Tensor:
   """The stateless [2] seed of view `view` (0 or 1) of one image in one epoch."""
   return tf.random.experimental.stateless_fold_in(
@@ -266,7 +218,7 @@ def make_pair_fn(
   preset: Any,
   image_size: int,
   seed: int,
-  label_spec: LabelSpec,
+  label_spec: specs.LabelSpec,
   view_filter: str = "all",
 ) -> Callable[[dict, tf.Tensor], dict]:
   """The tf.data map (example, epoch) -> {view1, view2, multi_image, labels}; no decode before.
@@ -274,14 +226,15 @@ def make_pair_fn(
   Each view's augmentation seed is `view_seed(seed, epoch, image id, 0 or 1)`; a case's two
   images are drawn, among those passing `view_filter`, with `example_seed(seed, epoch, case id)`.
   """
-  if method not in METHODS:
-    raise ValueError(f"method={method!r} not in {METHODS}")
+  if method not in specs.METHODS:
+    raise ValueError(f"method={method!r} not in {specs.METHODS}")
   if method == "micle" and not case_level:
     raise ValueError(
       "method='micle' needs a case-level dataset (e.g. chexpert_micle/patients, "
       "derm/ham10000_cases); this one has one image per example"
     )
   view = functools.partial(augment_presets.pretrain_view, preset=preset, size=image_size)
+  labels = tasks.get(label_spec.task).label_fn(label_spec)
 
   def pair(features, epoch):
     if case_level:
@@ -293,12 +246,12 @@ def make_pair_fn(
       image2 = tf.gather(features["images"], j)
       key1, key2 = _image_key(features, i), _image_key(features, j)
       out = {"multi_image": tf.cast(tf.not_equal(i, j), tf.float32)}
-      out.update(_labels(features, i, label_spec))
+      out.update(labels(features, i))
     else:
       image1 = image2 = features["image"]
       key1 = key2 = features[id_feature]
       out = {"multi_image": tf.constant(0.0)}
-      out.update(_labels(features, None, label_spec))
+      out.update(labels(features))
     out["view1"] = view(image1, view_seed(seed, epoch, key1, 0))
     out["view2"] = view(image2, view_seed(seed, epoch, key2, 1))
     return out
@@ -385,7 +338,7 @@ def pretrain_batches(
   seed: int,
   start_step: int,
   shuffle_buffer: int,
-  label_spec: LabelSpec,
+  label_spec: specs.LabelSpec,
 ) -> Iterator[dict[str, np.ndarray]]:
   """Yields this process's local NumPy batches from global step `start_step` on, forever.
 

@@ -18,7 +18,9 @@ from collections.abc import Mapping
 
 import tensorflow as tf
 
-VIEWS = ("all", "frontal", "ap", "pa")
+from micle_jax import specs
+
+VIEWS = specs.VIEWS
 _FRONTAL_CODES = ("AP", "PA")
 
 

@@ -25,34 +25,10 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from micle_jax.data import finetune_input, input_pipeline, views
+from micle_jax import specs
+from micle_jax.data import finetune_input, input_pipeline, tasks
 from micle_jax.eval import eval_metrics
 from micle_jax.runtime import sharding
-
-TASKS = ("chexpert", "nih", "multiclass")
-
-
-@dataclasses.dataclass(frozen=True)
-class ProbeSpec:
-  """The `probe` config section. `dataset` "" switches the probe off; `data_dir` "" is the
-  TFDS default (pretraining passes its own dataset's `data_dir` instead)."""
-
-  dataset: str = ""
-  split: str = "train"
-  data_dir: str = ""
-  task: str = "chexpert"
-  views: str = "all"
-  max_images: int = 512
-  k: int = 20
-  batch_size: int = 128
-
-  def __post_init__(self):
-    if self.task not in TASKS:
-      raise ValueError(f"probe.task={self.task!r} not in {TASKS}")
-    views.check(self.views, "probe.views")
-    for key in ("max_images", "k", "batch_size"):
-      if getattr(self, key) <= 0:
-        raise ValueError(f"probe.{key}={getattr(self, key)} must be > 0")
 
 
 def knn_scores(features: np.ndarray, groups: np.ndarray, targets: np.ndarray, k: int) -> np.ndarray:
@@ -91,7 +67,7 @@ def score(
 ) -> dict[str, float]:
   """The probe's metrics for features of the probe set (`batch`: labels and patient ids)."""
   groups = batch["patient_id"]
-  if task == "multiclass":
+  if tasks.get(task, "probe.task").loss == "multiclass":
     labels = batch["label"].astype(np.int64)
     votes = knn_scores(features, groups, np.eye(len(names))[labels], k)
     return {"top1": eval_metrics.top_k_accuracy(np.nan_to_num(votes, nan=-1.0), labels, 1)}
@@ -109,7 +85,9 @@ def score(
 class Probe:
   """The probe set of a run, loaded once; `__call__(state)` scores a training state."""
 
-  def __init__(self, spec: ProbeSpec, *, preset: str, image_size: int, labels, mesh):
+  def __init__(
+    self, spec: specs.ProbeSpec, *, preset: str, image_size: int, labels: specs.LabelSpec, mesh
+  ):
     self.spec = spec
     # The first max_images examples, or the whole split when it is smaller (TFDS refuses a slice
     # past the end).
@@ -119,14 +97,15 @@ class Probe:
       spec.dataset,
       f"{spec.split}[:{min(spec.max_images, count)}]",
       spec.data_dir or None,
-      input_pipeline.LabelSpec(),
+      specs.LabelSpec(),
       spec.views,
       views_key="probe.views",
     )
-    self.names = finetune_input.label_names(spec.task, info, labels.label_set)
-    label_fn = finetune_input.make_label_fn(
-      spec.task, label_set=labels.label_set, policy=labels.uncertainty_policy
-    )
+    task = tasks.get(spec.task, "probe.task")
+    task.check(info.builder.info.features, spec.dataset)
+    labels = dataclasses.replace(labels, task=spec.task)
+    self.names = task.output_names(info.builder.info.features, labels)
+    label_fn = task.label_fn(labels)
     batch_size = max(spec.batch_size // sharding.data_parallel_size(mesh), 1)
     batch_size *= sharding.data_parallel_size(mesh)
     self.batches = list(

@@ -10,7 +10,6 @@ Module names are stable and structural (`block_group_1_block_0/conv_1`), because
 conversion from the published TensorFlow weights matches on them.
 """
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from micle_jax import specs
 from micle_jax.models.layers import Conv, Dtype, batch_norm, dense_kernel_init, fixed_padding
 
 # depth -> (block kind, blocks per group)
@@ -29,8 +29,8 @@ RESNET_LAYERS: dict[int, tuple[str, tuple[int, ...]]] = {
   152: ("bottleneck", (3, 8, 36, 3)),
   200: ("bottleneck", (3, 24, 36, 3)),
 }
-STEMS = ("imagenet", "cifar")
 SK_MIN_DIM = 32
+assert tuple(RESNET_LAYERS) == specs.DEPTHS, "the schema's depths are the ones built here"
 
 
 def _bn_relu(
@@ -291,48 +291,8 @@ class ContrastiveModel(nn.Module):
     return outputs
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-  """Plain description of a model, built from a config by `create_model`."""
-
-  depth: int = 50
-  width: float = 1.0
-  sk_ratio: float = 0.0
-  stem: str = "imagenet"
-  dtype: str = "float32"
-  num_proj_layers: int = 3
-  proj_out_dim: int = 128
-  num_classes: int = 0
-  supervised_input_layer: int = 0
-  stop_gradient_supervised: bool = True
-  proj_layers_kept: int = -1
-  freeze_backbone: bool = False
-  zero_init_head: bool = False
-
-
-def create_model(spec: ModelSpec) -> ContrastiveModel:
-  """Builds the model, validating the spec with messages that name the bad field."""
-  if spec.depth not in RESNET_LAYERS:
-    raise ValueError(f"model.depth={spec.depth} not in {sorted(RESNET_LAYERS)}")
-  if spec.stem not in STEMS:
-    raise ValueError(f"model.stem={spec.stem!r} not in {STEMS}")
-  if spec.dtype not in ("float32", "bfloat16"):
-    raise ValueError(f"model.dtype={spec.dtype!r} must be 'float32' or 'bfloat16'")
-  built = spec.num_proj_layers if spec.proj_layers_kept < 0 else spec.proj_layers_kept
-  if built > spec.num_proj_layers:
-    raise ValueError(
-      f"model.proj_layers_kept={spec.proj_layers_kept} exceeds num_proj_layers="
-      f"{spec.num_proj_layers}"
-    )
-  if not 0 <= spec.supervised_input_layer <= built:
-    raise ValueError(
-      f"model.supervised_input_layer={spec.supervised_input_layer} must be in "
-      f"[0, {built}] (the projection-head layers built)"
-    )
-  if spec.width <= 0 or spec.sk_ratio < 0:
-    raise ValueError(
-      f"model.width={spec.width} must be > 0 and model.sk_ratio={spec.sk_ratio} >= 0"
-    )
+def create_model(spec: specs.ModelSpec) -> ContrastiveModel:
+  """Builds the model of a (validated) spec."""
   backbone = ResNet(spec.depth, spec.width, spec.sk_ratio, spec.stem, jnp.dtype(spec.dtype))
   return ContrastiveModel(
     backbone,

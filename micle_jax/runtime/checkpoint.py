@@ -1,7 +1,7 @@
 """Orbax checkpoints: the training state in a workdir, and weights for `init_from`.
 
 Layout: `<workdir>/checkpoints/<step>/state/` holds one pytree
-`{'step', 'params', 'batch_stats', 'opt_state', 'rng'}` saved with `ocp.args.StandardSave`; a
+`{'step', 'params', 'batch_stats', 'opt_state'}` saved with `ocp.args.StandardSave`; a
 weights-only checkpoint (converted SimCLRv2 weights, or an export) holds
 `{'params', 'batch_stats'}` in the same layout. `load_weights` reads either.
 
@@ -72,7 +72,6 @@ def state_to_tree(state: Any) -> dict[str, Any]:
     "params": state.params,
     "batch_stats": state.batch_stats,
     "opt_state": state.opt_state,
-    "rng": state.rng,
   }
 
 

@@ -21,11 +21,10 @@ import flax
 import jax
 import ml_collections
 import optax
-from absl import app, flags, logging
+from absl import flags, logging
 from etils import epath
-from ml_collections import config_flags
 
-from micle_jax.runtime import distributed
+from micle_jax import app
 
 
 def _load_average() -> list[float] | None:
@@ -118,32 +117,29 @@ def run(
 
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-  "config", None, "Config file (configs/*.py[:arg]).", lock_config=True
-)
-flags.DEFINE_string("out", None, "Where to write the JSON result.")
-flags.DEFINE_integer("steps", 20, "Timed training steps (median reported).")
-flags.DEFINE_integer("warmup", 3, "Untimed training steps after compilation.")
-flags.DEFINE_integer("input_images", 200, "Synthetic JPEGs per input-pipeline measurement.")
-flags.DEFINE_integer("input_size", 224, "View side in pixels for the input-pipeline measurement.")
-flags.DEFINE_integer(
-  "input_repeats", 3, "Timed passes per input measurement (interleaved; medians reported)."
-)
-flags.DEFINE_integer("peak_matmul_size", 0, "Side of the peak-FLOP/s matmul; 0 = automatic.")
-flags.DEFINE_string(
-  "profile_dir", None, "Trace training steps here and report device time by kind of work."
-)
-flags.DEFINE_integer("profile_steps", 5, "Training steps to trace with --profile_dir.")
-flags.DEFINE_bool("skip_input", False, "Do not measure the input pipeline.")
-flags.DEFINE_bool("skip_train", False, "Do not measure the training step.")
-flags.mark_flags_as_required(["config", "out"])
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not distributed.initialize():
-    distributed.split_cpu_into_devices(FLAGS.config.batch_size)
+def define_flags() -> None:
+  app.config_flag("Config file (configs/*.py[:arg]).")
+  flags.DEFINE_string("out", None, "Where to write the JSON result.", required=True)
+  flags.DEFINE_integer("steps", 20, "Timed training steps (median reported).")
+  flags.DEFINE_integer("warmup", 3, "Untimed training steps after compilation.")
+  flags.DEFINE_integer("input_images", 200, "Synthetic JPEGs per input-pipeline measurement.")
+  flags.DEFINE_integer("input_size", 224, "View side in pixels for the input-pipeline measurement.")
+  flags.DEFINE_integer(
+    "input_repeats", 3, "Timed passes per input measurement (interleaved; medians reported)."
+  )
+  flags.DEFINE_integer("peak_matmul_size", 0, "Side of the peak-FLOP/s matmul; 0 = automatic.")
+  flags.DEFINE_string(
+    "profile_dir", None, "Trace training steps here and report device time by kind of work."
+  )
+  flags.DEFINE_integer("profile_steps", 5, "Training steps to trace with --profile_dir.")
+  flags.DEFINE_bool("skip_input", False, "Do not measure the input pipeline.")
+  flags.DEFINE_bool("skip_train", False, "Do not measure the training step.")
+
+
+def main() -> None:
+  app.start_devices(FLAGS.config.batch_size)
   result = run(
     FLAGS.config,
     steps=FLAGS.steps,
@@ -165,4 +161,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, define_flags)

@@ -10,6 +10,7 @@ chain of square matmuls on every device at once (float32, or bfloat16 when the m
 bfloat16). The same code runs on CPU, GPU and TPU.
 """
 
+import dataclasses
 import functools
 import math
 import resource
@@ -27,12 +28,12 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from data_builders.chexpert import labels as chexpert_labels
-from micle_jax import pretrain
+from micle_jax import specs
+from micle_jax.data import tasks
 from micle_jax.models import resnet
 from micle_jax.runtime import sharding
 from micle_jax.tools import benchmark_profile
-from micle_jax.train import optim, steps, train_state
+from micle_jax.train import build
 
 # Classes of the supervised monitor for `labels.task="multiclass"` when not given: the dataset
 # decides at training time; the head is one Dense layer, a negligible part of the step.
@@ -42,31 +43,33 @@ _SCHEDULE_STEPS = 10_000
 PEAK_MATMUL_SIZES = (2048, 8192)  # auto-sizing starts at the first and doubles up to the second
 
 
-def monitor_classes(config: ml_collections.ConfigDict, num_classes: int | None = None) -> int:
-  """Outputs of the supervised monitor head for `config.labels` (0 when there is none)."""
-  if config.labels.task == "chexpert":
-    return len(chexpert_labels.label_names(config.labels.label_set))
-  if config.labels.task == "multiclass":
+def monitor_classes(spec: specs.PretrainSpec, num_classes: int | None = None) -> int:
+  """Outputs of the supervised monitor head for `spec.labels` (0 when there is none)."""
+  task = tasks.get(spec.labels.task)
+  if task.loss == "none":
+    return 0
+  if task.loss == "multiclass":
     return num_classes or DEFAULT_MULTICLASS_CLASSES
-  return 0
+  return len(task.output_names({}, spec.labels))
 
 
 def random_batch(
-  config: ml_collections.ConfigDict, num_classes: int, mesh: Mesh, seed: int = 0
+  spec: specs.PretrainSpec, num_classes: int, mesh: Mesh, seed: int = 0
 ) -> dict[str, jax.Array]:
   """A global batch shaped like the input pipeline's, with random views in [0, 1]."""
-  n = sharding.local_batch_size(config.batch_size)
-  size = config.augment.image_size
+  n = sharding.local_batch_size(spec.batch_size)
+  size = spec.augment.image_size
   rng = np.random.default_rng([seed, jax.process_index()])
   batch = {
     "view1": rng.random((n, size, size, 3), np.float32),
     "view2": rng.random((n, size, size, 3), np.float32),
-    "multi_image": np.full((n,), float(config.method == "micle"), np.float32),
+    "multi_image": np.full((n,), float(spec.method == "micle"), np.float32),
   }
-  if config.labels.task == "chexpert":
+  loss = tasks.get(spec.labels.task).loss
+  if loss == "multilabel":
     batch["targets"] = (rng.random((n, num_classes)) < 0.3).astype(np.float32)
     batch["target_mask"] = np.ones((n, num_classes), np.float32)
-  elif config.labels.task == "multiclass":
+  elif loss == "multiclass":
     batch["label"] = rng.integers(0, num_classes, (n,), dtype=np.int32)
   return sharding.make_global_batch(batch, mesh)
 
@@ -246,34 +249,22 @@ def measure_peak_matmul(
   }
 
 
-def _build(
-  config: ml_collections.ConfigDict, mesh: Mesh, num_classes: int
-) -> tuple[train_state.TrainState, Callable[..., Any]]:
-  """The replicated initial state and the jitted step, as `pretrain.train_and_evaluate` builds them."""
-  # `pretrain.validate_config` has checked both sections, naming any bad key.
-  model = resnet.create_model(
-    resnet.ModelSpec(**{**config.model.to_dict(), "num_classes": num_classes})
-  )
-  opt_spec = optim.OptimizerSpec(**config.optimizer.to_dict())
-  epochs = config.num_epochs if config.num_epochs > 0 else 1
-  schedule = optim.create_schedule(
-    opt_spec,
-    batch_size=config.batch_size,
+def _build(spec: specs.PretrainSpec, mesh: Mesh, num_classes: int) -> build.Built:
+  """The pretraining run of `spec` as `pretrain.train_and_evaluate` builds it (`train.build`)."""
+  epochs = spec.num_epochs if spec.num_epochs > 0 else 1
+  plan = build.Plan(
+    kind="pretrain",
+    model=dataclasses.replace(spec.model, num_classes=num_classes),
+    optimizer=spec.optimizer,
+    batch_size=spec.batch_size,
     total_steps=_SCHEDULE_STEPS,
     steps_per_epoch=_SCHEDULE_STEPS / epochs,
+    image_size=spec.augment.image_size,
+    seed=spec.seed,
+    label_loss=tasks.get(spec.labels.task).loss,
+    temperature=spec.temperature,
   )
-  tx = optim.create_optimizer(opt_spec, learning_rate=schedule)
-  size = config.augment.image_size
-  state = train_state.create_train_state(
-    model, tx, seed=config.seed, image_shape=(size, size, 3), mesh=mesh
-  )
-  step_fn = steps.compile_pretrain_step(
-    mesh,
-    temperature=config.temperature,
-    task=steps.task_for_labels(config.labels.task),
-    learning_rate_fn=schedule,
-  )
-  return state, step_fn
+  return build.build(plan, mesh)
 
 
 def benchmark_train(
@@ -303,12 +294,13 @@ def benchmark_train(
   """
   if steps_timed < 1 or warmup < 0:
     raise ValueError(f"steps={steps_timed} must be >= 1 and warmup={warmup} >= 0")
-  pretrain.validate_config(config)
+  spec = specs.from_config(specs.PretrainSpec, config)
   mesh = sharding.create_mesh()
-  sharding.check_batch_size(config.batch_size, mesh, key="config.batch_size")
-  classes = monitor_classes(config, num_classes)
-  state, step_fn = _build(config, mesh, classes)
-  batch = random_batch(config, classes, mesh, seed=config.seed)
+  sharding.check_batch_size(spec.batch_size, mesh, key="config.batch_size")
+  classes = monitor_classes(spec, num_classes)
+  run = _build(spec, mesh, classes)
+  state, step_fn = run.state, run.step_fn
+  batch = random_batch(spec, classes, mesh, seed=spec.seed)
 
   start = time.perf_counter()
   lowered = step_fn.lower(state, batch)

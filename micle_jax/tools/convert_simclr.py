@@ -29,11 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
-from absl import app, flags, logging
+from absl import flags, logging
 from etils import epath
 from flax import traverse_util
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
+from micle_jax import app, specs
 from micle_jax.models import resnet
 from micle_jax.runtime import checkpoint as checkpoint_lib
 from micle_jax.tools import simclr_tf_names as names
@@ -79,8 +80,8 @@ class Architecture:
   proj_out_dim: int
   num_classes: int
 
-  def spec(self) -> resnet.ModelSpec:
-    return resnet.ModelSpec(
+  def spec(self) -> specs.ModelSpec:
+    return specs.ModelSpec(
       depth=self.depth,
       width=self.width,
       sk_ratio=self.sk_ratio,
@@ -379,9 +380,17 @@ def convert(
   return report
 
 
-def _main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError("Usage: python -m micle_jax.convert_simclr --checkpoint=PATH --out=DIR")
+def define_flags() -> None:
+  flags.DEFINE_string("checkpoint", None, "TF1/TF2 checkpoint prefix or dir, or a SavedModel dir.")
+  flags.DEFINE_string("out", None, "New directory for the Orbax checkpoint and conversion.json.")
+  flags.DEFINE_integer("depth", None, "Expected ResNet depth (checked; inferred if unset).")
+  flags.DEFINE_float("width", None, "Expected width multiplier (checked; inferred if unset).")
+  flags.DEFINE_float("sk_ratio", None, "Expected selective-kernel ratio, 0 = none (checked).")
+  flags.DEFINE_enum("variables", "model", list(names.VARIABLE_CHOICES), "Which weight copy.")
+  flags.mark_flags_as_required(["checkpoint", "out"])
+
+
+def main() -> None:
   tf.config.set_visible_devices([], "GPU")
   values = flags.FLAGS
   report = convert(
@@ -396,12 +405,4 @@ def _main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  # Flags are defined only when run as a command, so importing this module defines none.
-  flags.DEFINE_string("checkpoint", None, "TF1/TF2 checkpoint prefix or dir, or a SavedModel dir.")
-  flags.DEFINE_string("out", None, "New directory for the Orbax checkpoint and conversion.json.")
-  flags.DEFINE_integer("depth", None, "Expected ResNet depth (checked; inferred if unset).")
-  flags.DEFINE_float("width", None, "Expected width multiplier (checked; inferred if unset).")
-  flags.DEFINE_float("sk_ratio", None, "Expected selective-kernel ratio, 0 = none (checked).")
-  flags.DEFINE_enum("variables", "model", list(names.VARIABLE_CHOICES), "Which weight copy.")
-  flags.mark_flags_as_required(["checkpoint", "out"])
-  app.run(_main)
+  app.run(main, define_flags)

@@ -41,12 +41,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow as tf
-from absl import app, flags, logging
+from absl import flags, logging
 from etils import epath
 
-from micle_jax import finetune
-from micle_jax.data import augment_presets, finetune_input
+from micle_jax import app, finetune, specs
+from micle_jax.data import augment_presets, tasks
 from micle_jax.eval import eval_metrics
+from micle_jax.models import resnet
 from micle_jax.runtime import checkpoint, sharding
 from micle_jax.train import steps, train_state
 
@@ -100,8 +101,10 @@ def load_predictor(workdir: epath.PathLike) -> Predictor:
   labels = tuple(_read_json(results_path).get("labels") or ())
   if not labels:
     raise ValueError(f"{results_path} has no 'labels' list")
-  if config.task not in finetune_input.TASKS:
-    raise ValueError(f"{workdir / CONFIG_FILE}: task={config.task!r} not in {finetune_input.TASKS}")
+  try:
+    spec = finetune.validate(config)
+  except specs.ConfigError as e:
+    raise ValueError(f"{workdir / CONFIG_FILE}: {e}") from e
   ckpt_dir = workdir / checkpoint.CHECKPOINT_DIR
   if not ckpt_dir.is_dir():
     raise FileNotFoundError(f"{ckpt_dir} not found: the workdir has no checkpoint")
@@ -111,8 +114,8 @@ def load_predictor(workdir: epath.PathLike) -> Predictor:
     raise FileNotFoundError(f"{ckpt_dir}: no Orbax checkpoint step found ({e})") from e
 
   # The same construction as training, so linear mode freezes the backbone identically.
-  model = finetune.build_model(config, len(labels))
-  size = config.augment.image_size
+  model = resnet.create_model(finetune.model_spec(spec, len(labels)))
+  size = spec.augment.image_size
   abstract = jax.eval_shape(
     lambda: train_state.init_variables(model, jax.random.PRNGKey(0), (size, size, 3))
   )
@@ -123,24 +126,23 @@ def load_predictor(workdir: epath.PathLike) -> Predictor:
     )
   mesh = sharding.create_mesh()
   # The step's output: softmax for multi-class, a sigmoid per label for chexpert/nih.
-  task = steps.task_for_labels(config.task)
+  label_loss = tasks.get(spec.labels.task).loss
   state = train_state.TrainState(
     step=jnp.asarray(step, jnp.int32),
     params=variables["params"],
     batch_stats=variables["batch_stats"],
     opt_state=(),
-    rng=jnp.zeros((2,), jnp.uint32),
     apply_fn=model.apply,
     tx=None,
   )
   return Predictor(
     labels=labels,
-    task=task,
+    task=label_loss,
     image_size=size,
-    preset=config.augment.preset,
+    preset=spec.augment.preset,
     state=sharding.replicate(state, mesh),
     mesh=mesh,
-    predict_fn=steps.compile_predict_step(mesh, task=task),
+    predict_fn=steps.compile_predict_step(mesh, label_loss=label_loss),
   )
 
 
@@ -347,9 +349,18 @@ def run(
 FLAGS = flags.FLAGS
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+def define_flags() -> None:
+  flags.DEFINE_string("workdir", None, "Fine-tuning workdir (config.json, results.json, ckpts).")
+  flags.DEFINE_string("images", None, "A folder of .jpg/.jpeg/.png images, or a CSV file.")
+  flags.DEFINE_string("out", None, "Per-image CSV; per-case rows go to <stem>_cases.csv.")
+  flags.DEFINE_string("image_column", "image_path", "CSV column of image paths.")
+  flags.DEFINE_string("case_column", None, "CSV column of case ids: also aggregate per case.")
+  flags.DEFINE_integer("batch_size", 64, "Images per step (rounded up to the device count).")
+  flags.DEFINE_bool("skip_unreadable", False, "Skip undecodable images instead of failing.")
+  flags.mark_flags_as_required(["workdir", "images", "out"])
+
+
+def main() -> None:
   tf.config.set_visible_devices([], "GPU")  # TensorFlow only decodes; keep it off accelerators.
   run(
     FLAGS.workdir,
@@ -363,12 +374,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  flags.DEFINE_string("workdir", None, "Fine-tuning workdir (config.json, results.json, ckpts).")
-  flags.DEFINE_string("images", None, "A folder of .jpg/.jpeg/.png images, or a CSV file.")
-  flags.DEFINE_string("out", None, "Per-image CSV; per-case rows go to <stem>_cases.csv.")
-  flags.DEFINE_string("image_column", "image_path", "CSV column of image paths.")
-  flags.DEFINE_string("case_column", None, "CSV column of case ids: also aggregate per case.")
-  flags.DEFINE_integer("batch_size", 64, "Images per step (rounded up to the device count).")
-  flags.DEFINE_bool("skip_unreadable", False, "Skip undecodable images instead of failing.")
-  flags.mark_flags_as_required(["workdir", "images", "out"])
-  app.run(main)
+  app.run(main, define_flags)

@@ -26,12 +26,11 @@ from typing import Any
 
 import jax
 import ml_collections
-from absl import app, flags, logging
+from absl import flags, logging
 from etils import epath
-from ml_collections import config_flags
 
-from micle_jax import pretrain
-from micle_jax.runtime import distributed, run_files, sharding
+from micle_jax import app, pretrain, specs
+from micle_jax.runtime import run_files, sharding
 from micle_jax.tools import sweep, sweep_plan
 
 PRETRAIN_DIR = "pretrain"
@@ -81,7 +80,7 @@ def plan_pretraining(study: ml_collections.ConfigDict) -> list[Pretraining]:
       overrides["init_from"] = study.init_from
     for key, value in overrides.items():
       sweep_plan.set_key(config, key, value, where=f"pretrain override {key}")
-    pretrain.validate_config(config)
+    specs.from_config(specs.PretrainSpec, config)  # fails now, naming the key
     workdir = str(epath.Path(study.root) / PRETRAIN_DIR / method)
     runs.append(Pretraining(method, f"{study.pretrain.config}:{arg}", overrides, config, workdir))
   return runs
@@ -175,23 +174,21 @@ def run_study(study: ml_collections.ConfigDict) -> tuple[list[dict], list[dict]]
 FLAGS = flags.FLAGS
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+def define_flags() -> None:
+  app.config_flag("Study config (configs/study_*.py).")
+  flags.DEFINE_bool("print_only", False, "Print every command instead of running them.")
+
+
+def main() -> None:
   study = FLAGS.config
   if FLAGS.print_only:
     pretrainings = plan_pretraining(study)
     for line in commands(study, pretrainings, plan_finetuning(study, pretrainings)):
       print(line)
     return
-  if not distributed.initialize():
-    batch = load_config(study.pretrain.config, study.pretrain.arg).batch_size
-    distributed.split_cpu_into_devices(batch)
+  app.start_devices(load_config(study.pretrain.config, study.pretrain.arg).batch_size)
   run_study(study)
 
 
 if __name__ == "__main__":
-  config_flags.DEFINE_config_file("config", None, "Study config (configs/study_*.py).")
-  flags.DEFINE_bool("print_only", False, "Print every command instead of running them.")
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, define_flags)

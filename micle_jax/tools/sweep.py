@@ -31,13 +31,13 @@ import json
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from absl import app, flags, logging
+from absl import flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from micle_jax import finetune
+from micle_jax import app, finetune
 from micle_jax.eval import differences
-from micle_jax.runtime import checkpoint, distributed, run_files
+from micle_jax.runtime import checkpoint, run_files
 from micle_jax.tools import sweep_report
 from micle_jax.tools.sweep_plan import (  # noqa: F401 (the sweep's public names)
   SCRATCH,
@@ -238,13 +238,8 @@ SUBCOMMANDS = ("run", "collect")
 def define_flags(flag_values: flags.FlagValues = FLAGS, sys_argv: list[str] | None = None) -> None:
   """Defines the command line flags (`sys_argv`: the argv to find `--config.*` overrides in)."""
   fv = dict(flag_values=flag_values)
-  config_flags.DEFINE_config_file(
-    "config",
-    None,
-    "Fine-tuning config (configs/finetune_*.py[:arg]).",
-    lock_config=True,
-    sys_argv=sys_argv,
-    **fv,
+  app.config_flag(
+    "Fine-tuning config (configs/finetune_*.py[:arg]).", required=False, sys_argv=sys_argv, **fv
   )
   flags.DEFINE_string("root", None, "Sweep root: runs go to ROOT/<init>/f<fraction>/s<seed>.", **fv)
   flags.DEFINE_list("fractions", ["1.0"], "Label fractions, e.g. 0.1,0.5,1.0.", **fv)
@@ -286,21 +281,17 @@ def _main_run() -> None:
     for run_ in runs:
       print(command(run_, config_arg, overrides))
     return
-  if not distributed.initialize():
-    distributed.split_cpu_into_devices(FLAGS.config.batch_size)
+  app.start_devices(FLAGS.config.batch_size)
   trained = run(runs)
   logging.info("Sweep done: %d runs trained, %d skipped", len(trained), len(runs) - len(trained))
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
-    raise app.UsageError(f"expected one subcommand, {' or '.join(SUBCOMMANDS)}; got {argv[1:]}")
-  if argv[1] == "run":
+def main(subcommand: str) -> None:
+  if subcommand == "run":
     _main_run()
     return
   report(FLAGS.root, out=FLAGS.out, num_samples=FLAGS.bootstrap_samples, plot=FLAGS.plot)
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  app.run(main, define_flags, subcommands=SUBCOMMANDS)

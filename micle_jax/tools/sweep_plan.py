@@ -106,7 +106,7 @@ def plan(
         run_config.init_from = init_from
         run_config.label_fraction = float(fraction)
         run_config.seed = int(seed)
-        finetune.validate_config(run_config)  # Fails before the first run trains, not hours in.
+        finetune.validate(run_config)  # Fails before the first run trains, not hours in.
         runs.append(
           Run(
             init=init,

@@ -5,27 +5,15 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
 
+from micle_jax import specs
 from micle_jax.runtime import checkpoint, preemption, sharding
 from micle_jax.train import metrics
-
-
-def config_spec(cls: type, section: ml_collections.ConfigDict, name: str, **extra: Any) -> Any:
-  """Builds a spec dataclass from a config section; unknown keys fail naming them."""
-  known = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(section.keys()) - known)
-  if unknown:
-    raise ValueError(f"config.{name} has unknown keys {unknown}; valid: {sorted(known)}")
-  try:
-    return cls(**{**section.to_dict(), **extra})
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"config.{name}: {e}") from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +47,7 @@ def resume_or_initialize(
   A workdir's own checkpoint is the run itself and restores whole. From `init_from` (a workdir or
   Orbax checkpoint) only the parameters and BatchNorm statistics that `rule` allows are taken
   (see `checkpoint.restore_allowed`); everything else, the supervised head included, keeps its
-  initial value, and step, optimizer state and rng start fresh.
+  initial value, and step and optimizer state start fresh.
   """
   found = checkpoint.restore_newest_readable(mngr, checkpoint.state_to_tree(state))
   if found is not None:
@@ -111,7 +99,8 @@ def _check_finite(step: int, step_metrics: dict[str, Any], mngr) -> None:
 
 
 def run(
-  config: ml_collections.ConfigDict,
+  *,
+  spec: specs.LoopSpec,
   workdir: epath.Path,
   mngr: ocp.CheckpointManager,
   writer: metric_writers.MetricWriter,
@@ -119,31 +108,31 @@ def run(
   step_fn: Callable[[Any, Any], tuple[Any, dict[str, Any]]],
   batches: Iterator[dict[str, np.ndarray]],
   mesh: jax.sharding.Mesh,
-  start_step: int,
   total_steps: int,
   on_save: Callable[[int, Any], None] | None = None,
 ) -> Any:
-  """Steps from `start_step` to `total_steps`, logging, checkpointing, and stopping cleanly.
+  """Steps from `state.step` to `total_steps`, logging, checkpointing, and stopping cleanly.
 
-  Reads `log_every_steps`, `checkpoint_every_steps`, `max_steps_per_run` and `profile_steps`
-  from `config`. `step_fn(state, global_batch)` must report `loss` and `params_finite`; a
+  `spec` says how often to log and save, how many steps this run may take, and what to profile.
+  `step_fn(state, global_batch)` must report `loss` and `params_finite`; a
   non-finite step raises `FloatingPointError` before anything after it is saved or logged.
   `on_save(step, state)` runs after each checkpoint is written (e.g. a probe of the state); it
   must not change the state.
   """
+  start_step = int(state.step)
   hooks = [
     periodic_actions.ReportProgress(
-      num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
+      num_train_steps=total_steps, writer=writer, every_steps=spec.log_every_steps
     )
   ]
-  if config.profile_steps > 0 and jax.process_index() == 0:
+  if spec.profile_steps > 0 and jax.process_index() == 0:
     hooks.append(
-      periodic_actions.Profile(num_profile_steps=config.profile_steps, logdir=str(workdir))
+      periodic_actions.Profile(num_profile_steps=spec.profile_steps, logdir=str(workdir))
     )
   window = metrics.WindowAverages()
   last_step = total_steps
-  if config.max_steps_per_run > 0:
-    last_step = min(total_steps, start_step + config.max_steps_per_run)
+  if spec.max_steps_per_run > 0:
+    last_step = min(total_steps, start_step + spec.max_steps_per_run)
   # Metrics are read one step late: the host dispatches step n+1 before it waits for step n, so
   # the accelerator always has the next step queued. Steps that log or save read them all.
   pending: list[tuple[int, dict[str, Any]]] = []
@@ -162,8 +151,8 @@ def run(
         state, step_metrics = step_fn(state, batch)
       pending.append((step, step_metrics))
       stopping = stop.should_stop(step)
-      log_now = step % config.log_every_steps == 0 or step == last_step
-      save_now = step % config.checkpoint_every_steps == 0 or step == last_step or stopping
+      log_now = step % spec.log_every_steps == 0 or step == last_step
+      save_now = step % spec.checkpoint_every_steps == 0 or step == last_step or stopping
       read_metrics(keep_newest=not (log_now or save_now))
       for hook in hooks:
         hook(step)

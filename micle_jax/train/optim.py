@@ -16,7 +16,6 @@ The supervised head follows two rules (`create_optimizer(..., trust_scale_head=.
   input is a stop-gradient, so this changes only the monitor, and fine-tuning never restores it.
 """
 
-import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -25,43 +24,9 @@ from typing import Any
 import jax
 import optax
 
-OPTIMIZERS = ("lars", "sgd", "adamw")
-LR_SCALINGS = ("linear", "sqrt", "none")
+from micle_jax import specs
+
 SUPERVISED_HEAD = "head_supervised"
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerSpec:
-  """What `create_optimizer` builds.
-
-  Attributes:
-    name: "lars" (pretraining), "sgd" (momentum SGD) or "adamw" (fine-tuning).
-    base_learning_rate: lr before batch scaling (SimCLR: 0.3 linear, 0.075 sqrt).
-    lr_scaling: "linear" (base·B/256), "sqrt" (base·√B) or "none" (base).
-    weight_decay: decay on kernels (SimCLRv2: 1e-6).
-    momentum: LARS/SGD momentum (adamw: b1).
-    trust_coefficient: LARS η.
-    warmup_epochs: linear warm-up length, converted to steps by the caller.
-    b2: AdamW second-moment decay.
-  """
-
-  name: str = "lars"
-  base_learning_rate: float = 0.3
-  lr_scaling: str = "linear"
-  weight_decay: float = 1e-6
-  momentum: float = 0.9
-  trust_coefficient: float = 0.001
-  warmup_epochs: float = 10.0
-  b2: float = 0.999
-
-  def __post_init__(self):
-    if self.name not in OPTIMIZERS:
-      raise ValueError(f"optimizer.name={self.name!r} not in {OPTIMIZERS}")
-    if self.lr_scaling not in LR_SCALINGS:
-      raise ValueError(f"optimizer.lr_scaling={self.lr_scaling!r} not in {LR_SCALINGS}")
-    for key in ("base_learning_rate", "weight_decay", "warmup_epochs"):
-      if getattr(self, key) < 0:
-        raise ValueError(f"optimizer.{key}={getattr(self, key)} must be >= 0")
 
 
 def scaled_learning_rate(base: float, batch_size: int, scaling: str) -> float:
@@ -72,7 +37,7 @@ def scaled_learning_rate(base: float, batch_size: int, scaling: str) -> float:
     return base * math.sqrt(batch_size)
   if scaling == "none":
     return base
-  raise ValueError(f"optimizer.lr_scaling={scaling!r} not in {LR_SCALINGS}")
+  raise ValueError(f"optimizer.lr_scaling={scaling!r} not in {specs.LR_SCALINGS}")
 
 
 def warmup_cosine_schedule(peak: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
@@ -122,7 +87,7 @@ def _trust_mask(params: Any, *, head: bool = True) -> Any:
 
 
 def create_optimizer(
-  spec: OptimizerSpec,
+  spec: specs.OptimizerSpec,
   *,
   learning_rate: Callable[[Any], Any] | float,
   trust_scale_head: bool = True,
@@ -161,7 +126,7 @@ def create_optimizer(
 
 
 def create_schedule(
-  spec: OptimizerSpec, *, batch_size: int, total_steps: int, steps_per_epoch: float
+  spec: specs.OptimizerSpec, *, batch_size: int, total_steps: int, steps_per_epoch: float
 ) -> optax.Schedule:
   """The learning-rate schedule: scaled peak, `warmup_epochs` of linear warm-up, cosine to 0."""
   peak = scaled_learning_rate(spec.base_learning_rate, batch_size, spec.lr_scaling)

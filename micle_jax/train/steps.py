@@ -19,16 +19,8 @@ from micle_jax.runtime import sharding
 from micle_jax.train import losses
 from micle_jax.train.train_state import TrainState
 
-TASKS = ("none", "multiclass", "multilabel")
-_LOSS_OF_LABELS = {"none": "none", "multiclass": "multiclass", "chexpert": "multilabel",
-                   "nih": "multilabel"}
-
-
-def task_for_labels(labels_task: str) -> str:
-  """The step's loss kind for a config's label task ("chexpert" and "nih" are multi-label)."""
-  if labels_task not in _LOSS_OF_LABELS:
-    raise ValueError(f"task={labels_task!r} not in {sorted(_LOSS_OF_LABELS)}")
-  return _LOSS_OF_LABELS[labels_task]
+# The supervised loss of a step (`data.tasks` gives each task's): none, softmax or sigmoid.
+LABEL_LOSSES = ("none", "multiclass", "multilabel")
 
 
 def interleave_views(view1: jnp.ndarray, view2: jnp.ndarray) -> jnp.ndarray:
@@ -37,21 +29,21 @@ def interleave_views(view1: jnp.ndarray, view2: jnp.ndarray) -> jnp.ndarray:
 
 
 def supervised_loss(
-  logits: jnp.ndarray, batch: dict[str, jnp.ndarray], task: str, repeats: int = 1
+  logits: jnp.ndarray, batch: dict[str, jnp.ndarray], label_loss: str, repeats: int = 1
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
   """Loss and metrics of the supervised head; labels are repeated for interleaved views."""
-  if task == "multiclass":
+  if label_loss == "multiclass":
     labels = jnp.repeat(batch["label"], repeats, axis=0)
     loss = losses.softmax_cross_entropy(logits, labels)
     return loss, {"sup_loss": loss, "sup_acc": jnp.mean(jnp.argmax(logits, -1) == labels)}
-  if task == "multilabel":
+  if label_loss == "multilabel":
     targets = jnp.repeat(batch["targets"], repeats, axis=0)
     mask = jnp.repeat(batch["target_mask"], repeats, axis=0)
     loss = losses.masked_sigmoid_cross_entropy(logits, targets, mask)
     correct = ((logits > 0) == (targets > 0.5)) * mask
     acc = jnp.sum(correct) / jnp.maximum(jnp.sum(mask), 1.0)
     return loss, {"sup_loss": loss, "sup_acc": acc}
-  raise ValueError(f"task={task!r} not in {TASKS}")
+  raise ValueError(f"label_loss={label_loss!r} not in {LABEL_LOSSES}")
 
 
 def pretrain_step(
@@ -59,7 +51,7 @@ def pretrain_step(
   batch: dict[str, jnp.ndarray],
   *,
   temperature: float,
-  task: str = "none",
+  label_loss: str = "none",
   learning_rate_fn: optax.Schedule | None = None,
 ) -> tuple[TrainState, dict[str, jnp.ndarray]]:
   """One SimCLR/MICLe step: NT-Xent on the projections (+ the stop-gradient supervised monitor).
@@ -69,7 +61,7 @@ def pretrain_step(
 
   Returns:
     (new state, metrics) with `loss` (total), `contrast_loss`, the NT-Xent metrics, the
-    supervised monitor's `sup_loss` / `sup_acc` when `task` != "none", `multi_image_fraction`
+    supervised monitor's `sup_loss` / `sup_acc` when `label_loss` != "none", `multi_image_fraction`
     when the batch reports it, `learning_rate`, `grad_norm`, and `params_finite` (False once an
     update made any parameter non-finite).
   """
@@ -87,8 +79,8 @@ def pretrain_step(
     contrast_loss, metrics = losses.nt_xent(z[:, 0], z[:, 1], temperature=temperature)
     metrics["contrast_loss"] = contrast_loss
     total = contrast_loss
-    if task != "none":
-      sup_loss, sup_metrics = supervised_loss(outputs["logits"], batch, task, repeats=2)
+    if label_loss != "none":
+      sup_loss, sup_metrics = supervised_loss(outputs["logits"], batch, label_loss, repeats=2)
       metrics.update(sup_metrics)
       total = total + sup_loss
     metrics["loss"] = total
@@ -111,8 +103,8 @@ def pretrain_step(
 
 def compile_pretrain_step(mesh: Mesh, **step_kwargs: Any):
   """`pretrain_step` under `jax.jit`: state replicated and donated, batch sharded over `data`."""
-  if step_kwargs.get("task", "none") not in TASKS:
-    raise ValueError(f"task={step_kwargs['task']!r} not in {TASKS}")
+  if step_kwargs.get("label_loss", "none") not in LABEL_LOSSES:
+    raise ValueError(f"label_loss={step_kwargs['label_loss']!r} not in {LABEL_LOSSES}")
   return jax.jit(
     functools.partial(pretrain_step, **step_kwargs),
     in_shardings=(sharding.replicated(mesh), sharding.data_sharding(mesh)),
@@ -125,10 +117,10 @@ def finetune_step(
   state: TrainState,
   batch: dict[str, jnp.ndarray],
   *,
-  task: str,
+  label_loss: str,
   learning_rate_fn: optax.Schedule | None = None,
 ) -> tuple[TrainState, dict[str, jnp.ndarray]]:
-  """One supervised step on `batch['image']` [N, H, W, 3] with the task's labels."""
+  """One supervised step on `batch['image']` [N, H, W, 3] with its labels (`label_loss`)."""
 
   def loss_fn(params):
     outputs, new_vars = state.apply_fn(
@@ -137,7 +129,7 @@ def finetune_step(
       train=True,
       mutable=["batch_stats"],
     )
-    loss, metrics = supervised_loss(outputs["logits"], batch, task)
+    loss, metrics = supervised_loss(outputs["logits"], batch, label_loss)
     return loss, (new_vars["batch_stats"], metrics)
 
   grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -154,10 +146,10 @@ def finetune_step(
   return new_state, metrics
 
 
-def predict_step(state: TrainState, images: jnp.ndarray, *, task: str) -> jnp.ndarray:
+def predict_step(state: TrainState, images: jnp.ndarray, *, label_loss: str) -> jnp.ndarray:
   """Class probabilities (softmax for multi-class, sigmoid per label for multi-label)."""
   logits = state.apply_fn(state.variables(), images, train=False)["logits"]
-  return jax.nn.softmax(logits) if task == "multiclass" else jax.nn.sigmoid(logits)
+  return jax.nn.softmax(logits) if label_loss == "multiclass" else jax.nn.sigmoid(logits)
 
 
 def compile_finetune_step(mesh: Mesh, **step_kwargs: Any):
@@ -170,10 +162,10 @@ def compile_finetune_step(mesh: Mesh, **step_kwargs: Any):
   )
 
 
-def compile_predict_step(mesh: Mesh, *, task: str):
+def compile_predict_step(mesh: Mesh, *, label_loss: str):
   """`predict_step` under `jax.jit`, images sharded over `data`."""
   return jax.jit(
-    functools.partial(predict_step, task=task),
+    functools.partial(predict_step, label_loss=label_loss),
     in_shardings=(sharding.replicated(mesh), sharding.data_sharding(mesh)),
     out_shardings=sharding.data_sharding(mesh),
   )

@@ -1,4 +1,4 @@
-"""The training state: params, BatchNorm statistics, optimizer state, step and rng, in one pytree."""
+"""The training state: params, BatchNorm statistics, optimizer state and step, in one pytree."""
 
 from collections.abc import Callable
 from typing import Any
@@ -16,15 +16,14 @@ from micle_jax.runtime import sharding
 class TrainState(struct.PyTreeNode):
   """Everything a step reads and writes; `apply_fn` and `tx` are static.
 
-  `rng` is a raw uint32 key (`jax.random.PRNGKey`), so a checkpoint holds plain arrays. Steps
-  derive per-step randomness as `fold_in(rng, step)`, so a resumed run draws the same numbers.
+  No step draws random numbers (every random choice of a run is the input pipeline's, a
+  function of the seed, the epoch and an image id), so the state holds no rng.
   """
 
   step: jax.Array
   params: Any
   batch_stats: Any
   opt_state: Any
-  rng: jax.Array
   apply_fn: Callable[..., Any] = struct.field(pytree_node=False)
   tx: optax.GradientTransformation = struct.field(pytree_node=False)
 
@@ -51,11 +50,12 @@ def create_train_state(
   Args:
     model: the Flax model.
     tx: the optimizer.
-    seed: the config's seed; parameter init and the step rng both derive from it.
+    seed: the config's seed; parameter init derives from it.
     image_shape: (H, W, C) of one input image.
     mesh: the device mesh; the state is replicated over it.
   """
-  init_rng, step_rng = jax.random.split(jax.random.PRNGKey(seed))
+  # The first half of a split, as when the state also carried a step rng: same seed, same init.
+  init_rng, _ = jax.random.split(jax.random.PRNGKey(seed))
 
   def init() -> TrainState:
     variables = init_variables(model, init_rng, image_shape)
@@ -65,7 +65,6 @@ def create_train_state(
       params=params,
       batch_stats=variables.get("batch_stats", {}),
       opt_state=tx.init(params),
-      rng=step_rng,
       apply_fn=model.apply,
       tx=tx,
     )

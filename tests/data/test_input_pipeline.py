@@ -6,9 +6,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from data_builders.chexpert import labels as chexpert_labels
+from micle_jax import specs
 from micle_jax.data import input_pipeline as ip
 
-CHEXPERT = ip.LabelSpec(task="chexpert", label_set="competition5", uncertainty_policy="ones")
+CHEXPERT = specs.LabelSpec(task="chexpert", label_set="competition5", uncertainty_policy="ones")
 
 
 @pytest.mark.parametrize("num_images", [2, 3, 6])

@@ -1,13 +1,13 @@
 """The kNN probe: leave-patient-out neighbours equal a brute-force float64 reference; scores."""
 
 import jax
-import ml_collections
 import numpy as np
 import optax
 import pytest
 import tensorflow_datasets as tfds
 from tiny_models import tiny_spec
 
+from micle_jax import specs
 from micle_jax.eval import eval_metrics, probe
 from micle_jax.models import resnet
 from micle_jax.runtime import sharding
@@ -79,15 +79,15 @@ def test_scores_multiclass_and_multilabel():
 )
 def test_bad_probe_config_is_named(key, value, message):
   with pytest.raises(ValueError, match=message):
-    probe.ProbeSpec(dataset="x", **{key: value})
+    specs.ProbeSpec(dataset="x", **{key: value})
 
 
 def test_the_probe_scores_a_network_trained_on_its_labels_above_its_initialisation(cxr_data_dir):
   mesh = sharding.create_mesh()
-  spec = probe.ProbeSpec(
+  spec = specs.ProbeSpec(
     dataset="chexpert_micle/images", data_dir=cxr_data_dir, max_images=64, k=5, batch_size=16
   )
-  labels = ml_collections.ConfigDict(dict(label_set="competition5", uncertainty_policy="ones"))
+  labels = specs.LabelSpec(label_set="competition5", uncertainty_policy="ones")
   the_probe = probe.Probe(spec, preset="cxr_small", image_size=32, labels=labels, mesh=mesh)
   assert the_probe.num_images > 30
   state = train_state.create_train_state(
@@ -136,8 +136,8 @@ def test_the_probe_scores_a_network_trained_on_its_labels_above_its_initialisati
 
 
 def test_a_split_smaller_than_max_images_is_read_whole(cxr_data_dir):
-  spec = probe.ProbeSpec(dataset="chexpert_micle/images", data_dir=cxr_data_dir, max_images=10_000)
-  labels = ml_collections.ConfigDict(dict(label_set="competition5", uncertainty_policy="ones"))
+  spec = specs.ProbeSpec(dataset="chexpert_micle/images", data_dir=cxr_data_dir, max_images=10_000)
+  labels = specs.LabelSpec(label_set="competition5", uncertainty_policy="ones")
   the_probe = probe.Probe(
     spec, preset="cxr_small", image_size=32, labels=labels, mesh=sharding.create_mesh()
   )

@@ -7,10 +7,11 @@ import pytest
 from jax import lax
 from tiny_models import tiny_spec
 
+from micle_jax import specs
 from micle_jax.models import layers, resnet
 
 
-def _abstract_params(spec: resnet.ModelSpec, size: int = 224):
+def _abstract_params(spec: specs.ModelSpec, size: int = 224):
   model = resnet.create_model(spec)
   variables = jax.eval_shape(
     lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((2, size, size, 3)), train=False)
@@ -39,12 +40,12 @@ def _abstract_params(spec: resnet.ModelSpec, size: int = 224):
   ],
 )
 def test_backbone_parameter_counts(depth, width, sk, backbone_count):
-  params = _abstract_params(resnet.ModelSpec(depth=depth, width=width, sk_ratio=sk))
+  params = _abstract_params(specs.ModelSpec(depth=depth, width=width, sk_ratio=sk))
   assert resnet.count_params(params["backbone"]) == backbone_count
 
 
 def test_resnet50_with_1000_way_head_matches_standard_count():
-  params = _abstract_params(resnet.ModelSpec(depth=50, num_proj_layers=0, num_classes=1000))
+  params = _abstract_params(specs.ModelSpec(depth=50, num_proj_layers=0, num_classes=1000))
   assert resnet.count_params(params) == 25_557_032
 
 
@@ -52,7 +53,7 @@ def test_resnet50_with_1000_way_head_matches_standard_count():
   "depth,width,sk", [(18, 1, 0.0), (50, 1, 0.0), (50, 2, 0.0625), (152, 1, 0.0625)]
 )
 def test_output_shapes(depth, width, sk):
-  spec = resnet.ModelSpec(depth=depth, width=width, sk_ratio=sk, num_classes=5)
+  spec = specs.ModelSpec(depth=depth, width=width, sk_ratio=sk, num_classes=5)
   model = resnet.create_model(spec)
   out = jax.eval_shape(
     lambda: model.init_with_output(jax.random.PRNGKey(0), jnp.zeros((3, 224, 224, 3)), train=False)[
@@ -141,4 +142,4 @@ def test_conv_matches_tensorflow_fixed_padding_rule(kernel_size, strides, size):
 )
 def test_invalid_spec_names_the_field(field, value):
   with pytest.raises(ValueError, match=f"model.{field}"):
-    resnet.create_model(resnet.ModelSpec(**{field: value}))
+    resnet.create_model(specs.ModelSpec(**{field: value}))

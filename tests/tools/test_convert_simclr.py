@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import simclr_tf_reference as ref
 
+from micle_jax import specs
 from micle_jax.models import resnet
 from micle_jax.runtime import checkpoint, sharding
 from micle_jax.tools import convert_simclr as cs
@@ -195,18 +196,17 @@ def test_basic_blocks_convert_load_and_train(tmp_path):
   )
   shapes = lambda tree: jax.tree_util.tree_map(np.shape, tree)  # noqa: E731
   assert shapes({"params": params, "batch_stats": batch_stats}) == shapes(dict(fresh))
-  tx = optim.create_optimizer(optim.OptimizerSpec(name="lars"), learning_rate=0.1)
+  tx = optim.create_optimizer(specs.OptimizerSpec(name="lars"), learning_rate=0.1)
   state = train_state.TrainState(
     step=np.zeros((), np.int32),
     params=params,
     batch_stats=batch_stats,
     opt_state=tx.init(params),
-    rng=jax.random.PRNGKey(0),
     apply_fn=flax_model.apply,
     tx=tx,
   )
   mesh = sharding.create_mesh(jax.devices()[:1])
-  step = steps.compile_pretrain_step(mesh, temperature=0.1, task="multiclass")
+  step = steps.compile_pretrain_step(mesh, temperature=0.1, label_loss="multiclass")
   batch = {"view1": images, "view2": images[:, ::-1], "label": np.array([0, 2], np.int32)}
   new_state, metrics = step(state, sharding.make_global_batch(batch, mesh))
   assert int(new_state.step) == 1 and np.isfinite(float(metrics["loss"]))

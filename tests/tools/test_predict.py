@@ -10,11 +10,12 @@ import pytest
 import tensorflow as tf
 
 from configs import finetune_derm
+from micle_jax import finetune
 from micle_jax.data import augment_presets
 from micle_jax.models import resnet
 from micle_jax.runtime import checkpoint
 from micle_jax.tools import predict
-from micle_jax.train import loop, train_state
+from micle_jax.train import train_state
 
 LABELS = ("nevus", "melanoma", "other")
 # (relative path, case, (height, width)): mixed formats, sizes, nesting and suffix case.
@@ -76,7 +77,7 @@ def workdir(tmp_path_factory):
   path = tmp_path_factory.mktemp("ft")
   (path / "config.json").write_text(config.to_json_best_effort(indent=2))
   (path / "results.json").write_text(json.dumps({"labels": list(LABELS)}))
-  spec = loop.config_spec(resnet.ModelSpec, config.model, "model", num_classes=len(LABELS))
+  spec = finetune.model_spec(finetune.validate(config), len(LABELS))
   model = resnet.create_model(spec)
   size = config.augment.image_size
   variables = _random_variables(model, size)

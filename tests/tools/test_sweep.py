@@ -210,7 +210,7 @@ def _main(monkeypatch, *args: str) -> None:
   fv = flags.FlagValues()
   sweep.define_flags(fv, sys_argv=argv)
   monkeypatch.setattr(sweep, "FLAGS", fv)
-  sweep.main(fv(argv))
+  sweep.main(*fv(argv)[1:])
 
 
 def test_main_print_only_prints_one_command_per_run(monkeypatch, capsys, tmp_path):

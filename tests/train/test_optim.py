@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from micle_jax import specs
 from micle_jax.train import optim
 
 
@@ -68,7 +69,7 @@ def test_lars_step_matches_reference(trust_head):
   rng = np.random.default_rng(1)
   params = _params(rng)
   grads_seq = [jax.tree_util.tree_map(lambda x: rng.normal(size=x.shape), params) for _ in range(3)]
-  spec = optim.OptimizerSpec(name="lars", weight_decay=1e-2, momentum=0.9, trust_coefficient=0.001)
+  spec = specs.OptimizerSpec(name="lars", weight_decay=1e-2, momentum=0.9, trust_coefficient=0.001)
   tx = optim.create_optimizer(spec, learning_rate=0.5, trust_scale_head=trust_head)
   p = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
   state = tx.init(p)
@@ -88,7 +89,7 @@ def test_lars_step_matches_reference(trust_head):
 
 
 def test_zero_norm_gives_trust_one():
-  tx = optim.create_optimizer(optim.OptimizerSpec(weight_decay=0.0), learning_rate=1.0)
+  tx = optim.create_optimizer(specs.OptimizerSpec(weight_decay=0.0), learning_rate=1.0)
   p = {"conv": {"kernel": jnp.zeros((2, 2))}}
   updates, _ = tx.update({"conv": {"kernel": jnp.ones((2, 2))}}, tx.init(p), p)
   np.testing.assert_allclose(updates["conv"]["kernel"], -np.ones((2, 2)))
@@ -116,7 +117,7 @@ def test_warmup_cosine_schedule_matches_formula():
 
 
 def test_create_schedule_uses_epochs_and_batch():
-  spec = optim.OptimizerSpec(base_learning_rate=0.3, lr_scaling="linear", warmup_epochs=2)
+  spec = specs.OptimizerSpec(base_learning_rate=0.3, lr_scaling="linear", warmup_epochs=2)
   schedule = optim.create_schedule(spec, batch_size=512, total_steps=100, steps_per_epoch=10)
   assert float(schedule(20)) == pytest.approx(0.6)  # peak at the end of 2 warm-up epochs
   assert float(schedule(10)) == pytest.approx(0.3)
@@ -126,7 +127,7 @@ def test_create_schedule_uses_epochs_and_batch():
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_finetune_optimizers_decay_only_kernels(name):
   params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}}
-  spec = optim.OptimizerSpec(name=name, weight_decay=0.1, momentum=0.9)
+  spec = specs.OptimizerSpec(name=name, weight_decay=0.1, momentum=0.9)
   tx = optim.create_optimizer(spec, learning_rate=1.0)
   zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
   updates, _ = tx.update(zeros, tx.init(params), params)
@@ -139,4 +140,4 @@ def test_finetune_optimizers_decay_only_kernels(name):
 )
 def test_invalid_spec_names_the_key(field, value):
   with pytest.raises(ValueError, match=f"optimizer.{field}"):
-    optim.OptimizerSpec(**{field: value})
+    specs.OptimizerSpec(**{field: value})

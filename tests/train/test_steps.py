@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from tiny_models import tiny_spec
 
+from micle_jax import specs
 from micle_jax.models import resnet
 from micle_jax.runtime import sharding
 from micle_jax.train import optim, steps, train_state
@@ -16,7 +17,7 @@ STEPS = 100
 
 def _state(mesh, spec, learning_rate=0.01, opt=None):
   model = resnet.create_model(spec)
-  opt = opt or optim.OptimizerSpec(name="lars", weight_decay=1e-4)
+  opt = opt or specs.OptimizerSpec(name="lars", weight_decay=1e-4)
   tx = optim.create_optimizer(opt, learning_rate=learning_rate)
   return train_state.create_train_state(
     model, tx, seed=0, image_shape=(SIZE, SIZE, 3), mesh=mesh
@@ -35,7 +36,7 @@ def _batch(rng, n, num_classes=3):
 def _run(devices, batches):
   mesh = sharding.create_mesh(devices)
   state = _state(mesh, tiny_spec(num_classes=3))
-  step = steps.compile_pretrain_step(mesh, temperature=0.1, task="multiclass")
+  step = steps.compile_pretrain_step(mesh, temperature=0.1, label_loss="multiclass")
   history = []
   for batch in batches:
     state, metrics = step(state, sharding.make_global_batch(batch, mesh))
@@ -93,7 +94,7 @@ def test_contrastive_training_lowers_loss_and_raises_accuracy(num_devices):
   rng = np.random.default_rng(0)
   patterns = _patterns(rng, 64)
   mesh = sharding.create_mesh()
-  opt = optim.OptimizerSpec(name="lars", weight_decay=1e-6)
+  opt = specs.OptimizerSpec(name="lars", weight_decay=1e-6)
   schedule = optim.warmup_cosine_schedule(1.0, total_steps=STEPS, warmup_steps=10)
   state = _state(mesh, tiny_spec(), learning_rate=schedule, opt=opt)
   step = steps.compile_pretrain_step(mesh, temperature=0.2)
