@@ -72,9 +72,13 @@ class EvalTarget(NamedTuple):
 def eval_targets(spec: specs.FinetuneSpec) -> list[EvalTarget]:
   """The in-distribution evaluation, then every shift dataset of the config."""
   d = spec.dataset
-  targets = [EvalTarget("in_distribution", d.name, d.eval_split, d.data_dir, spec.labels.task, d.views)]
+  targets = [
+    EvalTarget("in_distribution", d.name, d.eval_split, d.data_dir, spec.labels.task, d.views)
+  ]
   for key, shift in spec.shift.items():
-    targets.append(EvalTarget(key, shift.name, shift.split, shift.data_dir, shift.task, shift.views))
+    targets.append(
+      EvalTarget(key, shift.name, shift.split, shift.data_dir, shift.task, shift.views)
+    )
   return targets
 
 
@@ -103,7 +107,9 @@ class TrainingData(NamedTuple):
 def training_data(spec: specs.FinetuneSpec) -> TrainingData:
   """The training split's label-fraction subset, checked against the batch size."""
   d, task = spec.dataset, tasks.get(spec.labels.task)
-  info = input_pipeline.open_dataset(d.name, d.train_split, d.data_dir or None, specs.LabelSpec(), d.views)
+  info = input_pipeline.open_dataset(
+    d.name, d.train_split, d.data_dir or None, specs.LabelSpec(), d.views
+  )
   task.check(info.builder.info.features, d.name)
   names = task.output_names(info.builder.info.features, spec.labels)
   label_fn = task.label_fn(spec.labels)

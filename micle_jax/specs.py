@@ -23,6 +23,8 @@ METHODS = ("simclr", "micle")
 VIEWS = ("all", "frontal", "ap", "pa")
 # Label tasks (implemented by `data.tasks`): how a dataset's labels become targets.
 TASKS = ("none", "multiclass", "chexpert", "nih")
+# The supervised loss a task trains with (`train.steps`): none, softmax or sigmoid per label.
+LABEL_LOSSES = ("none", "multiclass", "multilabel")
 LABEL_SETS = ("competition5", "all14")
 UNCERTAINTY_POLICIES = ("ones", "zeros", "ignore")
 # View recipes (implemented by `data.augment_presets`).
@@ -51,6 +53,13 @@ def _positive(key: str, value: float, *, strict: bool = True) -> None:
     raise ConfigError(f"config.{key}={value} must be {'>' if strict else '>='} 0")
 
 
+def _check_dataset(spec) -> None:
+  if not spec.name:
+    raise ConfigError("config.dataset.name is empty")
+  _one_of("dataset.views", spec.views, VIEWS)
+  _positive("dataset.shuffle_buffer", spec.shuffle_buffer)
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
   """`dataset` of a pretraining config: which prepared TFDS split to read, and which views."""
@@ -62,10 +71,7 @@ class DatasetSpec:
   views: str = "all"
 
   def __post_init__(self):
-    if not self.name:
-      raise ConfigError("config.dataset.name is empty")
-    _one_of("dataset.views", self.views, VIEWS)
-    _positive("dataset.shuffle_buffer", self.shuffle_buffer)
+    _check_dataset(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,10 +86,7 @@ class FinetuneDatasetSpec:
   views: str = "all"
 
   def __post_init__(self):
-    if not self.name:
-      raise ConfigError("config.dataset.name is empty")
-    _one_of("dataset.views", self.views, VIEWS)
-    _positive("dataset.shuffle_buffer", self.shuffle_buffer)
+    _check_dataset(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,7 +333,9 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
   if hint in (int, float) and isinstance(value, bool):
     raise ConfigError(f"config.{key}={value!r}: expected {hint.__name__}, got bool")
   if isinstance(hint, type) and not isinstance(value, hint):
-    raise ConfigError(f"config.{key}={value!r}: expected {hint.__name__}, got {type(value).__name__}")
+    raise ConfigError(
+      f"config.{key}={value!r}: expected {hint.__name__}, got {type(value).__name__}"
+    )
   return value
 
 
@@ -359,11 +364,11 @@ def _build(cls: type[T], values: Mapping[str, Any], prefix: str) -> tuple[T, set
     used.add(field.name)
     value = values[field.name]
     if dataclasses.is_dataclass(hint):
-      kwargs[field.name] = _section(hint, value, key)
+      kwargs[field.name] = from_config(hint, value, key)
     elif typing.get_origin(hint) is dict:
       entry = typing.get_args(hint)[1]
       kwargs[field.name] = {
-        name: _section(entry, item, f"{key}.{name}")
+        name: from_config(entry, item, f"{key}.{name}")
         for name, item in _as_mapping(key, value).items()
       }
     elif isinstance(hint, types.UnionType):
@@ -371,13 +376,6 @@ def _build(cls: type[T], values: Mapping[str, Any], prefix: str) -> tuple[T, set
     else:
       kwargs[field.name] = _check_type(key, value, hint)
   return cls(**kwargs), used
-
-
-def _section(cls: type[T], section: Any, key: str) -> T:
-  values = _as_mapping(key, section)
-  spec, used = _build(cls, values, f"{key}.")
-  _refuse_unknown(cls, values, used, key)
-  return spec
 
 
 def _refuse_unknown(cls: type, values: Mapping[str, Any], used: set[str], key: str) -> None:
@@ -403,24 +401,17 @@ def _config_keys(cls: type) -> set[str]:
 _DRIVER_SET = {ModelSpec: ("num_classes", "stop_gradient_supervised", "freeze_backbone")}
 
 
-def from_config(cls: type[T], config: Mapping[str, Any] | ml_collections.ConfigDict) -> T:
-  """The validated spec of a whole config (`PretrainSpec`, `FinetuneSpec`) or of one section.
+def from_config(cls: type[T], config: Any, key: str = "") -> T:
+  """The validated spec of a whole config (`PretrainSpec`, `FinetuneSpec`), or of the section
+  `key` of one (`from_config(LabelSpec, config.labels, "labels")`).
 
   Raises:
     ConfigError: naming the first unknown key, badly typed value or value out of range.
   """
-  values = _as_mapping("", config)
+  values = _as_mapping(key, config)
   try:
-    spec, used = _build(cls, values, "")
+    spec, used = _build(cls, values, f"{key}." if key else "")
   except TypeError as e:  # a dataclass refusing a value of the wrong shape
-    raise ConfigError(f"config: {e}") from e
-  _refuse_unknown(cls, values, used, "")
-  return spec
-
-
-def section_from_config(cls: type[T], section: Any, key: str, **driver_set: Any) -> T:
-  """The spec of one section, named `key` in messages, with fields the driver sets."""
-  values = dict(_as_mapping(key, section))
-  spec, used = _build(cls, values, f"{key}.")
+    raise ConfigError(f"config{'.' + key if key else ''}: {e}") from e
   _refuse_unknown(cls, values, used, key)
-  return dataclasses.replace(spec, **driver_set) if driver_set else spec
+  return spec

@@ -27,7 +27,6 @@ from data_builders.chexpert import labels as chexpert_labels
 from data_builders.nih_cxr14 import labels as nih_labels
 from micle_jax import specs
 
-LOSSES = ("none", "multiclass", "multilabel")
 # features -> {"label"} or {"targets", "target_mask"}; `index` picks one image of a case.
 LabelFn = Callable[[Mapping[str, tf.Tensor], tf.Tensor | None], dict[str, tf.Tensor]]
 
@@ -42,12 +41,14 @@ class Task:
   _make_label_fn: Callable[[specs.LabelSpec], Callable[[tf.Tensor], dict[str, tf.Tensor]]]
   _names: Callable[[Any, specs.LabelSpec], tuple[str, ...]]
 
+  def __post_init__(self):
+    assert self.loss in specs.LABEL_LOSSES, self.loss
+
   def check(self, features: Mapping[str, Any], dataset: str) -> None:
     """Raises naming the task and the dataset when the dataset lacks the label feature."""
     if self.feature is not None and self.feature not in features:
       raise ValueError(
-        f"task={self.name!r} needs the feature `{self.feature}`; {dataset!r} has "
-        f"{sorted(features)}"
+        f"task={self.name!r} needs the feature `{self.feature}`; {dataset!r} has {sorted(features)}"
       )
 
   def output_names(self, features: Mapping[str, Any], spec: specs.LabelSpec) -> tuple[str, ...]:

@@ -104,17 +104,23 @@ def _is_closed_loop_noise(error: BaseException | None) -> bool:
 
 
 def _drop_closed_loop_noise() -> None:
-  """Silences the echo of a failed restore (installed once, on the first failure).
+  """Silences the echo of a failed restore (installed once, before the first restore).
 
   When a restore fails, the reads still pending in TensorStore later call back into the asyncio
   loop that Orbax has already closed, and Python prints each as a `RuntimeError: Event loop is
   closed` traceback, and asyncio logs each failed read again as "Future exception was never
-  retrieved" (or "Task ..."): dozens of them, after the one line that says what failed. They say nothing more, so
-  exactly those are dropped; every other unraisable, thread exception or asyncio log is reported.
+  retrieved" (or "Task ..."): dozens of them, after the one line that says what failed. They say
+  nothing more, so exactly those are dropped, from whichever hook prints them (on a loaded
+  machine a callback can fire before the failure reaches our code, so the filter goes in first);
+  every other exception or asyncio log is reported.
   """
   if getattr(sys.unraisablehook, "_drops_closed_loop_noise", False):
     return
-  unraisable_hook, thread_hook = sys.unraisablehook, threading.excepthook
+  unraisable_hook, thread_hook, except_hook = (
+    sys.unraisablehook,
+    threading.excepthook,
+    sys.excepthook,
+  )
 
   def on_unraisable(unraisable):
     if not _is_closed_loop_noise(unraisable.exc_value):
@@ -124,8 +130,13 @@ def _drop_closed_loop_noise() -> None:
     if not _is_closed_loop_noise(args.exc_value):
       thread_hook(args)
 
+  def on_exception(kind, value, traceback):
+    if not _is_closed_loop_noise(value):
+      except_hook(kind, value, traceback)
+
   on_unraisable._drops_closed_loop_noise = True
   sys.unraisablehook, threading.excepthook = on_unraisable, on_thread_exception
+  sys.excepthook = on_exception
   python_logging.getLogger("asyncio").addFilter(
     lambda record: not record.getMessage().startswith(
       ("Future exception was never retrieved", "Task exception was never retrieved")
@@ -164,11 +175,13 @@ def restore_newest_readable(
   lists every step tried, so that a rerun fails the same way instead of starting from scratch.
   """
   failed: list[tuple[int, str]] = []
-  for step in sorted(mngr.all_steps(), reverse=True):
+  steps = sorted(mngr.all_steps(), reverse=True)
+  if steps:
+    _drop_closed_loop_noise()
+  for step in steps:
     try:
       tree = restore(mngr, step, target)
     except Exception as e:  # noqa: BLE001 -- whatever a damaged step raises, try the previous one
-      _drop_closed_loop_noise()
       failed.append((step, reason(e)))
       logging.warning(
         "Checkpoint step %d (%s) cannot be restored: %s",
@@ -228,10 +241,10 @@ def load_weights(path: epath.PathLike) -> tuple[dict[str, Any], dict[str, Any], 
       directory inside it, or a weights-only checkpoint written by `save_weights`.
   """
   root, step = _resolve(path)
+  _drop_closed_loop_noise()
   try:
     tree = _read_weights(root, step)
   except Exception as e:  # noqa: BLE001 -- a named checkpoint that cannot be read is an error
-    _drop_closed_loop_noise()
     raise ValueError(
       f"init_from={path}: checkpoint step {step} in {root} cannot be read ({reason(e)})"
     ) from e

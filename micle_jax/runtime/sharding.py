@@ -1,7 +1,7 @@
 """Data parallelism with `jax.jit` + `Mesh` + `NamedSharding` (no pmap).
 
-The mesh has a `data` axis over every device of every process, and room for a `model` axis.
-Batches are sharded along `data`; parameters and optimizer state are replicated. Under jit, the
+The mesh is one `data` axis over every device of every process. Batches are sharded along
+`data`; parameters and optimizer state are replicated (the models here fit on one device). Under jit, the
 contrastive logits are one global matmul and BatchNorm sees the global batch.
 """
 
@@ -15,22 +15,12 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
-MODEL_AXIS = "model"
 
 
-def create_mesh(devices: Sequence[jax.Device] | None = None, model_parallelism: int = 1) -> Mesh:
-  """A (data, model) mesh over `devices` (default: all devices of all processes)."""
+def create_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A `data` mesh over `devices` (default: all devices of all processes)."""
   devices = list(jax.devices() if devices is None else devices)
-  if model_parallelism < 1 or len(devices) % model_parallelism:
-    raise ValueError(
-      f"model_parallelism={model_parallelism} must divide the {len(devices)} devices"
-    )
-  grid = np.asarray(devices).reshape(len(devices) // model_parallelism, model_parallelism)
-  return Mesh(
-    grid,
-    (DATA_AXIS, MODEL_AXIS),
-    axis_types=(jax.sharding.AxisType.Auto, jax.sharding.AxisType.Auto),
-  )
+  return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:

@@ -18,7 +18,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -267,6 +267,48 @@ def _build(spec: specs.PretrainSpec, mesh: Mesh, num_classes: int) -> build.Buil
   return build.build(plan, mesh)
 
 
+class _Timed(NamedTuple):
+  state: Any
+  compiled: Any
+  times: list[float]
+  metrics: dict[str, Any]
+  lower_s: float
+  compile_s: float
+
+
+def _time_steps(step_fn, state, batch, *, steps_timed: int, warmup: int) -> _Timed:
+  """Lowers and compiles the step, runs `warmup` steps, then times `steps_timed` one by one."""
+  start = time.perf_counter()
+  lowered = step_fn.lower(state, batch)
+  lower_s = time.perf_counter() - start
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start - lower_s
+  logging.info("Step lowered in %.2f s, compiled in %.2f s", lower_s, compile_s)
+  metrics = {}
+  for _ in range(warmup):
+    state, metrics = jax.block_until_ready(compiled(state, batch))
+  times = []
+  for _ in range(steps_timed):
+    start = time.perf_counter()
+    state, metrics = jax.block_until_ready(compiled(state, batch))
+    times.append(time.perf_counter() - start)
+  return _Timed(state, compiled, times, metrics, lower_s, compile_s)
+
+
+def _profile(compiled, state, batch, log_dir: str, steps: int, mesh: Mesh):
+  """(state after the traced steps, the device-time breakdown of `benchmark_profile`)."""
+  held = {"state": state}
+
+  def one_step() -> Any:
+    held["state"], step_metrics = compiled(held["state"], batch)
+    return step_metrics
+
+  profile = benchmark_profile.profile_steps(
+    compiled, one_step, steps=steps, log_dir=log_dir, num_devices=mesh.devices.size
+  )
+  return held["state"], profile
+
+
 def benchmark_train(
   config: ml_collections.ConfigDict,
   *,
@@ -302,34 +344,13 @@ def benchmark_train(
   state, step_fn = run.state, run.step_fn
   batch = random_batch(spec, classes, mesh, seed=spec.seed)
 
-  start = time.perf_counter()
-  lowered = step_fn.lower(state, batch)
-  lower_s = time.perf_counter() - start
-  compiled = lowered.compile()
-  compile_s = time.perf_counter() - start - lower_s
-  logging.info("Step lowered in %.2f s, compiled in %.2f s", lower_s, compile_s)
-
-  for _ in range(warmup):
-    state, metrics = jax.block_until_ready(compiled(state, batch))
-  times = []
-  for _ in range(steps_timed):
-    start = time.perf_counter()
-    state, metrics = jax.block_until_ready(compiled(state, batch))
-    times.append(time.perf_counter() - start)
-  step_s = statistics.median(times)
+  timed = _time_steps(step_fn, state, batch, steps_timed=steps_timed, warmup=warmup)
+  state, compiled, times, metrics = timed.state, timed.compiled, timed.times, timed.metrics
+  lower_s, compile_s, step_s = timed.lower_s, timed.compile_s, statistics.median(timed.times)
   memory_bytes, memory_source = peak_memory(compiled)
   profile = None
   if profile_dir:
-    held = {"state": state}
-
-    def one_step() -> Any:
-      held["state"], step_metrics = compiled(held["state"], batch)
-      return step_metrics
-
-    profile = benchmark_profile.profile_steps(
-      compiled, one_step, steps=profile_steps, log_dir=profile_dir, num_devices=mesh.devices.size
-    )
-    state = held["state"]
+    state, profile = _profile(compiled, state, batch, profile_dir, profile_steps, mesh)
 
   dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
   peak = measure_peak_matmul(mesh, dtype, size=peak_matmul_size)

@@ -204,6 +204,21 @@ def list_images(
   return root, paths, cases
 
 
+def _read_view(preprocess, path: epath.Path, skip_unreadable: bool) -> np.ndarray | None:
+  """The evaluation view of the image at `path`; None (logged) when it cannot be read and
+  `skip_unreadable`, else a ValueError naming the file."""
+  try:
+    return preprocess(tf.constant(path.read_bytes())).numpy()
+  except (tf.errors.OpError, OSError) as e:
+    what = "cannot decode the image" if isinstance(e, tf.errors.OpError) else "cannot read it"
+    text = e.message if isinstance(e, tf.errors.OpError) else str(e)
+    message = " ".join(text.split("}}")[-1].split())
+    if not skip_unreadable:
+      raise ValueError(f"{path}: {what} ({message})") from e
+    logging.warning("Skipped %s: %s (%s)", path, what, message)
+    return None
+
+
 def predict_images(
   predictor: Predictor,
   root: epath.PathLike,
@@ -243,17 +258,11 @@ def predict_images(
     batch.clear()
 
   for index, path in enumerate(paths):
-    try:
-      batch.append(preprocess(tf.constant((root / path).read_bytes())).numpy())
-    except (tf.errors.OpError, OSError) as e:
-      what = "cannot decode the image" if isinstance(e, tf.errors.OpError) else "cannot read it"
-      text = e.message if isinstance(e, tf.errors.OpError) else str(e)
-      message = " ".join(text.split("}}")[-1].split())
-      if not skip_unreadable:
-        raise ValueError(f"{root / path}: {what} ({message})") from e
-      logging.warning("Skipped %s: %s (%s)", root / path, what, message)
+    image = _read_view(preprocess, root / path, skip_unreadable)
+    if image is None:
       skipped.append(path)
       continue
+    batch.append(image)
     kept.append(index)
     if len(batch) == batch_size:
       flush()

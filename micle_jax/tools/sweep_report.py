@@ -1,16 +1,26 @@
 """A sweep's results at a glance: a text table and the label-efficiency plot (from `collect` rows).
 
-The notebooks (notebooks/) draw the full figures; this is what the demo and a terminal show.
+The notebooks (notebooks/) draw the full figures; this is what the demo and a terminal show. The
+notebooks' helpers are here too: `read_results` reads the CSV that `sweep collect` writes, and
+`seed_stats` averages a group of its rows over seeds.
 """
 
 import collections
+import csv
+import io
+import math
 import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from etils import epath
 
 MAIN_METRICS = ("mean_auc", "top1")
+# The metric the notebooks show for each task: the main metric of its kind (multi-label or not).
+DEFAULT_METRIC = {"chexpert": "mean_auc", "nih": "mean_auc", "multiclass": "top1"}
+# The CSV's float columns; an empty cell (an undefined metric) is read as NaN.
+_FLOAT_COLUMNS = ("label_fraction", "value", "ci_low", "ci_high")
 
 
 def _main_rows(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -123,3 +133,52 @@ def plot_label_efficiency(rows: Sequence[Mapping[str, Any]], path: epath.PathLik
   with epath.Path(path).open("wb") as f:
     fig.savefig(f, format="png", dpi=120)
   plt.close(fig)
+
+
+def read_results(path: epath.PathLike) -> list[dict[str, Any]]:
+  """The rows of a sweep's CSV (`sweep collect --out`), numbers parsed.
+
+  Args:
+    path: the CSV, local or gs://.
+
+  Returns:
+    One dict per row, keyed by the header; `label_fraction`, `value`, `ci_low` and `ci_high` are
+    floats (NaN for an empty cell, an undefined metric), `seed` an int, the rest strings.
+
+  Raises:
+    ValueError: naming `path` when the CSV has no rows.
+  """
+  rows = list(csv.DictReader(io.StringIO(epath.Path(path).read_text())))
+  if not rows:
+    raise ValueError(f"{path} has no rows: has any run of the sweep finished?")
+  for row in rows:
+    for key in _FLOAT_COLUMNS:
+      row[key] = float(row[key]) if row[key] else math.nan
+    row["seed"] = int(row["seed"])
+  return rows
+
+
+def nan_mean(values: Sequence[float]) -> float:
+  """The mean of the defined (non-NaN) values; NaN if none is."""
+  array = np.asarray(values, dtype=float)
+  array = array[~np.isnan(array)]
+  return float(array.mean()) if array.size else math.nan
+
+
+def seed_stats(group: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """A group of `read_results` rows (one per seed) summarized.
+
+  Args:
+    group: the rows, e.g. those of one init, eval dataset, metric and label fraction.
+
+  Returns:
+    {"mean", "ci_low", "ci_high"}: the `nan_mean` over the rows of `value`, `ci_low` and `ci_high`
+    (undefined ones left out); "values": the rows' values in order; "seeds": their sorted seeds.
+  """
+  return {
+    "mean": nan_mean([r["value"] for r in group]),
+    "ci_low": nan_mean([r["ci_low"] for r in group]),
+    "ci_high": nan_mean([r["ci_high"] for r in group]),
+    "values": [r["value"] for r in group],
+    "seeds": sorted(r["seed"] for r in group),
+  }

@@ -98,6 +98,20 @@ def _check_finite(step: int, step_metrics: dict[str, Any], mngr) -> None:
     )
 
 
+def _periodic_actions(spec: specs.LoopSpec, writer, workdir, total_steps: int) -> list[Any]:
+  """clu's progress report (steps/s, ETA) and, when asked, a profile of a few steps."""
+  actions = [
+    periodic_actions.ReportProgress(
+      num_train_steps=total_steps, writer=writer, every_steps=spec.log_every_steps
+    )
+  ]
+  if spec.profile_steps > 0 and jax.process_index() == 0:
+    actions.append(
+      periodic_actions.Profile(num_profile_steps=spec.profile_steps, logdir=str(workdir))
+    )
+  return actions
+
+
 def run(
   *,
   spec: specs.LoopSpec,
@@ -120,15 +134,7 @@ def run(
   must not change the state.
   """
   start_step = int(state.step)
-  hooks = [
-    periodic_actions.ReportProgress(
-      num_train_steps=total_steps, writer=writer, every_steps=spec.log_every_steps
-    )
-  ]
-  if spec.profile_steps > 0 and jax.process_index() == 0:
-    hooks.append(
-      periodic_actions.Profile(num_profile_steps=spec.profile_steps, logdir=str(workdir))
-    )
+  hooks = _periodic_actions(spec, writer, workdir, total_steps)
   window = metrics.WindowAverages()
   last_step = total_steps
   if spec.max_steps_per_run > 0:

@@ -15,12 +15,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from micle_jax import specs
 from micle_jax.runtime import sharding
 from micle_jax.train import losses
 from micle_jax.train.train_state import TrainState
 
-# The supervised loss of a step (`data.tasks` gives each task's): none, softmax or sigmoid.
-LABEL_LOSSES = ("none", "multiclass", "multilabel")
+LABEL_LOSSES = specs.LABEL_LOSSES  # the supervised loss (`data.tasks` gives each task's)
 
 
 def interleave_views(view1: jnp.ndarray, view2: jnp.ndarray) -> jnp.ndarray:
