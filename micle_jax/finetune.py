@@ -29,7 +29,7 @@ from micle_jax import app, specs
 from micle_jax.data import finetune_input, input_pipeline, tasks
 from micle_jax.eval import eval_metrics, evaluation
 from micle_jax.runtime import checkpoint, run_files, sharding
-from micle_jax.train import build, loop, steps
+from micle_jax.train import build, loop, steps, train_state
 
 RESULTS_FILE = "results.json"
 TRAIN_PATIENTS_FILE = "train_patients.json"
@@ -286,7 +286,15 @@ def _scalars(prefix: str, result: dict[str, Any]) -> dict[str, float]:
   }
 
 
-def predict(spec, state, mesh, info, split: str, label_fn, names) -> evaluation.Predictions:
+def predict(
+  spec: specs.FinetuneSpec,
+  state: train_state.TrainState,
+  mesh: jax.sharding.Mesh,
+  info: input_pipeline.DatasetInfo,
+  split: str,
+  label_fn: tasks.LabelFn,
+  names: tuple[str, ...],
+) -> evaluation.Predictions:
   """Probabilities, labels and ids of every (view-filtered) example of `split`, on every process."""
   label_loss = tasks.get(spec.labels.task).loss
   predict_fn = steps.compile_predict_step(mesh, label_loss=label_loss)
@@ -311,7 +319,14 @@ def predict(spec, state, mesh, info, split: str, label_fn, names) -> evaluation.
   return evaluation.Predictions(task=label_loss, names=tuple(names), **out)
 
 
-def evaluate(spec, state, mesh, workdir, target: EvalTarget, names) -> dict[str, Any]:
+def evaluate(
+  spec: specs.FinetuneSpec,
+  state: train_state.TrainState,
+  mesh: jax.sharding.Mesh,
+  workdir: epath.Path,
+  target: EvalTarget,
+  names: tuple[str, ...],
+) -> dict[str, Any]:
   """Predicts `target`, saves the predictions, and scores them with bootstrap CIs over units."""
   info = input_pipeline.open_dataset(
     target.name,

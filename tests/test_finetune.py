@@ -230,9 +230,7 @@ def test_label_fractions_are_nested_leak_free_and_counted_on_the_whole_split(
     # Every process reads the whole split, so all agree whatever their index.
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(jax, "process_index", lambda: process_index)
-    return finetune_input.label_fraction_ids(
-      info, label_fn=label_fn, fraction=fraction, seed=0
-    )
+    return finetune_input.label_fraction_ids(info, label_fn=label_fn, fraction=fraction, seed=0)
 
   quarter, half = subset(0.25), subset(0.5)
   assert subset(0.5, process_index=1) == half

@@ -85,8 +85,31 @@ def save(
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, target: dict[str, Any]) -> dict[str, Any]:
-  """Restores `step` into the structure, shapes and shardings of `target` (abstract or concrete)."""
+  """Restores `step` into the structure, shapes and shardings of `target` (abstract or concrete).
+
+  A training-state checkpoint written before the state lost its unused `rng` holds that one array
+  more; it is read and dropped, so runs started before the change resume.
+  """
   abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+  try:
+    return _restore(mngr, step, abstract)
+  except Exception:
+    if set(abstract) != {"step", "params", "batch_stats", "opt_state"}:
+      raise
+    sharding = getattr(abstract["step"], "sharding", None)
+    legacy = dict(abstract, rng=jax.ShapeDtypeStruct((2,), np.uint32, sharding=sharding))
+    try:
+      restored = _restore(mngr, step, legacy)
+    except Exception:  # noqa: BLE001 -- not the older layout: report the first failure
+      pass
+    else:
+      logging.info("Step %d holds the training state's former rng; it is not needed, dropped", step)
+      restored.pop("rng")
+      return restored
+    raise
+
+
+def _restore(mngr: ocp.CheckpointManager, step: int, abstract: dict[str, Any]) -> dict[str, Any]:
   restored = mngr.restore(
     step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract)})
   )

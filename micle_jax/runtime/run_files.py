@@ -28,6 +28,18 @@ RUNTIME_KEYS = (
   "profile_steps",
 )
 LENGTH_KEYS = ("num_steps", "num_epochs")
+# Keys that moved since workdirs were first written: such a config.json still describes its run.
+# (Fine-tuning's top-level `task` joined the `labels` section that pretraining already had.)
+MOVED_KEYS = {"task": ("labels", "task")}
+
+
+def upgrade(stored: Mapping[str, Any]) -> dict[str, Any]:
+  """A stored config with its moved keys (`MOVED_KEYS`) where the current schema has them."""
+  out = json.loads(json.dumps(stored))
+  for old, (section, key) in MOVED_KEYS.items():
+    if old in out and isinstance(out.get(section), dict) and key not in out[section]:
+      out[section][key] = out.pop(old)
+  return out
 
 
 def flatten(
@@ -89,7 +101,7 @@ def check_reusable(
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     return
-  stored = json.loads(path.read_text())
+  stored = upgrade(json.loads(path.read_text()))
   current = config_dict(config)
   length = LENGTH_KEYS if allow_length_change else ()
   differing = config_differences(stored, current, may_differ=length)

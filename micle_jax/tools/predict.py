@@ -48,7 +48,7 @@ from micle_jax import app, finetune, specs
 from micle_jax.data import augment_presets, tasks
 from micle_jax.eval import eval_metrics
 from micle_jax.models import resnet
-from micle_jax.runtime import checkpoint, sharding
+from micle_jax.runtime import checkpoint, run_files, sharding
 from micle_jax.train import steps, train_state
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -96,7 +96,7 @@ def load_predictor(workdir: epath.PathLike) -> Predictor:
     ValueError: when results.json has no labels or the checkpoint does not fit the config.
   """
   workdir = epath.Path(workdir)
-  config = ml_collections.ConfigDict(_read_json(workdir / CONFIG_FILE))
+  config = ml_collections.ConfigDict(run_files.upgrade(_read_json(workdir / CONFIG_FILE)))
   results_path = workdir / finetune.RESULTS_FILE
   labels = tuple(_read_json(results_path).get("labels") or ())
   if not labels:

@@ -15,7 +15,9 @@ from data_builders import synthetic
 from data_builders.common import DataError
 from data_builders.nih_cxr14 import labels, nih_cxr14
 
-DUMMY_DATA = epath.Path(__file__).resolve().parents[2] / "data_builders" / "nih_cxr14" / "dummy_data"
+DUMMY_DATA = (
+  epath.Path(__file__).resolve().parents[2] / "data_builders" / "nih_cxr14" / "dummy_data"
+)
 V2020 = "Data_Entry_2017_v2020.csv"
 
 

@@ -99,3 +99,26 @@ def test_a_requested_projection_head_must_match():
 
 def jax_tree_map(fn, tree):
   return {k: jax_tree_map(fn, v) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
+
+
+def test_a_state_checkpoint_with_the_former_rng_restores_without_it(tmp_path):
+  """Workdirs written while the training state still carried an (unused) rng resume."""
+  tree = {
+    "step": np.asarray(4, np.int32),
+    "params": {"w": np.arange(3, dtype=np.float32)},
+    "batch_stats": {"mean": np.ones(2, np.float32)},
+    "opt_state": {"trace": np.full(3, 0.5, np.float32)},
+  }
+  mngr = checkpoint.manager(tmp_path, max_to_keep=2, async_save=False)
+  checkpoint.save(mngr, 4, {**tree, "rng": np.zeros(2, np.uint32)}, force=True)
+  mngr.wait_until_finished()
+  step, restored = checkpoint.restore_newest_readable(mngr, tree)
+  assert step == 4 and set(restored) == set(tree)
+  for key in ("params", "batch_stats", "opt_state"):
+    for name, value in tree[key].items():
+      np.testing.assert_array_equal(restored[key][name], value)
+  # A newer checkpoint that lacks an array of the state is still refused and set aside.
+  checkpoint.save(mngr, 6, {k: v for k, v in tree.items() if k != "opt_state"}, force=True)
+  mngr.wait_until_finished()
+  step, _ = checkpoint.restore_newest_readable(mngr, tree)
+  assert step == 4 and (tmp_path / "checkpoints" / "6.damaged").exists()
