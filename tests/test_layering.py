@@ -16,7 +16,7 @@ PACKAGE = REPO / "micle_jax"
 
 DRIVERS = {"main", "pretrain", "finetune", "app"}
 # Command paths kept for the README's commands; each only runs its tool.
-ALIASES = {"benchmark", "convert_simclr", "sweep", "predict", "study"}
+ALIASES = {"benchmark", "convert_simclr", "sweep", "predict", "study", "export_torch"}
 # What each part of the package may import from the package (besides itself).
 ALLOWED = {
   "specs": set(),
