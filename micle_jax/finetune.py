@@ -31,7 +31,7 @@ from micle_jax.eval import eval_metrics, evaluation
 from micle_jax.runtime import checkpoint, run_files, sharding
 from micle_jax.train import build, loop, steps, train_state
 
-RESULTS_FILE = "results.json"
+RESULTS_FILE = run_files.RESULTS_FILE
 TRAIN_PATIENTS_FILE = "train_patients.json"
 INIT_FILE = "init.json"
 
@@ -133,21 +133,17 @@ def training_data(spec: specs.FinetuneSpec) -> TrainingData:
   return TrainingData(info, names, label_fn, subset, examples, local_examples)
 
 
-def plan(spec: specs.FinetuneSpec, data: TrainingData) -> build.Plan:
-  """What `build` makes of a fine-tuning spec.
-
-  Steps per epoch for the schedule and the step count come from the whole subset, so that every
-  process runs the same number of steps; each process's shard holds a different number of the
-  subset's images, so its own stream of batches has its own epoch length.
-  """
-  per_epoch = data.subset.num_examples // spec.batch_size
+def plan(
+  spec: specs.FinetuneSpec, *, num_classes: int, total_steps: int, steps_per_epoch: float
+) -> build.Plan:
+  """What `build` makes of a fine-tuning spec, with a head of `num_classes` outputs."""
   return build.Plan(
     kind="finetune",
-    model=model_spec(spec, len(data.names)),
+    model=model_spec(spec, num_classes),
     optimizer=spec.optimizer,
     batch_size=spec.batch_size,
-    total_steps=spec.num_steps if spec.num_steps > 0 else spec.num_epochs * per_epoch,
-    steps_per_epoch=per_epoch,
+    total_steps=total_steps,
+    steps_per_epoch=steps_per_epoch,
     image_size=spec.augment.image_size,
     seed=spec.seed,
     label_loss=tasks.get(spec.labels.task).loss,
@@ -163,7 +159,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   sharding.check_batch_size(spec.batch_size, mesh, key="config.batch_size")
   sharding.check_batch_size(spec.eval_batch_size, mesh, key="config.eval_batch_size")
   data = training_data(spec)
-  run_plan = plan(spec, data)
+  # Steps per epoch for the schedule and the step count come from the whole subset, so that every
+  # process runs the same number of steps; each process's shard holds a different number of the
+  # subset's images, so its own stream of batches has its own epoch length.
+  per_epoch = data.subset.num_examples // spec.batch_size
+  total_steps = spec.num_steps if spec.num_steps > 0 else spec.num_epochs * per_epoch
+  run_plan = plan(
+    spec, num_classes=len(data.names), total_steps=total_steps, steps_per_epoch=per_epoch
+  )
   logging.info(
     "Fine-tuning on %d images (views: %s) of %d/%d patients (fraction %.2f); %d steps",
     data.subset.num_examples,
@@ -184,7 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     run_files.write_config(workdir, config)
     # The exact training patients, for auditing leakage and nesting across label fractions.
     run_files.write_json(workdir / TRAIN_PATIENTS_FILE, sorted(data.subset.patients))
-  state = _train(spec, data, run, state, mngr, writer, workdir, mesh)
+  state = _train(spec, data, run, state, mngr, writer, workdir, mesh, total_steps)
   results = _results(spec, data, state, init, workdir)
   for target in eval_targets(spec):
     results["eval"][target.key] = evaluate(spec, state, mesh, workdir, target, data.names)
@@ -195,7 +198,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return results
 
 
-def _train(spec, data: TrainingData, run: build.Built, state, mngr, writer, workdir, mesh):
+def _train(
+  spec, data: TrainingData, run: build.Built, state, mngr, writer, workdir, mesh, total_steps
+):
   """Trains from `state` to the plan's last step; returns the final state."""
   local_batch = sharding.local_batch_size(spec.batch_size)
   train_fn = finetune_input.make_train_fn(
@@ -223,7 +228,7 @@ def _train(spec, data: TrainingData, run: build.Built, state, mngr, writer, work
     step_fn=run.step_fn,
     batches=batches.as_numpy_iterator(),
     mesh=mesh,
-    total_steps=plan(spec, data).total_steps,
+    total_steps=total_steps,
   )
   mngr.wait_until_finished()
   mngr.close()

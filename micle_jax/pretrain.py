@@ -83,15 +83,17 @@ def _summary(spec: specs.PretrainSpec, budget: Budget, step: int, init: loop.Ini
   }
 
 
-def plan(spec: specs.PretrainSpec, budget: Budget) -> build.Plan:
-  """What `build` makes of a pretraining spec: the monitor head sized by the dataset's labels."""
+def plan(
+  spec: specs.PretrainSpec, *, num_classes: int, total_steps: int, steps_per_epoch: float
+) -> build.Plan:
+  """What `build` makes of a pretraining spec, with a monitor head of `num_classes` outputs."""
   return build.Plan(
     kind="pretrain",
-    model=dataclasses.replace(spec.model, num_classes=budget.info.num_classes),
+    model=dataclasses.replace(spec.model, num_classes=num_classes),
     optimizer=spec.optimizer,
     batch_size=spec.batch_size,
-    total_steps=budget.total_steps,
-    steps_per_epoch=budget.steps_per_epoch,
+    total_steps=total_steps,
+    steps_per_epoch=steps_per_epoch,
     image_size=spec.augment.image_size,
     seed=spec.seed,
     label_loss=tasks.get(spec.labels.task).loss,
@@ -110,7 +112,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   mngr = checkpoint.manager(workdir, max_to_keep=spec.loop.keep_checkpoints)
   if mngr.latest_step() is not None:
     run_files.check_reusable(workdir, config, what="resume", allow_length_change=True)
-  run = build.build(plan(spec, budget), mesh)
+  run_plan = plan(
+    spec,
+    num_classes=budget.info.num_classes,
+    total_steps=budget.total_steps,
+    steps_per_epoch=budget.steps_per_epoch,
+  )
+  run = build.build(run_plan, mesh)
   rule = checkpoint.pretrain_init_rule(spec.init_projection_head)
   state, init = loop.resume_or_initialize(run.state, mngr, spec.init_from, mesh, rule=rule)
   start_step = int(state.step)

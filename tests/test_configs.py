@@ -5,15 +5,12 @@ mistakes (a mask that does not fit the parameters, a head that does not fit the 
 in seconds for paper-sized models too.
 """
 
-import dataclasses
-
 import jax
 import optax
 import pytest
 
 from configs import cxr, derm, finetune_cxr, finetune_derm, imagenet
-from micle_jax import finetune, specs
-from micle_jax.data import tasks
+from micle_jax import finetune, pretrain, specs
 from micle_jax.models import resnet
 from micle_jax.tools import benchmark_train
 from micle_jax.train import build, train_state
@@ -42,17 +39,8 @@ def _traced_optimizer_state(model, tx, image_size: int):
 )
 def test_pretraining_variants_build(module, arg):
   spec = specs.from_config(specs.PretrainSpec, module.get_config(arg))
-  plan = build.Plan(
-    kind="pretrain",
-    model=dataclasses.replace(spec.model, num_classes=benchmark_train.monitor_classes(spec)),
-    optimizer=spec.optimizer,
-    batch_size=spec.batch_size,
-    total_steps=100,
-    steps_per_epoch=10,
-    image_size=spec.augment.image_size,
-    seed=spec.seed,
-    label_loss=tasks.get(spec.labels.task).loss,
-  )
+  classes = benchmark_train.monitor_classes(spec)
+  plan = pretrain.plan(spec, num_classes=classes, total_steps=100, steps_per_epoch=10)
   _check_traces(plan)
 
 
@@ -78,16 +66,5 @@ def _check_traces(plan: build.Plan) -> None:
 )
 def test_finetuning_variants_build(module, arg):
   spec = finetune.validate(module.get_config(arg))
-  plan = build.Plan(
-    kind="finetune",
-    model=finetune.model_spec(spec, _NUM_CLASSES),
-    optimizer=spec.optimizer,
-    batch_size=spec.batch_size,
-    total_steps=100,
-    steps_per_epoch=10,
-    image_size=spec.augment.image_size,
-    seed=spec.seed,
-    label_loss=tasks.get(spec.labels.task).loss,
-    linear=spec.mode == "linear",
-  )
+  plan = finetune.plan(spec, num_classes=_NUM_CLASSES, total_steps=100, steps_per_epoch=10)
   _check_traces(plan)

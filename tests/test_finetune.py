@@ -54,22 +54,9 @@ def _config(cxr_dir, nih_dir, **overrides):
   return c
 
 
-def _plan(config, **overrides) -> build.Plan:
+def _plan(config) -> build.Plan:
   """The build plan of a fine-tuning config (5 labels, a short schedule)."""
-  spec = finetune.validate(config)
-  fields = dict(
-    kind="finetune",
-    model=finetune.model_spec(spec, 5),
-    optimizer=spec.optimizer,
-    batch_size=spec.batch_size,
-    total_steps=10,
-    steps_per_epoch=5,
-    image_size=spec.augment.image_size,
-    seed=spec.seed,
-    label_loss="multilabel",
-    linear=spec.mode == "linear",
-  )
-  return build.Plan(**{**fields, **overrides})
+  return finetune.plan(finetune.validate(config), num_classes=5, total_steps=10, steps_per_epoch=5)
 
 
 @pytest.fixture(scope="module")

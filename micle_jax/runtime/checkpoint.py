@@ -35,7 +35,7 @@ class UnreadableCheckpointError(RuntimeError):
   """No checkpoint of a workdir could be restored; the message lists each step tried and why."""
 
 
-def _absolute(path: epath.PathLike) -> epath.Path:
+def absolute(path: epath.PathLike) -> epath.Path:
   """Orbax needs absolute paths; relative local workdirs are resolved against the cwd."""
   path = epath.Path(path)
   return path if path.is_absolute() else epath.Path(path.absolute())
@@ -61,7 +61,7 @@ def manager(
     cleanup_tmp_directories=not read_only,
   )
   return ocp.CheckpointManager(
-    _absolute(workdir) / CHECKPOINT_DIR, options=options, item_names=(STATE_ITEM,)
+    absolute(workdir) / CHECKPOINT_DIR, options=options, item_names=(STATE_ITEM,)
   )
 
 
@@ -235,7 +235,7 @@ def save_weights(directory: epath.PathLike, params: Any, batch_stats: Any, step:
 
 def _resolve(path: epath.PathLike) -> tuple[epath.Path, int]:
   """Finds (CheckpointManager root, step) for a workdir, a checkpoints dir or a step dir."""
-  path = _absolute(path)
+  path = absolute(path)
   if not path.exists():
     raise FileNotFoundError(f"init_from={path}: no such file or directory")
   for root in (path / CHECKPOINT_DIR, path):

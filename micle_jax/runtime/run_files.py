@@ -19,6 +19,8 @@ from absl import logging
 from etils import epath
 
 CONFIG_FILE = "config.json"
+RESULTS_FILE = "results.json"  # a fine-tuning run's metrics, labels and what it started from
+CONVERSION_FILE = "conversion.json"  # a converted SimCLRv2 checkpoint: what was found, `model`
 PRETRAINING_FILE = "pretraining.json"  # a pretraining run's budget: steps, pairs and views seen
 RUNTIME_KEYS = (
   "log_every_steps",

@@ -10,7 +10,6 @@ chain of square matmuls on every device at once (float32, or bfloat16 when the m
 bfloat16). The same code runs on CPU, GPU and TPU.
 """
 
-import dataclasses
 import functools
 import math
 import resource
@@ -28,7 +27,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from micle_jax import specs
+from micle_jax import pretrain, specs
 from micle_jax.data import tasks
 from micle_jax.models import resnet
 from micle_jax.runtime import sharding
@@ -252,17 +251,11 @@ def measure_peak_matmul(
 def _build(spec: specs.PretrainSpec, mesh: Mesh, num_classes: int) -> build.Built:
   """The pretraining run of `spec` as `pretrain.train_and_evaluate` builds it (`train.build`)."""
   epochs = spec.num_epochs if spec.num_epochs > 0 else 1
-  plan = build.Plan(
-    kind="pretrain",
-    model=dataclasses.replace(spec.model, num_classes=num_classes),
-    optimizer=spec.optimizer,
-    batch_size=spec.batch_size,
+  plan = pretrain.plan(
+    spec,
+    num_classes=num_classes,
     total_steps=_SCHEDULE_STEPS,
     steps_per_epoch=_SCHEDULE_STEPS / epochs,
-    image_size=spec.augment.image_size,
-    seed=spec.seed,
-    label_loss=tasks.get(spec.labels.task).loss,
-    temperature=spec.temperature,
   )
   return build.build(plan, mesh)
 

@@ -37,6 +37,7 @@ from tensorflow.core.protobuf import trackable_object_graph_pb2
 from micle_jax import app, specs
 from micle_jax.models import resnet
 from micle_jax.runtime import checkpoint as checkpoint_lib
+from micle_jax.runtime import run_files
 from micle_jax.tools import simclr_tf_names as names
 
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
@@ -375,7 +376,7 @@ def convert(
   tree = traverse_util.unflatten_dict(flat)
   checkpoint_lib.save_weights(out_dir, tree["params"], tree.get("batch_stats", {}))
   report = _report(source, arch, checkpoint, variables, len(flat))
-  (out_dir / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
+  (out_dir / run_files.CONVERSION_FILE).write_text(json.dumps(report, indent=2) + "\n")
   logging.info("Wrote %s: %s", out_dir, json.dumps(report["model"]))
   return report
 

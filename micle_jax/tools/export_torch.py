@@ -22,7 +22,6 @@ to load the backbone into torchvision.
 import dataclasses
 import json
 import os
-import re
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -39,13 +38,13 @@ from micle_jax import app, specs
 from micle_jax.models import resnet
 from micle_jax.runtime import checkpoint as checkpoint_lib
 from micle_jax.runtime import run_files
+from micle_jax.tools import torch_names
+from micle_jax.tools.torch_names import ExportError
 
 # As in micle_jax.tools.torch_resnet, which this module does not import (exporting needs no torch).
 EXPORT_FORMAT = "micle_jax.export_torch/1"
 METADATA_KEY = "micle_jax_export"
 TORCHVISION_DEPTHS = (18, 34, 50, 101, 152)
-CONVERSION_FILE = "conversion.json"
-RESULTS_FILE = "results.json"  # finetune.RESULTS_FILE
 SUFFIX = ".safetensors"
 INPUT_CONVENTION = {
   "layout": "NCHW",
@@ -57,11 +56,6 @@ INPUT_CONVENTION = {
   "note": "No mean/std normalisation (as in SimCLR). The Flax model takes NHWC: "
   "x_torch = x_nhwc.permute(0, 3, 1, 2).",
 }
-Path = tuple[str, ...]
-
-
-class ExportError(ValueError):
-  """A checkpoint that cannot be exported; the message names the file at fault."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,11 +81,6 @@ class Source:
   task: str | None
   image_size: int | None
   preset: str | None = None
-
-
-def _absolute(path: epath.PathLike) -> epath.Path:
-  path = epath.Path(path)
-  return path if path.is_absolute() else epath.Path(path.absolute())
 
 
 def _run_dir(path: epath.Path) -> epath.Path:
@@ -131,29 +120,28 @@ def locate(checkpoint: epath.PathLike) -> Source:
     ExportError: the file that should describe the architecture does not (no `model`
       section, a depth outside specs.DEPTHS, an unknown key).
   """
-  path = _absolute(checkpoint)
+  path = checkpoint_lib.absolute(checkpoint)
   if not path.exists():
     raise FileNotFoundError(f"--checkpoint={path}: no such file or directory")
   run_dir = _run_dir(path)
-  conversion, config_path = run_dir / CONVERSION_FILE, run_dir / run_files.CONFIG_FILE
+  conversion, config_path = run_dir / run_files.CONVERSION_FILE, run_dir / run_files.CONFIG_FILE
   if conversion.exists():
     report = _read_json(conversion)
     spec = _model_spec(report.get("model"), conversion)
     return Source(path, "simclr_conversion", conversion, spec, None, None, 224)
   if not config_path.exists():
     raise FileNotFoundError(
-      f"--checkpoint={path}: no {run_files.CONFIG_FILE} or {CONVERSION_FILE} in {run_dir}, so "
+      f"--checkpoint={path}: no {run_files.CONFIG_FILE} or {run_files.CONVERSION_FILE} in {run_dir}, so "
       "the architecture is unknown (pass a workdir, its checkpoints/ or a step in it, or a "
       "convert_simclr output)"
     )
-  config = _read_json(config_path)
+  config = run_files.upgrade(_read_json(config_path))
   spec = _model_spec(config.get("model"), config_path)
-  results_path = run_dir / RESULTS_FILE
+  results_path = run_dir / run_files.RESULTS_FILE
   results = _read_json(results_path) if results_path.exists() else {}
   finetune = results_path.exists() or "mode" in config
   labels = results.get("labels")
-  # Older fine-tuning configs held the task at the top level, not in `labels`.
-  task = results.get("task") or (config.get("labels") or {}).get("task") or config.get("task")
+  task = results.get("task") or (config.get("labels") or {}).get("task")
   augment = config.get("augment") or {}
   kind = "finetune" if finetune else "pretrain"
   labels = list(labels) if labels else None
@@ -212,88 +200,6 @@ def check_weights(
   if problems:
     shown = problems[:20] + ([f"  ... and {len(problems) - 20} more"] if len(problems) > 20 else [])
     raise ExportError(f"{where} ({len(problems)} mismatched leaves):\n" + "\n".join(shown))
-
-
-def _stem_name(kind: str, index: int, resnet_d: bool) -> str:
-  """Flax stem layer -> torch name (ResNet-D: timm's conv1.{0,1,3,4,6} + bn1)."""
-  if not resnet_d:
-    return "conv1" if kind == "conv" else "bn1"
-  if kind == "conv":
-    return f"conv1.{3 * index}"
-  return "bn1" if index == 2 else f"conv1.{3 * index + 1}"
-
-
-def torch_module_name(path: Path, spec: specs.ModelSpec) -> str:
-  """The torch module name of a Flax module path (`('backbone', 'stem_conv_0')` -> `conv1`).
-
-  Raises:
-    ExportError: for a path that is not part of the SimCLR ResNet.
-  """
-  resnet_d = spec.sk_ratio > 0
-  head, rest = path[0], path[1:]
-  if head == "head_supervised" and not rest:
-    return supervised_head_name(spec)
-  if head == "projection_head" and len(rest) == 1:
-    match = re.fullmatch(r"(dense|bn)_(\d+)", rest[0])
-    if match:
-      return f"projection_head.{match[2]}.{'linear' if match[1] == 'dense' else 'bn'}"
-  if head == "backbone" and rest:
-    stem = re.fullmatch(r"stem_(conv|bn)_(\d)", rest[0])
-    if stem and len(rest) == 1:
-      return _stem_name(stem[1], int(stem[2]), resnet_d and spec.stem == "imagenet")
-    block = re.fullmatch(r"block_group_(\d)_block_(\d+)", rest[0])
-    if block and len(rest) >= 2:
-      prefix, layer = f"layer{int(block[1]) + 1}.{block[2]}", rest[1:]
-      if layer[0] == "shortcut" and len(layer) == 2 and layer[1] in ("conv", "bn"):
-        return f"{prefix}.downsample.{(layer[1] == 'bn') + resnet_d}"
-      if layer[0] == "sk" and len(layer) == 2:
-        return f"{prefix}.sk.{layer[1]}"
-      main = re.fullmatch(r"(conv|bn)_(\d)", layer[0])
-      if main and len(layer) == 1:
-        return f"{prefix}.{main[1]}{int(main[2]) + 1}"
-  raise ExportError(f"{'/'.join(path)}: not a layer of the SimCLR ResNet")
-
-
-def torch_state_dict(
-  params: Mapping[str, Any], batch_stats: Mapping[str, Any], spec: specs.ModelSpec
-) -> dict[str, np.ndarray]:
-  """The state_dict of `torch_resnet.SimCLRResNet` (NumPy arrays) from Flax's trees.
-
-  Conv kernels HWIO -> OIHW, dense kernels [in, out] -> [out, in]; BatchNorm scale/bias/mean/var
-  -> weight/bias/running_mean/running_var, plus `num_batches_tracked` = 0 (as in a fresh torch
-  model: it only matters for momentum=None).
-  """
-  flat_params = traverse_util.flatten_dict(params)
-  flat_stats = traverse_util.flatten_dict(batch_stats)
-  modules: dict[Path, dict[str, Any]] = {}
-  for tree in (flat_params, flat_stats):
-    for path, value in tree.items():
-      modules.setdefault(path[:-1], {})[path[-1]] = np.asarray(value, np.float32)
-  out: dict[str, np.ndarray] = {}
-  for path, leaves in sorted(modules.items()):
-    name = torch_module_name(path, spec)
-    kernel = leaves.pop("kernel", None)
-    if kernel is not None and kernel.ndim == 4:
-      out[f"{name}.weight"] = kernel.transpose(3, 2, 0, 1)
-    elif kernel is not None and kernel.ndim == 2:
-      out[f"{name}.weight"] = kernel.T
-      if "bias" in leaves:
-        out[f"{name}.bias"] = leaves.pop("bias")
-    elif {"scale", "mean", "var"} <= set(leaves):
-      out[f"{name}.weight"] = leaves.pop("scale")
-      if "bias" in leaves:
-        out[f"{name}.bias"] = leaves.pop("bias")
-      out[f"{name}.running_mean"] = leaves.pop("mean")
-      out[f"{name}.running_var"] = leaves.pop("var")
-      out[f"{name}.num_batches_tracked"] = np.zeros((), np.int64)
-    if leaves or (kernel is None and f"{name}.weight" not in out):
-      raise ExportError(f"{'/'.join(path)}: unexpected leaves {sorted(leaves)} for {name}")
-  return {k: np.asarray(v, order="C") for k, v in out.items()}
-
-
-def supervised_head_name(spec: specs.ModelSpec) -> str:
-  """`fc` for a head on the backbone features, `head_supervised` for one on a projection layer."""
-  return "fc" if spec.supervised_input_layer == 0 else "head_supervised"
 
 
 def architecture(spec: specs.ModelSpec) -> dict[str, Any]:
@@ -370,7 +276,7 @@ def sidecar(
     "input": {**INPUT_CONVENTION, "image_size": source.image_size, "preset": source.preset},
     "state_dict": {
       "num_tensors": num_tensors,
-      "supervised_head": supervised_head_name(spec) if spec.num_classes else None,
+      "supervised_head": torch_names.supervised_head_name(spec) if spec.num_classes else None,
       "projection_head": "projection_head.{j}.linear, .bn"
       if arch["projection_layers_built"]
       else None,
@@ -401,7 +307,7 @@ def export(
     ExportError: an unknown architecture, or weights that do not fit it (naming the file).
   """
   source = locate(checkpoint)
-  out = _absolute(out)
+  out = checkpoint_lib.absolute(out)
   if out.suffix != SUFFIX:
     raise ExportError(f"--out={out}: the weights file must end in {SUFFIX}")
   json_path = out.with_suffix(".json")
@@ -422,7 +328,7 @@ def export(
     f"--checkpoint={source.checkpoint} (step {step}) does not fit the architecture in "
     f"{source.arch_file}",
   )
-  tensors = torch_state_dict(params, batch_stats, spec)
+  tensors = torch_names.torch_state_dict(params, batch_stats, spec)
   info = sidecar(source, spec, step, out, len(tensors))
   out.parent.mkdir(parents=True, exist_ok=True)
   json_path.write_text(json.dumps(info, indent=2) + "\n")

@@ -27,10 +27,10 @@ def test_cloud_workdirs_are_kept_as_uris(tmp_path, monkeypatch):
   # workdir must reach Orbax (tensorstore's GCS driver) unchanged.
   monkeypatch.chdir(tmp_path)
   for uri in ("gs://bucket/runs/cxr", "gs://bucket/runs/cxr/"):
-    path = checkpoint._absolute(uri)
+    path = checkpoint.absolute(uri)
     assert str(path).rstrip("/") == "gs://bucket/runs/cxr"
     assert str(path / checkpoint.CHECKPOINT_DIR) == "gs://bucket/runs/cxr/checkpoints"
-  assert str(checkpoint._absolute("runs/cxr")) == str(tmp_path / "runs/cxr")
+  assert str(checkpoint.absolute("runs/cxr")) == str(tmp_path / "runs/cxr")
 
 
 def test_missing_checkpoint_names_the_path(tmp_path):

@@ -29,6 +29,7 @@ from micle_jax import specs  # noqa: E402
 from micle_jax.models import layers, resnet  # noqa: E402
 from micle_jax.runtime import checkpoint, run_files  # noqa: E402
 from micle_jax.tools import export_torch as et  # noqa: E402
+from micle_jax.tools import torch_names  # noqa: E402
 from micle_jax.tools import torch_resnet as tr  # noqa: E402
 
 SK = 0.0625
@@ -93,7 +94,7 @@ def assert_outputs_match(torch_out: dict, flax_out: dict) -> None:
 
 def torch_model(spec: specs.ModelSpec, variables: dict) -> tr.SimCLRResNet:
   """The exported state_dict loaded with strict=True into the module the sidecar describes."""
-  tensors = et.torch_state_dict(variables["params"], variables["batch_stats"], spec)
+  tensors = torch_names.torch_state_dict(variables["params"], variables["batch_stats"], spec)
   model = tr.SimCLRResNet(tr.Architecture.from_dict(et.architecture(spec)))
   assert sorted(tensors) == sorted(model.state_dict())
   model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()}, strict=True)
@@ -300,7 +301,7 @@ def width_one(request):
   """A width-1 ImageNet-stem model without SK: its spec, random variables, export, Flax outputs."""
   spec = specs.ModelSpec(depth=request.param, **HEADS)
   variables = random_variables(spec, seed=request.param)
-  tensors = et.torch_state_dict(variables["params"], variables["batch_stats"], spec)
+  tensors = torch_names.torch_state_dict(variables["params"], variables["batch_stats"], spec)
   x = images(72, seed=1)  # max-pool input 36: even, where torchvision's padding differs
   return (
     spec,
@@ -418,7 +419,7 @@ def finetune_workdir(tmp_path_factory):
     "labels": {"task": "chexpert"},
   }
   run_files.write_json(workdir / run_files.CONFIG_FILE, config)
-  run_files.write_json(workdir / et.RESULTS_FILE, {"labels": LABELS, "task": "chexpert"})
+  run_files.write_json(workdir / run_files.RESULTS_FILE, {"labels": LABELS, "task": "chexpert"})
   return workdir, spec, variables
 
 
