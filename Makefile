@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo demo-data derm-data lint clean
+.PHONY: venv test demo demo-data derm-data lint clean torchvision-env
 
 venv: $(STAMP)
 
@@ -21,6 +21,17 @@ $(STAMP): requirements.txt requirements-test.txt requirements-notebooks.txt setu
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist=loadfile -q
+
+# Real torchvision in a venv of its own, for the export's test against it (the test skips without
+# it; .ci/run builds it). See requirements-torchvision.txt for why it is separate.
+TV_VENV := .venv-torchvision
+torchvision-env: $(TV_VENV)/.installed
+
+$(TV_VENV)/.installed: requirements-torchvision.txt
+	test -x $(TV_VENV)/bin/python || $(PYTHON) -m venv $(TV_VENV)
+	$(TV_VENV)/bin/python -m pip install -q -r requirements-torchvision.txt
+	$(TV_VENV)/bin/python -m pip check
+	touch $@
 
 DATA := data
 
@@ -45,4 +56,4 @@ lint: $(STAMP)
 	shellcheck launch/*.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(TV_VENV) .pytest_cache

@@ -12,6 +12,8 @@ import ast
 import dataclasses
 import functools
 import json
+import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -182,8 +184,9 @@ def test_padding_rules_match_flax(side):
 
 # --- torchvision -----------------------------------------------------------------------------
 # torchvision's ResNet (torchvision/models/resnet.py, v1.5: the bottleneck's stride on its 3×3
-# conv), written out here with its module names because torchvision cannot be installed beside
-# torch 2.13.0 on this machine; `test_real_torchvision` runs the same checks where it can.
+# conv), written out here with its module names: torchvision cannot be installed beside torch
+# 2.13.0 in the main venv, so these checks run in every `make test`, and
+# `test_real_torchvision_loads_an_export` repeats them with real torchvision in its own venv.
 
 
 class _TVBasicBlock(nn.Module):
@@ -359,11 +362,62 @@ def test_torchvision_style_resnet_loads_the_backbone(width_one):
   _check_torchvision(functools.partial(_tv_resnet, spec.depth), width_one)
 
 
-def test_real_torchvision(width_one):
-  models = pytest.importorskip("torchvision.models")
-  spec = width_one[0]
-  fn = getattr(models, f"resnet{spec.depth}")
-  _check_torchvision(lambda num_classes: fn(weights=None, num_classes=num_classes), width_one)
+REPO = pathlib.Path(__file__).resolve().parents[2]
+TORCHVISION_PYTHON = REPO / ".venv-torchvision" / "bin" / "python"
+
+
+def _torchvision_python() -> pathlib.Path:
+  """The venv with real torchvision: $MICLE_TORCHVISION_PYTHON (CI sets it: a missing one
+  fails), else `make torchvision-env`'s, else the test skips."""
+  named = os.environ.get("MICLE_TORCHVISION_PYTHON")
+  if named:
+    if not pathlib.Path(named).is_file():
+      pytest.fail(f"MICLE_TORCHVISION_PYTHON={named}: no such file; run `make torchvision-env`")
+    return pathlib.Path(named)
+  if not TORCHVISION_PYTHON.is_file():
+    pytest.skip(
+      "real torchvision lives in its own venv (torch 2.14.1 + torchvision 0.29.1, 5.5 GB): "
+      "`make torchvision-env`, or set MICLE_TORCHVISION_PYTHON"
+    )
+  return TORCHVISION_PYTHON
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("depth", [18, 50])
+def test_real_torchvision_loads_an_export(depth, tmp_path):
+  """A width-1 fine-tuning workdir, exported by the command, loaded into
+  `torchvision.models.resnet{depth}` the way docs/export_torch.md says, in a venv without JAX."""
+  python = _torchvision_python()
+  spec = specs.ModelSpec(depth=depth, **HEADS)
+  variables = random_variables(spec, seed=depth + 1)
+  workdir = tmp_path / "ft"
+  checkpoint.save_weights(workdir, variables["params"], variables["batch_stats"], step=3)
+  heads = {k: v for k, v in HEADS.items() if k != "num_classes"}  # from results.json's labels
+  config = {
+    "mode": "full",
+    "model": {"depth": depth, "width": 1.0, "stem": "imagenet", **heads, "dtype": "float32"},
+    "augment": {"preset": "cxr_small", "image_size": 72},
+    "labels": {"task": "chexpert"},
+  }
+  run_files.write_json(workdir / run_files.CONFIG_FILE, config)
+  run_files.write_json(workdir / run_files.RESULTS_FILE, {"labels": LABELS, "task": "chexpert"})
+  out = tmp_path / "model.safetensors"
+  assert et.export(workdir, out)["architecture"]["torchvision"] == f"resnet{depth}"
+  x = images(72, seed=1)  # max-pool input 36: even, where stock torchvision's padding differs
+  expected = flax_outputs(spec, variables, x)
+  npz = tmp_path / "expected.npz"
+  np.savez(npz, images=x, logits=expected["logits"], features=expected["features"])
+  check = REPO / "tests" / "tools" / "torchvision_check.py"
+  result = subprocess.run(
+    [str(python), str(check), str(out), str(npz)],
+    capture_output=True,
+    text=True,
+    env={**os.environ, "PYTHONPATH": str(REPO)},
+  )
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report["model"] == f"resnet{depth}"
+  assert report["torchvision"].startswith("0.") and not report["jax_importable"]
 
 
 def test_torchvision_style_resnet_with_the_cifar_stem():
