@@ -1,16 +1,29 @@
 """The building blocks every model uses: one convolution layer of our own, and BatchNorm.
 
-Every convolution of the ResNet goes through `Conv`, so that a faster implementation for one
-backend can be dropped in without touching the architecture: on a CPU a 1×1
-convolution written as a matmul has a ~3× faster gradient than `lax.conv`, and XLA lowers both
-alike on TPU/GPU.
+Every convolution of the ResNet goes through `Conv` and every BatchNorm through `batch_norm`,
+so that a faster implementation for one backend can be dropped in without touching the
+architecture. On the CPU (`kernel_platform() == "cpu"`):
+- a 1×1 convolution written as a matmul has a ~3× faster gradient than `lax.conv` (XLA lowers
+  both alike on TPU/GPU, so this one is used everywhere);
+- a strided 3×3 convolution runs as a matmul over its patches, with its own gradient
+  (`cpu_conv`);
+- BatchNorm in training has a hand-written gradient (`BatchNorm`): one pass for the two
+  parameter gradients and one for the input's, where XLA's derivative of Flax's BatchNorm
+  leaves more, larger fusions.
+GPU and TPU keep XLA's convolution and Flax's BatchNorm. Both CPU paths equal the others to
+float rounding (tests/models/test_cpu_conv.py, test_layers.py).
 """
 
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax import lax
+
+from micle_jax.models import cpu_conv
 
 Dtype = Any
 
@@ -23,12 +36,32 @@ BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
 
+_platform_override: list[str] = []
+
+
+def kernel_platform() -> str:
+  """The platform whose kernels `Conv` and `batch_norm` use: JAX's default backend, unless
+  overridden."""
+  return _platform_override[-1] if _platform_override else jax.default_backend()
+
+
+@contextlib.contextmanager
+def override_kernel_platform(platform: str) -> Iterator[None]:
+  """Models traced inside take `platform`'s kernels (tests, the benchmark).
+
+  Only tracing reads it: a function already compiled keeps the path it was traced with.
+  """
+  _platform_override.append(platform)
+  try:
+    yield
+  finally:
+    _platform_override.pop()
+
+
 def fixed_padding(x: jnp.ndarray, kernel_size: int) -> jnp.ndarray:
   """Pads H and W of an NHWC tensor like SimCLR's `fixed_padding` (independent of input size)."""
-  pad_total = kernel_size - 1
-  pad_beg = pad_total // 2
-  pad_end = pad_total - pad_beg
-  return jnp.pad(x, ((0, 0), (pad_beg, pad_end), (pad_beg, pad_end), (0, 0)))
+  before, after = cpu_conv.fixed_padding_amounts(kernel_size)
+  return jnp.pad(x, ((0, 0), (before, after), (before, after), (0, 0)))
 
 
 class Conv(nn.Module):
@@ -36,7 +69,9 @@ class Conv(nn.Module):
 
   Strided convolutions pad by `kernel_size - 1` (split as in SimCLR) and then run VALID; stride-1
   convolutions run SAME. A 1×1 convolution is computed as a matmul over the channel axis (a
-  strided one slices first), which is numerically the same as `lax.conv` and faster on CPU.
+  strided one slices first), which is numerically the same as `lax.conv` and faster on CPU. On
+  the CPU, a strided 3×3 float32 convolution is a matmul over its patches with its own gradient
+  (`cpu_conv.strided_conv`, equal to `lax.conv` to float rounding).
 
   Attributes:
     features: output channels.
@@ -60,6 +95,8 @@ class Conv(nn.Module):
       if s > 1:
         x = x[:, ::s, ::s, :]
       return jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0])
+    if cpu_conv.use_patches(kernel_platform(), k, s, self.dtype):
+      return cpu_conv.strided_conv(x, kernel, s)
     if s > 1:
       x = fixed_padding(x, k)
       padding = "VALID"
@@ -70,6 +107,73 @@ class Conv(nn.Module):
     )
 
 
+@jax.custom_vjp
+def _normalize(x, mean, var, scale, bias, epsilon):
+  """(x - mean) · rsqrt(var + ε) · scale + bias, whose gradient treats mean and var as the batch
+  statistics of x (so that it is the gradient of training-mode BatchNorm)."""
+  return _normalize_forward(x, mean, var, scale, bias, epsilon)[0]
+
+
+def _normalize_forward(x, mean, var, scale, bias, epsilon):
+  inv = lax.rsqrt(var + epsilon)
+  return (x - mean) * (inv * scale) + bias, (x, mean, inv, scale)
+
+
+def _normalize_backward(residuals, dy):
+  x, mean, inv, scale = residuals
+  axes = tuple(range(x.ndim - 1))
+  count = x.size // x.shape[-1]
+  x_hat = (x - mean) * inv
+  d_bias = jnp.sum(dy, axes)
+  d_scale = jnp.sum(dy * x_hat, axes)
+  dx = (scale * inv) * (dy - d_bias / count - x_hat * (d_scale / count))
+  zero = jnp.zeros_like(mean)
+  return dx, zero, zero, d_scale, d_bias, None
+
+
+_normalize.defvjp(_normalize_forward, _normalize_backward)
+
+
+class BatchNorm(nn.Module):
+  """Flax's `nn.BatchNorm` over the last axis (same variables, statistics and outputs), with
+  a hand-written training gradient: `batch_norm` uses it on the CPU.
+
+  Attributes: as `nn.BatchNorm`'s of the same names.
+  """
+
+  use_running_average: bool
+  momentum: float = BN_MOMENTUM
+  epsilon: float = BN_EPSILON
+  dtype: Dtype = jnp.float32
+  use_bias: bool = True
+  scale_init: Callable[..., jax.Array] = nn.initializers.ones
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = (x.shape[-1],)
+    running_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
+    running_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
+    scale = self.param("scale", self.scale_init, features, jnp.float32)
+    bias = (
+      self.param("bias", nn.initializers.zeros, features, jnp.float32)
+      if self.use_bias
+      else jnp.zeros(features, jnp.float32)
+    )
+    x = x.astype(jnp.float32)
+    if self.use_running_average:
+      mean, var = running_mean.value, running_var.value
+      y = (x - mean) * (lax.rsqrt(var + self.epsilon) * scale) + bias
+      return y.astype(self.dtype)
+    axes = tuple(range(x.ndim - 1))
+    stats_of = lax.stop_gradient(x)  # the statistics' gradient is in _normalize_backward
+    mean = jnp.mean(stats_of, axes)
+    var = jnp.maximum(0.0, jnp.mean(jnp.square(stats_of), axes) - jnp.square(mean))  # as Flax
+    if not self.is_initializing():
+      running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+      running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
+    return _normalize(x, mean, var, scale, bias, self.epsilon).astype(self.dtype)
+
+
 def batch_norm(
   train: bool,
   *,
@@ -77,11 +181,12 @@ def batch_norm(
   zero_init: bool = False,
   center: bool = True,
   name: str | None = None,
-) -> nn.BatchNorm:
+) -> nn.Module:
   """SimCLR's BatchNorm: momentum 0.9, ε 1e-5, statistics over the (global) batch.
 
   Under `jax.jit` on a batch sharded over devices, the batch mean is a global reduction, so the
-  statistics cover every device and host without an explicit `axis_name`.
+  statistics cover every device and host without an explicit `axis_name`. On the CPU this is
+  our `BatchNorm` (a faster gradient), elsewhere Flax's; the variables are the same.
 
   Args:
     train: normalise with batch statistics (and update the running ones) if True.
@@ -90,7 +195,8 @@ def batch_norm(
     center: learn β (the last projection-head layer has none).
     name: module name.
   """
-  return nn.BatchNorm(
+  module = BatchNorm if kernel_platform() == "cpu" else nn.BatchNorm
+  return module(
     use_running_average=not train,
     momentum=BN_MOMENTUM,
     epsilon=BN_EPSILON,

@@ -4,8 +4,10 @@ r"""Benchmark: training-step speed, FLOPs and memory, and input-pipeline through
   python -m micle_jax.benchmark --config=configs/cxr.py --config.batch_size=128 \
       --config.model.dtype=bfloat16 --out=bench.json --steps=10
 
-Writes one JSON file with the sections `train` (`benchmark_train`), `input` (`benchmark_input`)
-and `environment`; docs/benchmark.md explains every key. No dataset is needed: the step is fed
+Writes one JSON file with the sections `train` (`benchmark_train`), `input` (`benchmark_input`),
+`vs_torch` (`benchmark_torch`: the same step in PyTorch eager, timed alternately with ours; with
+`--vs_torch`, which needs `pip install -r requirements-bench.txt`) and `environment`;
+docs/benchmark.md explains every key. No dataset is needed: the step is fed
 random images, the input pipeline synthetic JPEGs. The same command runs on CPU, GPU and TPU.
 """
 
@@ -67,6 +69,9 @@ def run(
   num_classes: int | None = None,
   profile_dir: str | None = None,
   profile_steps: int = 5,
+  vs_torch: bool = False,
+  vs_torch_rounds: int = 3,
+  vs_torch_steps: int = 3,
 ) -> dict[str, Any]:
   """Runs the benchmark of `config` and returns its JSON-ready result.
 
@@ -85,14 +90,24 @@ def run(
     profile_dir: if set, trace `profile_steps` training steps there and add `train.profile`,
       the step's device time by kind of work (`benchmark_profile`).
     profile_steps: steps to trace.
+    vs_torch: also time the same step in PyTorch eager, alternating with ours (`vs_torch`).
+    vs_torch_rounds: rounds of that comparison.
+    vs_torch_steps: steps of each framework per round.
 
   Returns:
-    {"train": ..., "input": ..., "environment": ...}; see docs/benchmark.md.
+    {"train": ..., "input": ..., "vs_torch": ..., "environment": ...}; see docs/benchmark.md.
   """
   # Imported here so that `main` can set up the distributed runtime and CPU devices first.
-  from micle_jax.tools import benchmark_input, benchmark_train
+  from micle_jax.tools import benchmark_input, benchmark_torch, benchmark_train
 
-  result: dict[str, Any] = {"train": None, "input": None, "environment": environment(config)}
+  if vs_torch:
+    benchmark_torch.check_torch()  # before any work
+  result: dict[str, Any] = {
+    "train": None,
+    "input": None,
+    "vs_torch": None,
+    "environment": environment(config),
+  }
   if not skip_train:
     result["train"] = benchmark_train.benchmark_train(
       config,
@@ -112,6 +127,11 @@ def run(
       seed=config.seed,
       repeats=input_repeats,
     )
+  if vs_torch:
+    result["vs_torch"] = benchmark_torch.vs_torch(
+      config, steps=vs_torch_steps, rounds=vs_torch_rounds, warmup=max(warmup, 1)
+    )
+    logging.info("vs_torch: ratio %.3f (PyTorch step / ours)", result["vs_torch"]["ratio"])
   result["environment"]["host_load_average_end"] = _load_average()
   return result
 
@@ -136,23 +156,39 @@ def define_flags() -> None:
   flags.DEFINE_integer("profile_steps", 5, "Training steps to trace with --profile_dir.")
   flags.DEFINE_bool("skip_input", False, "Do not measure the input pipeline.")
   flags.DEFINE_bool("skip_train", False, "Do not measure the training step.")
+  flags.DEFINE_bool(
+    "vs_torch",
+    False,
+    "Also time the same step in PyTorch eager, alternating with ours "
+    "(needs `pip install -r requirements-bench.txt`).",
+  )
+  flags.DEFINE_integer("vs_torch_rounds", 3, "Rounds of the --vs_torch comparison.")
+  flags.DEFINE_integer("vs_torch_steps", 3, "Steps of each framework per --vs_torch round.")
 
 
 def main() -> None:
   app.start_devices(FLAGS.config.batch_size)
-  result = run(
-    FLAGS.config,
-    steps=FLAGS.steps,
-    warmup=FLAGS.warmup,
-    input_images=FLAGS.input_images,
-    input_size=FLAGS.input_size,
-    input_repeats=FLAGS.input_repeats,
-    skip_train=FLAGS.skip_train,
-    skip_input=FLAGS.skip_input,
-    peak_matmul_size=FLAGS.peak_matmul_size or None,
-    profile_dir=FLAGS.profile_dir,
-    profile_steps=FLAGS.profile_steps,
-  )
+  from micle_jax.tools import benchmark_torch
+
+  try:
+    result = run(
+      FLAGS.config,
+      steps=FLAGS.steps,
+      warmup=FLAGS.warmup,
+      input_images=FLAGS.input_images,
+      input_size=FLAGS.input_size,
+      input_repeats=FLAGS.input_repeats,
+      skip_train=FLAGS.skip_train,
+      skip_input=FLAGS.skip_input,
+      peak_matmul_size=FLAGS.peak_matmul_size or None,
+      profile_dir=FLAGS.profile_dir,
+      profile_steps=FLAGS.profile_steps,
+      vs_torch=FLAGS.vs_torch,
+      vs_torch_rounds=FLAGS.vs_torch_rounds,
+      vs_torch_steps=FLAGS.vs_torch_steps,
+    )
+  except benchmark_torch.TorchMissingError as e:
+    sys.exit(f"error: {e}")
   if jax.process_index() == 0:
     out = epath.Path(FLAGS.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -248,7 +248,7 @@ def measure_peak_matmul(
   }
 
 
-def _build(spec: specs.PretrainSpec, mesh: Mesh, num_classes: int) -> build.Built:
+def build_run(spec: specs.PretrainSpec, mesh: Mesh, num_classes: int) -> build.Built:
   """The pretraining run of `spec` as `pretrain.train_and_evaluate` builds it (`train.build`)."""
   epochs = spec.num_epochs if spec.num_epochs > 0 else 1
   plan = pretrain.plan(
@@ -333,7 +333,7 @@ def benchmark_train(
   mesh = sharding.create_mesh()
   sharding.check_batch_size(spec.batch_size, mesh, key="config.batch_size")
   classes = monitor_classes(spec, num_classes)
-  run = _build(spec, mesh, classes)
+  run = build_run(spec, mesh, classes)
   state, step_fn = run.state, run.step_fn
   batch = random_batch(spec, classes, mesh, seed=spec.seed)
 

@@ -73,8 +73,9 @@ def result(profile_dir):
   )
 
 
-def test_result_is_json_with_three_sections(result):
-  assert set(result) == {"train", "input", "environment"}
+def test_result_is_json_with_four_sections(result):
+  assert set(result) == {"train", "input", "vs_torch", "environment"}
+  assert result["vs_torch"] is None  # only with vs_torch=True
   assert json.loads(json.dumps(result, allow_nan=False)) == result
 
 
@@ -254,3 +255,56 @@ def test_summarize_maps_cuda_graph_kernels_to_hlo_fusions():
 
 def test_a_dtype_convert_kernel_is_not_a_convolution():
   assert benchmark_profile.kernel_category("loop_convert_fusion_3") == "elementwise"
+
+
+# --- --vs_torch ---------------------------------------------------------------------------------
+
+
+def _tiny_config(task="chexpert"):
+  config = cxr.get_config("demo")
+  config.batch_size = 8  # one pair per test device
+  config.augment.image_size = 32
+  config.labels.task = task
+  return config
+
+
+def test_vs_torch_times_both_alternately():
+  from micle_jax.tools import benchmark_torch
+
+  report = benchmark_torch.vs_torch(_tiny_config(), steps=1, rounds=2, warmup=0, threads=1)
+  assert report["images_per_step"] == 16 and report["image_size"] == 32
+  for side in ("micle_jax", "torch"):
+    section = report[side]
+    assert _positive(section["step_time_s"]) and _positive(section["images_per_s"])
+    assert len(section["step_times_s"]) == 2 and all(map(_positive, section["step_times_s"]))
+    assert math.isfinite(section["final_loss"])
+  assert report["torch"]["threads"] == 1 and report["torch"]["version"].startswith("2.")
+  assert report["ratio"] == pytest.approx(
+    report["torch"]["step_time_s"] / report["micle_jax"]["step_time_s"]
+  )
+  assert json.loads(json.dumps(report, allow_nan=False)) == report
+
+
+def test_vs_torch_without_torch_says_how_to_get_it(tmp_path):
+  """A `torch` that fails to import (as when it is not installed): one line naming the extra."""
+  import os
+  import subprocess
+  import sys
+
+  hidden = tmp_path / "hide" / "torch"
+  hidden.mkdir(parents=True)
+  (hidden / "__init__.py").write_text("raise ImportError('No module named torch')\n")
+  repo = pathlib.Path(__file__).resolve().parents[2]
+  env = {**os.environ, "PYTHONPATH": f"{hidden.parent}{os.pathsep}{repo}"}
+  command = [sys.executable, "-m", "micle_jax.benchmark", "--config=configs/cxr.py:demo"]
+  done = subprocess.run(
+    [*command, "--vs_torch", "--skip_input", f"--out={tmp_path / 'b.json'}"],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=repo,
+  )
+  assert done.returncode != 0
+  last = done.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: --vs_torch needs PyTorch") and "requirements-bench.txt" in last
+  assert not (tmp_path / "b.json").exists()
