@@ -45,16 +45,17 @@ def use_patches(platform: str, kernel_size: int, strides: int, dtype: jnp.dtype)
   )
 
 
-def _output_side(side: int, kernel_size: int, strides: int) -> int:
-  return (side + kernel_size - 1 - kernel_size) // strides + 1
+def _output_side(side: int, strides: int) -> int:
+  """Output side of a k×k convolution after SimCLR's fixed padding (k - 1 in all): ⌈side / s⌉."""
+  return (side - 1) // strides + 1
 
 
 def _patches(x: jax.Array, kernel_size: int, strides: int) -> jax.Array:
   """[N, Ho, Wo, k·k·C]: the padded input's k×k windows at stride `strides`, tap-major."""
   before, after = fixed_padding_amounts(kernel_size)
   padded = jnp.pad(x, ((0, 0), (before, after), (before, after), (0, 0)))
-  ho = _output_side(x.shape[1], kernel_size, strides)
-  wo = _output_side(x.shape[2], kernel_size, strides)
+  ho = _output_side(x.shape[1], strides)
+  wo = _output_side(x.shape[2], strides)
   taps = [
     padded[:, i : i + strides * (ho - 1) + 1 : strides, j : j + strides * (wo - 1) + 1 : strides]
     for i in range(kernel_size)

@@ -15,6 +15,7 @@ float rounding (tests/models/test_cpu_conv.py, test_layers.py).
 """
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -107,7 +108,7 @@ class Conv(nn.Module):
     )
 
 
-@jax.custom_vjp
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _normalize(x, mean, var, scale, bias, epsilon):
   """(x - mean) · rsqrt(var + ε) · scale + bias, whose gradient treats mean and var as the batch
   statistics of x (so that it is the gradient of training-mode BatchNorm)."""
@@ -119,7 +120,8 @@ def _normalize_forward(x, mean, var, scale, bias, epsilon):
   return (x - mean) * (inv * scale) + bias, (x, mean, inv, scale)
 
 
-def _normalize_backward(residuals, dy):
+def _normalize_backward(epsilon, residuals, dy):
+  del epsilon  # already in the residuals' inv
   x, mean, inv, scale = residuals
   axes = tuple(range(x.ndim - 1))
   count = x.size // x.shape[-1]
@@ -128,7 +130,7 @@ def _normalize_backward(residuals, dy):
   d_scale = jnp.sum(dy * x_hat, axes)
   dx = (scale * inv) * (dy - d_bias / count - x_hat * (d_scale / count))
   zero = jnp.zeros_like(mean)
-  return dx, zero, zero, d_scale, d_bias, None
+  return dx, zero, zero, d_scale, d_bias
 
 
 _normalize.defvjp(_normalize_forward, _normalize_backward)

@@ -25,7 +25,6 @@ import numpy as np
 
 from micle_jax import specs
 from micle_jax.data import tasks
-from micle_jax.runtime import sharding
 from micle_jax.tools import benchmark_train, export_torch
 
 INSTALL_HINT = "pip install -r requirements-bench.txt  # PyTorch, CPU build"
@@ -45,7 +44,7 @@ def check_torch() -> None:
     ) from e
 
 
-def _torch_step(spec: specs.PretrainSpec, num_classes: int, threads: int):
+def _torch_step(spec: specs.PretrainSpec, num_classes: int, loss_kind: str, threads: int):
   """(step(view1, view2, targets) -> loss, torch version) for the PyTorch side."""
   import torch
   import torch.nn.functional as F
@@ -58,7 +57,6 @@ def _torch_step(spec: specs.PretrainSpec, num_classes: int, threads: int):
   arch = torch_resnet.Architecture.from_dict(export_torch.architecture(model_spec))
   model = torch_resnet.SimCLRResNet(arch).to(memory_format=torch.channels_last).train()
   optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-  loss_kind = tasks.get(spec.labels.task).loss
 
   def step(view1, view2, targets):
     n = view1.shape[0]
@@ -120,18 +118,14 @@ def vs_torch(
   check_torch()
   if steps < 1 or rounds < 1 or warmup < 0:
     raise ValueError(f"steps={steps} and rounds={rounds} must be >= 1, warmup={warmup} >= 0")
-  spec = specs.from_config(specs.PretrainSpec, config)
-  mesh = sharding.create_mesh()
-  sharding.check_batch_size(spec.batch_size, mesh, key="config.batch_size")
   if jax.process_count() > 1:
     raise ValueError("--vs_torch runs on one host")
-  classes = benchmark_train.monitor_classes(spec, num_classes)
-  run = benchmark_train.build_run(spec, mesh, classes)
-  batch = benchmark_train.random_batch(spec, classes, mesh, seed=spec.seed)
+  spec, mesh, classes, run, batch = benchmark_train.prepare(config, num_classes)
   compiled = run.step_fn.lower(run.state, batch).compile()
   threads = threads or os.cpu_count() or 1
-  torch_step, torch_version = _torch_step(spec, classes, threads)
-  torch_batch = _to_torch(batch, tasks.get(spec.labels.task).loss)
+  loss_kind = tasks.get(spec.labels.task).loss
+  torch_step, torch_version = _torch_step(spec, classes, loss_kind, threads)
+  torch_batch = _to_torch(batch, loss_kind)
 
   state = run.state
   for _ in range(warmup):

@@ -248,7 +248,7 @@ def measure_peak_matmul(
   }
 
 
-def build_run(spec: specs.PretrainSpec, mesh: Mesh, num_classes: int) -> build.Built:
+def _build_run(spec: specs.PretrainSpec, mesh: Mesh, num_classes: int) -> build.Built:
   """The pretraining run of `spec` as `pretrain.train_and_evaluate` builds it (`train.build`)."""
   epochs = spec.num_epochs if spec.num_epochs > 0 else 1
   plan = pretrain.plan(
@@ -258,6 +258,31 @@ def build_run(spec: specs.PretrainSpec, mesh: Mesh, num_classes: int) -> build.B
     steps_per_epoch=_SCHEDULE_STEPS / epochs,
   )
   return build.build(plan, mesh)
+
+
+class Prepared(NamedTuple):
+  """What a benchmark of a pretraining config runs: the spec, mesh, run and a random batch."""
+
+  spec: specs.PretrainSpec
+  mesh: Mesh
+  num_classes: int
+  run: build.Built
+  batch: dict[str, jax.Array]
+
+
+def prepare(config: ml_collections.ConfigDict, num_classes: int | None = None) -> Prepared:
+  """Validates `config` and builds its step, state and a random batch on every device.
+
+  Args:
+    config: a pretraining config.
+    num_classes: classes of a multiclass monitor head (default `DEFAULT_MULTICLASS_CLASSES`).
+  """
+  spec = specs.from_config(specs.PretrainSpec, config)
+  mesh = sharding.create_mesh()
+  sharding.check_batch_size(spec.batch_size, mesh, key="config.batch_size")
+  classes = monitor_classes(spec, num_classes)
+  run = _build_run(spec, mesh, classes)
+  return Prepared(spec, mesh, classes, run, random_batch(spec, classes, mesh, seed=spec.seed))
 
 
 class _Timed(NamedTuple):
@@ -329,13 +354,9 @@ def benchmark_train(
   """
   if steps_timed < 1 or warmup < 0:
     raise ValueError(f"steps={steps_timed} must be >= 1 and warmup={warmup} >= 0")
-  spec = specs.from_config(specs.PretrainSpec, config)
-  mesh = sharding.create_mesh()
-  sharding.check_batch_size(spec.batch_size, mesh, key="config.batch_size")
-  classes = monitor_classes(spec, num_classes)
-  run = build_run(spec, mesh, classes)
-  state, step_fn = run.state, run.step_fn
-  batch = random_batch(spec, classes, mesh, seed=spec.seed)
+  prepared = prepare(config, num_classes)
+  mesh, batch = prepared.mesh, prepared.batch
+  state, step_fn = prepared.run.state, prepared.run.step_fn
 
   timed = _time_steps(step_fn, state, batch, steps_timed=steps_timed, warmup=warmup)
   state, compiled, times, metrics = timed.state, timed.compiled, timed.times, timed.metrics

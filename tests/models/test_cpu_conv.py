@@ -143,7 +143,8 @@ MODELS = [
 def test_a_model_and_its_gradient_are_as_accurate_as_xlas(overrides):
   """Train-mode loss and parameter gradients with the CPU kernels (patch convolutions and our
   BatchNorm) and with XLA's convolution and Flax's BatchNorm, each against the same model in
-  float64: the CPU kernels' error is no larger than XLA's (to a factor 2), and both are small."""
+  float64: over the leaves, the CPU kernels' median error is within 2× of XLA's and their worst
+  within 4×, and no leaf is off by 1e-3."""
   spec = tiny_spec(**overrides)
   model = resnet.create_model(spec)
   x = np.random.default_rng(0).uniform(size=(4, 36, 36, 3))

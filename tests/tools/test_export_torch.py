@@ -656,3 +656,5 @@ def test_the_torch_module_builds_the_architectures_of_the_schema():
   """torch_resnet.py imports nothing of micle_jax, so its tables are checked against ours here."""
   assert tr.RESNET_LAYERS == resnet.RESNET_LAYERS
   assert set(tr.STEMS) == set(specs.STEMS) and tr.SK_MIN_DIM == resnet.SK_MIN_DIM
+  assert tr.BN_EPSILON == layers.BN_EPSILON
+  assert tr.BN_MOMENTUM == pytest.approx(1 - layers.BN_MOMENTUM)  # PyTorch's convention
