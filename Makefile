@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo demo-data derm-data lint clean torchvision-env
+.PHONY: venv native test demo demo-data derm-data lint clean torchvision-env
 
 venv: $(STAMP)
 
@@ -19,7 +19,26 @@ $(STAMP): requirements.txt requirements-test.txt requirements-notebooks.txt setu
 	$(PY) -m pip check
 	touch $(STAMP)
 
-test: $(STAMP)
+# The CPU's convolutions by oneDNN (micle_jax/models/native_conv.py): built where a C++ compiler
+# and oneDNN's headers are (Debian/Ubuntu: apt-get install libdnnl-dev); elsewhere XLA's
+# convolutions are used, with the same results to float rounding, at about half the speed.
+CXX ?= g++
+NATIVE_SRC := micle_jax/models/native/onednn_conv.cc
+NATIVE_LIB := micle_jax/models/native/libmicle_onednn.so
+native: $(STAMP)
+	@if [ $(NATIVE_LIB) -nt $(NATIVE_SRC) ] && [ $(NATIVE_LIB) -nt $(STAMP) ]; then :; \
+	elif echo '#include <oneapi/dnnl/dnnl.hpp>' | $(CXX) -x c++ -std=c++17 -fsyntax-only - 2>/dev/null; then \
+	  echo "building $(NATIVE_LIB)"; \
+	  $(CXX) -O2 -std=c++17 -shared -fPIC -fopenmp -Wall \
+	    -isystem "$$($(PY) -c 'import jax; print(jax.ffi.include_dir())')" \
+	    $(NATIVE_SRC) -o $(NATIVE_LIB) -ldnnl; \
+	else \
+	  rm -f $(NATIVE_LIB); \
+	  echo "note: oneDNN not found, so the CPU uses XLA's convolutions (about half the speed;"; \
+	  echo "      Debian/Ubuntu: apt-get install libdnnl-dev, then make native)"; \
+	fi
+
+test: native
 	$(PY) -m pytest -n 2 --dist=loadfile -q
 
 # Real torchvision in a venv of its own, for the export's test against it (the test skips without
@@ -47,7 +66,7 @@ derm-data: $(STAMP)
 # The study on the synthetic data: SimCLR and MICLe pretraining at equal budgets, fine-tuning of
 # scratch, SimCLR and MICLe at 5% and 100% of the labels, evaluation in distribution and on the
 # NIH-style shift set, the table with paired differences, and the label-efficiency plot.
-demo: demo-data
+demo: demo-data native
 	$(PY) -m micle_jax.study --config=configs/study_cxr.py:demo
 	@echo "Demo finished: workdirs/study_demo (TensorBoard: $(VENV)/bin/tensorboard --logdir workdirs)"
 
@@ -56,4 +75,4 @@ lint: $(STAMP)
 	shellcheck launch/*.sh
 
 clean:
-	rm -rf $(VENV) $(TV_VENV) .pytest_cache
+	rm -rf $(VENV) $(TV_VENV) .pytest_cache $(NATIVE_LIB)

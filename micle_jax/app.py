@@ -13,7 +13,9 @@ module defines none, and hands its `main` to `run`:
 `run` refuses unexpected positional arguments, and reports a config error or unreadable
 checkpoints as one line on stderr with exit status 1 (no traceback). A command that trains calls
 `start_devices(batch_size)` first: `jax.distributed.initialize()` on a cluster, else this host's
-CPU split into one device per core.
+CPU split into one device per core (one device where the native convolution is built). Before
+any of this, importing `micle_jax` restarted the command with tcmalloc preloaded where it is
+installed (`runtime.allocator`; MICLE_ALLOCATOR=system keeps glibc's).
 """
 
 import sys
@@ -23,6 +25,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from micle_jax import specs
+from micle_jax.models import native_conv
 from micle_jax.runtime import checkpoint, distributed
 
 UsageError = app.UsageError  # a command line that makes no sense: absl prints the usage
@@ -39,9 +42,10 @@ def config_flag(help_text: str, *, required: bool = True, **kwargs) -> None:
 
 
 def start_devices(global_batch_size: int) -> None:
-  """`jax.distributed.initialize()` on a cluster; on one CPU host, one device per core."""
+  """`jax.distributed.initialize()` on a cluster; on one CPU host, one device per core, or one
+  device where the native convolution is built (`distributed.split_cpu_into_devices`)."""
   if not distributed.initialize():
-    distributed.split_cpu_into_devices(global_batch_size)
+    distributed.split_cpu_into_devices(global_batch_size, one_device=native_conv.built())
 
 
 def run(

@@ -19,6 +19,7 @@ DRIVERS = {"main", "pretrain", "finetune", "app"}
 ALIASES = {"benchmark", "convert_simclr", "sweep", "predict", "study", "export_torch"}
 # What each part of the package may import from the package (besides itself).
 ALLOWED = {
+  "package": {"runtime"},  # micle_jax/__init__.py: the allocator's restart (runtime/allocator.py)
   "specs": set(),
   "runtime": {"specs"},
   "models": {"specs"},

@@ -18,7 +18,14 @@ import jax
 import jax.numpy as jnp
 
 from micle_jax import specs
-from micle_jax.models.layers import Conv, Dtype, batch_norm, dense_kernel_init, fixed_padding
+from micle_jax.models.layers import (
+  Conv,
+  Dtype,
+  batch_norm,
+  dense_kernel_init,
+  fixed_padding,
+  max_pool,
+)
 
 # depth -> (block kind, blocks per group)
 RESNET_LAYERS: dict[int, tuple[str, tuple[int, ...]]] = {
@@ -198,7 +205,7 @@ class ResNet(nn.Module):
     else:
       x = Conv(width, 7, 2, dtype=self.dtype, name="stem_conv_0")(x)
       x = _bn_relu(x, train, self.dtype, "stem_bn_0")
-    return nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
+    return max_pool(x, 3, 2)
 
 
 class ProjectionHead(nn.Module):

@@ -71,7 +71,7 @@ def initialize() -> bool:
   return True
 
 
-def split_cpu_into_devices(global_batch_size: int) -> None:
+def split_cpu_into_devices(global_batch_size: int, *, one_device: bool = False) -> None:
   """On a CPU-only host, runs one XLA CPU device per core (call before jax picks its backend).
 
   XLA's CPU backend uses the cores of one device poorly for convolutions: the demo's step
@@ -80,6 +80,10 @@ def split_cpu_into_devices(global_batch_size: int) -> None:
   over per-core devices gives that back. The count is the largest divisor of the global batch not
   above the core count. Does nothing when XLA_FLAGS or JAX already set a CPU device count, or when
   an accelerator platform is requested.
+
+  With `one_device` (the native convolution is built: `models.native_conv`), the host stays one
+  device: oneDNN spreads each convolution over the cores itself, and one device was faster and
+  steadier than one per core (ResNet-18 at 64 px: 9.04 against 11.6 s a step; docs/benchmark.md).
   """
   if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
     return
@@ -87,6 +91,9 @@ def split_cpu_into_devices(global_batch_size: int) -> None:
     "cpu",
     "",
   ):
+    return
+  if one_device:
+    logging.info("CPU devices: 1 (the native convolution uses every core)")
     return
   cores = os.cpu_count() or 1
   count = max(d for d in range(1, cores + 1) if global_batch_size % d == 0)

@@ -5,8 +5,9 @@ export loads, so the same convolutions, BatchNorms, heads and padding), in train
 last, float32, fed the same images: both views of the batch in one forward pass, the NT-Xent loss
 at the config's temperature over all 2·batch views, the monitor head's loss, backward, and an SGD
 step with momentum 0.9 (LARS is not part of PyTorch; its cost is a few elementwise passes over
-the weights). The two are timed alternately, `steps` steps each per round, so that a change in
-the machine's speed during the run reaches both. `ratio` is PyTorch's step time over ours: above 1
+the weights). The two are timed alternately, `steps` steps each per round after one untimed
+step, so that a change in the machine's speed during the run reaches both and neither is timed
+on the step right after the other's. `ratio` is PyTorch's step time over ours: above 1
 means micle_jax is faster.
 
 PyTorch is an optional extra (`pip install -r requirements-bench.txt`); without it, `--vs_torch`
@@ -134,11 +135,16 @@ def vs_torch(
   ours, theirs = [], []
   torch_loss = loss = None
   for _ in range(rounds):
+    # Each side's turn starts with an untimed step: the first step after the other library's
+    # runs measurably slower (1-3 s of ~10 s at ResNet-50, 224 px) whichever side it is, from
+    # sharing the process (threads, allocator, caches), not from either library's own step.
+    state, _ = jax.block_until_ready(compiled(state, batch))
     for _ in range(steps):
       start = time.perf_counter()
       state, metrics = jax.block_until_ready(compiled(state, batch))
       ours.append(time.perf_counter() - start)
     loss = float(metrics["loss"])
+    torch_step(*torch_batch)
     for _ in range(steps):
       start = time.perf_counter()
       torch_loss = torch_step(*torch_batch)

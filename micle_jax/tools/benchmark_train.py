@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from micle_jax import pretrain, specs
 from micle_jax.data import tasks
-from micle_jax.models import resnet
+from micle_jax.models import native_conv, resnet
 from micle_jax.runtime import sharding
 from micle_jax.tools import benchmark_profile
 from micle_jax.train import build
@@ -131,6 +131,8 @@ def jaxpr_flops_by_kind(jaxpr: Any) -> dict[str, float]:
       total["conv"] += _conv_flops(eqn)
     elif name == "dot_general":
       total["dot"] += _dot_flops(eqn)
+    elif name == "ffi_call":
+      total["conv"] += native_conv.ffi_flops(eqn)
     subs = [jaxpr_flops_by_kind(j) for v in eqn.params.values() for j in _sub_jaxprs(v)]
     if name == "cond":
       subs = [max(subs, key=lambda s: s["conv"] + s["dot"])] if subs else []

@@ -6,11 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conv_reference import assert_matches, reference, reference_grads, relative
 from jax import lax
 from tiny_models import tiny_spec
 
 from micle_jax import specs
-from micle_jax.models import cpu_conv, layers, resnet
+from micle_jax.models import cpu_conv, layers, native_conv, resnet
 from micle_jax.runtime import sharding
 from micle_jax.train import optim, steps, train_state
 
@@ -27,34 +28,6 @@ SHAPES = [
 ]
 
 
-def _reference(x, w, stride):
-  """float64 NumPy: the padded input's k×k taps, each a matmul; gradients of 0.5‖y‖²·r."""
-  k = w.shape[0]
-  before, after = (k - 1) // 2, k - 1 - (k - 1) // 2
-  xp = np.pad(x, ((0, 0), (before, after), (before, after), (0, 0)))
-  ho = (xp.shape[1] - k) // stride + 1
-  wo = (xp.shape[2] - k) // stride + 1
-  y = np.zeros((x.shape[0], ho, wo, w.shape[3]))
-  for i in range(k):
-    for j in range(k):
-      y += xp[:, i : i + stride * ho : stride, j : j + stride * wo : stride] @ w[i, j]
-  return y, xp, (before, ho, wo)
-
-
-def _reference_grads(x, w, stride, dy):
-  y, xp, (before, ho, wo) = _reference(x, w, stride)
-  k = w.shape[0]
-  dw = np.zeros_like(w)
-  dxp = np.zeros_like(xp)
-  for i in range(k):
-    for j in range(k):
-      window = (slice(None), slice(i, i + stride * ho, stride), slice(j, j + stride * wo, stride))
-      dw[i, j] = np.einsum("nhwc,nhwd->cd", xp[window], dy)
-      dxp[window] += dy @ w[i, j].T
-  dx = dxp[:, before : before + x.shape[1], before : before + x.shape[2]]
-  return y, dx, dw
-
-
 def _xla(x, w, stride):
   x = layers.fixed_padding(x, w.shape[0])
   return lax.conv_general_dilated(
@@ -67,28 +40,20 @@ def _value_and_grads(conv, x, w, dy):
   return (y, *vjp(dy))
 
 
-def _relative(a, b) -> float:
-  return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
-
-
 @pytest.mark.parametrize("side,c,d,stride", SHAPES)
 def test_equals_lax_conv_and_float64(side, c, d, stride):
   rng = np.random.default_rng(side * c + d)
   x = rng.normal(size=(3, side, side, c))
   w = rng.normal(size=(3, 3, c, d)) / np.sqrt(9 * c)
-  y64, _, _ = _reference(x, w, stride)
+  y64, _, _ = reference(x, w, stride)
   dy = rng.normal(size=y64.shape)
-  expected = _reference_grads(x, w, stride, dy)
+  expected = reference_grads(x, w, stride, dy)
   args = [jnp.asarray(a, jnp.float32) for a in (x, w, dy)]
   patches = jax.jit(
     functools.partial(_value_and_grads, lambda x, w: cpu_conv.strided_conv(x, w, stride))
   )(*args)
   xla = jax.jit(functools.partial(_value_and_grads, lambda x, w: _xla(x, w, stride)))(*args)
-  for name, p, q, e in zip(("y", "dx", "dw"), patches, xla, expected, strict=True):
-    assert p.shape == q.shape == e.shape, name
-    assert _relative(p, e) < 1e-5, f"{name} vs float64: {_relative(p, e):.1e}"
-    assert _relative(p, np.asarray(q, np.float64)) < 1e-5, f"{name} vs lax.conv"
-    assert _relative(q, e) < 1e-5, f"{name}: lax.conv vs float64"  # the reference is right
+  assert_matches(patches, xla, expected)
 
 
 def test_bit_identical_run_to_run():
@@ -120,7 +85,7 @@ def test_the_path_is_taken_on_cpu_only():
   params = conv.init(jax.random.PRNGKey(0), x)
 
   def primitives(platform):
-    with layers.override_kernel_platform(platform):
+    with layers.override_kernel_platform(platform), native_conv.disabled():
       assert layers.kernel_platform() == platform
       jaxpr = jax.make_jaxpr(jax.grad(lambda p: conv.apply(p, x).sum()))(params)
     return {e.primitive.name for e in jaxpr.jaxpr.eqns}
@@ -131,20 +96,27 @@ def test_the_path_is_taken_on_cpu_only():
   assert layers.kernel_platform() == "cpu"
 
 
+# (architecture, whether the native convolution may be used): with the library built, the CPU
+# kernels are oneDNN's convolutions and our BatchNorm; one model also checks the patch path.
 MODELS = [
-  dict(depth=18, stem="cifar"),
-  dict(depth=18, stem="imagenet", sk_ratio=0.0625),
-  dict(depth=50, stem="cifar", sk_ratio=0.0625),
-  dict(depth=50, stem="imagenet"),
+  (dict(depth=18, stem="cifar"), True),
+  (dict(depth=18, stem="imagenet", sk_ratio=0.0625), True),
+  (dict(depth=50, stem="cifar", sk_ratio=0.0625), True),
+  (dict(depth=50, stem="imagenet"), True),
+  (dict(depth=18, stem="imagenet", sk_ratio=0.0625), False),
 ]
 
 
-@pytest.mark.parametrize("overrides", MODELS, ids=lambda o: f"r{o['depth']}-{o['stem']}")
-def test_a_model_and_its_gradient_are_as_accurate_as_xlas(overrides):
-  """Train-mode loss and parameter gradients with the CPU kernels (patch convolutions and our
-  BatchNorm) and with XLA's convolution and Flax's BatchNorm, each against the same model in
-  float64: over the leaves, the CPU kernels' median error is within 2× of XLA's and their worst
-  within 4×, and no leaf is off by 1e-3."""
+@pytest.mark.parametrize(
+  "overrides,native",
+  MODELS,
+  ids=lambda o: f"r{o['depth']}-{o['stem']}" if isinstance(o, dict) else ("" if o else "patches"),
+)
+def test_a_model_and_its_gradient_are_as_accurate_as_xlas(overrides, native):
+  """Train-mode loss and parameter gradients with the CPU kernels (oneDNN's convolutions where
+  built, else patch convolutions; and our BatchNorm) and with XLA's convolution and Flax's
+  BatchNorm, each against the same model in float64: over the leaves, the CPU kernels' median
+  error is within 2× of XLA's and their worst within 4×, and no leaf is off by 1e-3."""
   spec = tiny_spec(**overrides)
   model = resnet.create_model(spec)
   x = np.random.default_rng(0).uniform(size=(4, 36, 36, 3))
@@ -164,14 +136,14 @@ def test_a_model_and_its_gradient_are_as_accurate_as_xlas(overrides):
 
   results = {}
   for platform in ("cpu", "tpu"):
-    with layers.override_kernel_platform(platform):
+    with layers.override_kernel_platform(platform), native_conv.disabled(not native):
       results[platform] = value_and_grad(model, variables, jnp.asarray(x, jnp.float32))
   with jax.enable_x64(), layers.override_kernel_platform("tpu"):
     model64 = model.clone(backbone=model.backbone.clone(dtype=jnp.float64))
     variables64 = jax.tree_util.tree_map(lambda v: np.asarray(v, np.float64), variables)
     value64, grads64 = jax.device_get(value_and_grad(model64, variables64, jnp.asarray(x)))
   (value_cpu, grads_cpu), (value_xla, grads_xla) = results["cpu"], results["tpu"]
-  assert _relative(value_cpu, value64) < 1e-5 and _relative(value_xla, value64) < 1e-5
+  assert relative(value_cpu, value64) < 1e-5 and relative(value_xla, value64) < 1e-5
   flat_xla = dict(jax.tree_util.tree_leaves_with_path(grads_xla))
   flat64 = dict(jax.tree_util.tree_leaves_with_path(grads64))
   errors = {}  # leaf -> (our error, XLA's error), both relative to the float64 gradient
@@ -180,8 +152,8 @@ def test_a_model_and_its_gradient_are_as_accurate_as_xlas(overrides):
     assert reference.dtype == np.float64
     if np.abs(reference).max() > 1e-6:
       errors[jax.tree_util.keystr(path)] = (
-        _relative(g, reference),
-        _relative(flat_xla[path], reference),
+        relative(g, reference),
+        relative(flat_xla[path], reference),
       )
   ours, xlas = np.array(list(errors.values())).T
   worst = max(errors, key=lambda k: errors[k][0])
@@ -219,7 +191,7 @@ def test_a_training_step_equals_one_with_xlas_convolution():
       results[platform] = jax.device_get((state, metrics))
   (state_cpu, m_cpu), (state_xla, m_xla) = results["cpu"], results["tpu"]
   for key in ("loss", "contrast_loss", "sup_loss"):
-    assert _relative(m_cpu[key], np.float64(m_xla[key])) < 1e-5, key
+    assert relative(m_cpu[key], np.float64(m_xla[key])) < 1e-5, key
   init = jax.device_get(results["init"])
   updates = {}
   flat_xla = dict(jax.tree_util.tree_leaves_with_path(state_xla.params))

@@ -114,3 +114,35 @@ def test_batch_norm_picks_flax_off_cpu():
   with layers.override_kernel_platform("tpu"):
     assert type(layers.batch_norm(True, dtype=jnp.float32)) is nn.BatchNorm
   assert type(layers.batch_norm(True, dtype=jnp.float32)) is layers.BatchNorm
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 16, 4), (2, 9, 9, 3), (1, 8, 8, 2), (2, 7, 10, 2)])
+def test_max_pool_equals_flax_with_ties(shape):
+  """Values equal; gradients to float rounding (overlapping windows add in another order), and
+  each window's gradient goes to the same one of its tied maxima (ReLU zeros and rounding)."""
+  rng = np.random.default_rng(shape[1])
+  x = jnp.asarray(np.maximum(rng.normal(size=shape), 0).round(1), jnp.float32)
+  out_shape = (shape[0], -(-shape[1] // 2), -(-shape[2] // 2), shape[3])
+  dy = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
+
+  def value_and_grad(pool):
+    y, vjp = jax.vjp(pool, x)
+    return y, vjp(dy)[0]
+
+  with layers.override_kernel_platform("cpu"):
+    y, dx = jax.jit(lambda: value_and_grad(lambda x: layers.max_pool(x, 3, 2)))()
+  y_flax, dx_flax = jax.jit(
+    lambda: value_and_grad(lambda x: nn.max_pool(x, (3, 3), (2, 2), padding="SAME"))
+  )()
+  np.testing.assert_array_equal(y, y_flax)
+  assert float(jnp.mean(x == 0)) > 0.3  # there are ties to break
+  np.testing.assert_allclose(dx, dx_flax, rtol=0, atol=1e-6)
+  # Which position receives each window's gradient: the same set of non-zero positions.
+  np.testing.assert_array_equal(np.asarray(dx) != 0, np.asarray(dx_flax) != 0)
+
+
+def test_max_pool_uses_flax_off_cpu():
+  x = jnp.ones((1, 8, 8, 2))
+  with layers.override_kernel_platform("tpu"):
+    names = {e.primitive.name for e in jax.make_jaxpr(lambda x: layers.max_pool(x, 3, 2))(x).eqns}
+  assert "reduce_window_max" in names

@@ -62,3 +62,17 @@ def test_unknown_mode_is_an_error(calls, monkeypatch):
   monkeypatch.setenv("MICLE_DISTRIBUTED", "yes")
   with pytest.raises(ValueError, match="MICLE_DISTRIBUTED='yes'"):
     distributed.initialize()
+
+
+@pytest.mark.parametrize("one_device,expected", [(False, [("jax_num_cpu_devices", 4)]), (True, [])])
+def test_the_cpu_is_split_per_core_unless_the_native_convolution_is_built(
+  monkeypatch, one_device, expected
+):
+  updates = []
+  monkeypatch.setenv("XLA_FLAGS", "")
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setattr(distributed.os, "cpu_count", lambda: 4)
+  assert distributed.jax.config.jax_num_cpu_devices == -1  # conftest sets XLA_FLAGS instead
+  monkeypatch.setattr(distributed.jax.config, "update", lambda *kv: updates.append(kv))
+  distributed.split_cpu_into_devices(64, one_device=one_device)
+  assert updates == expected

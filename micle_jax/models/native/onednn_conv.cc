@@ -1,0 +1,283 @@
+// Convolutions for XLA's CPU backend, computed by oneDNN (the library PyTorch's CPU convolutions
+// use), as XLA FFI custom calls. micle_jax/models/native_conv.py registers and calls them.
+//
+// Layouts are JAX's: images NHWC, kernels HWIO (grouped: H, W, C/groups, O). Every call pads
+// (k - 1) // 2 before and the rest after on both spatial axes: SimCLR's fixed padding for strided
+// convolutions and SAME for stride 1, which coincide for the odd kernels the ResNets use.
+//
+// Three targets, each a pure function of its two operands:
+//   micle_onednn_conv_forward          (x, w)  -> y
+//   micle_onednn_conv_backward_data    (dy, w) -> dx
+//   micle_onednn_conv_backward_weights (x, dy) -> dw
+// Attributes: strides, groups, threads (OpenMP threads for this call; the caller runs one XLA
+// device per core, so usually 1), blocked (1: let oneDNN pick its own weight layout and reorder
+// to and from HWIO on each call; 0: compute on HWIO directly).
+//
+// Primitives are created once per shape and cached; the scratchpad is per calling thread, so two
+// devices' threads may run the same primitive at once. oneDNN's CPU convolutions are
+// deterministic for a fixed shape, thread count and machine, so resume stays bit-identical.
+
+#include <omp.h>
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using Tag = memory::format_tag;
+
+namespace {
+
+enum class Kind { kForward, kBackwardData, kBackwardWeights };
+
+// The shape of one convolution, in oneDNN's terms.
+struct Geometry {
+  int64_t n, h, w, c, ho, wo, o, k, strides, groups, pad_lo, pad_hi;
+
+  memory::desc Src() const { return Image(h, w, c); }
+  memory::desc Dst() const { return Image(ho, wo, o); }
+  memory::desc Weights(bool any) const {
+    Tag t = any ? Tag::any : (groups == 1 ? Tag::hwio : Tag::hwigo);
+    if (groups == 1) return memory::desc({o, c, k, k}, memory::data_type::f32, t);
+    return memory::desc({groups, o / groups, c / groups, k, k}, memory::data_type::f32, t);
+  }
+  memory::desc UserWeights() const { return Weights(false); }
+
+ private:
+  memory::desc Image(int64_t hh, int64_t ww, int64_t cc) const {
+    return memory::desc({n, cc, hh, ww}, memory::data_type::f32, Tag::nhwc);
+  }
+};
+
+dnnl::engine& Engine() {
+  static dnnl::engine* engine = new dnnl::engine(dnnl::engine::kind::cpu, 0);
+  return *engine;
+}
+
+// One convolution's primitive and, where oneDNN's weight layout differs from HWIO, the reorder.
+struct Plan {
+  dnnl::primitive conv;
+  memory::desc weights;  // the layout the primitive reads or writes its weights in
+  bool reorder = false;
+  dnnl::reorder to_or_from_user;  // HWIO -> weights (forward, data) or weights -> HWIO
+  memory::desc scratch;
+  std::string impl;
+};
+
+dnnl::primitive_attr Attr() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
+Plan MakePlan(Kind kind, const Geometry& g, bool blocked) {
+  auto& eng = Engine();
+  const dnnl::memory::dims strides = {g.strides, g.strides};
+  const dnnl::memory::dims lo = {g.pad_lo, g.pad_lo}, hi = {g.pad_hi, g.pad_hi};
+  const auto algo = dnnl::algorithm::convolution_direct;
+  dnnl::convolution_forward::desc fwd_desc(dnnl::prop_kind::forward_training, algo, g.Src(),
+                                           g.Weights(blocked), g.Dst(), strides, lo, hi);
+  auto attr = Attr();
+  dnnl::convolution_forward::primitive_desc fwd(fwd_desc, attr, eng);
+  Plan plan;
+  memory::desc scratch;
+  if (kind == Kind::kForward) {
+    plan.conv = dnnl::convolution_forward(fwd);
+    plan.weights = fwd.weights_desc();
+    scratch = fwd.scratchpad_desc();
+    plan.impl = fwd.impl_info_str();
+  } else if (kind == Kind::kBackwardData) {
+    dnnl::convolution_backward_data::desc d(algo, g.Src(), g.Weights(blocked), g.Dst(), strides,
+                                            lo, hi);
+    dnnl::convolution_backward_data::primitive_desc pd(d, attr, eng, fwd);
+    plan.conv = dnnl::convolution_backward_data(pd);
+    plan.weights = pd.weights_desc();
+    scratch = pd.scratchpad_desc();
+    plan.impl = pd.impl_info_str();
+  } else {
+    dnnl::convolution_backward_weights::desc d(algo, g.Src(), g.Weights(blocked), g.Dst(),
+                                               strides, lo, hi);
+    dnnl::convolution_backward_weights::primitive_desc pd(d, attr, eng, fwd);
+    plan.conv = dnnl::convolution_backward_weights(pd);
+    plan.weights = pd.diff_weights_desc();
+    scratch = pd.scratchpad_desc();
+    plan.impl = pd.impl_info_str();
+  }
+  plan.scratch = scratch;
+  plan.reorder = plan.weights != g.UserWeights();
+  if (plan.reorder) {
+    auto user = g.UserWeights();
+    dnnl::reorder::primitive_desc r =
+        kind == Kind::kBackwardWeights
+            ? dnnl::reorder::primitive_desc(eng, plan.weights, eng, user)
+            : dnnl::reorder::primitive_desc(eng, user, eng, plan.weights);
+    plan.to_or_from_user = dnnl::reorder(r);
+  }
+  return plan;
+}
+
+std::string Key(Kind kind, const Geometry& g, int64_t threads, bool blocked) {
+  std::ostringstream s;
+  s << static_cast<int>(kind) << ',' << g.n << ',' << g.h << ',' << g.w << ',' << g.c << ','
+    << g.o << ',' << g.k << ',' << g.strides << ',' << g.groups << ',' << threads << ','
+    << blocked;
+  return s.str();
+}
+
+const Plan& GetPlan(Kind kind, const Geometry& g, int64_t threads, bool blocked) {
+  static std::mutex* mu = new std::mutex;
+  static auto* plans = new std::unordered_map<std::string, std::unique_ptr<Plan>>;
+  const std::string key = Key(kind, g, threads, blocked);
+  std::lock_guard<std::mutex> lock(*mu);
+  auto it = plans->find(key);
+  if (it == plans->end()) {
+    it = plans->emplace(key, std::make_unique<Plan>(MakePlan(kind, g, blocked))).first;
+  }
+  return *it->second;
+}
+
+// Grows as needed and is reused by later calls on the same thread.
+std::vector<uint8_t>& ThreadBuffer(int which) {
+  thread_local std::vector<uint8_t> buffers[2];
+  return buffers[which];
+}
+
+void* Reserve(int which, size_t bytes) {
+  auto& b = ThreadBuffer(which);
+  if (b.size() < bytes) b.resize(bytes);
+  return b.data();
+}
+
+Geometry MakeGeometry(ffi::Span<const int64_t> image, ffi::Span<const int64_t> out_image,
+                      ffi::Span<const int64_t> kernel, int64_t strides, int64_t groups) {
+  Geometry g;
+  g.n = image[0];
+  g.h = image[1];
+  g.w = image[2];
+  g.c = image[3];
+  g.ho = out_image[1];
+  g.wo = out_image[2];
+  g.k = kernel[0];
+  g.o = kernel[3];
+  g.strides = strides;
+  g.groups = groups;
+  g.pad_lo = (g.k - 1) / 2;
+  g.pad_hi = (g.k - 1) - g.pad_lo;
+  return g;
+}
+
+ffi::Error Check(const Geometry& g, ffi::Span<const int64_t> kernel) {
+  if (kernel[0] != kernel[1] || kernel[2] * g.groups != g.c || g.o % g.groups != 0) {
+    return ffi::Error::InvalidArgument("onednn_conv: kernel shape does not match the image");
+  }
+  if (g.ho != (g.h - 1) / g.strides + 1 || g.wo != (g.w - 1) / g.strides + 1) {
+    return ffi::Error::InvalidArgument("onednn_conv: output side is not (side - 1) // s + 1");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Run(Kind kind, const Geometry& g, int64_t threads, bool blocked, void* src_or_dsrc,
+               void* weights, void* dst_or_ddst) {
+  omp_set_num_threads(static_cast<int>(threads));
+  try {
+    const Plan& plan = GetPlan(kind, g, threads, blocked);
+    auto& eng = Engine();
+    dnnl::stream stream(eng);
+    memory user_w(g.UserWeights(), eng, weights);
+    memory w = user_w;
+    if (plan.reorder) w = memory(plan.weights, eng, Reserve(1, plan.weights.get_size()));
+    memory scratch(plan.scratch, eng, Reserve(0, plan.scratch.get_size()));
+    memory src(g.Src(), eng, src_or_dsrc), dst(g.Dst(), eng, dst_or_ddst);
+    if (kind == Kind::kForward) {
+      if (plan.reorder) plan.to_or_from_user.execute(stream, user_w, w);
+      plan.conv.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, w},
+                                 {DNNL_ARG_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratch}});
+    } else if (kind == Kind::kBackwardData) {
+      if (plan.reorder) plan.to_or_from_user.execute(stream, user_w, w);
+      plan.conv.execute(stream, {{DNNL_ARG_DIFF_SRC, src}, {DNNL_ARG_WEIGHTS, w},
+                                 {DNNL_ARG_DIFF_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratch}});
+    } else {
+      plan.conv.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_WEIGHTS, w},
+                                 {DNNL_ARG_DIFF_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratch}});
+      if (plan.reorder) plan.to_or_from_user.execute(stream, w, user_w);
+    }
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("onednn_conv: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                   ffi::ResultBuffer<ffi::F32> y, int64_t strides, int64_t groups,
+                   int64_t threads, int64_t blocked) {
+  Geometry g = MakeGeometry(x.dimensions(), y->dimensions(), w.dimensions(), strides, groups);
+  if (auto e = Check(g, w.dimensions()); e.failure()) return e;
+  return Run(Kind::kForward, g, threads, blocked, x.untyped_data(), w.untyped_data(),
+             y->untyped_data());
+}
+
+ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
+                        ffi::ResultBuffer<ffi::F32> dx, int64_t strides, int64_t groups,
+                        int64_t threads, int64_t blocked) {
+  Geometry g = MakeGeometry(dx->dimensions(), dy.dimensions(), w.dimensions(), strides, groups);
+  if (auto e = Check(g, w.dimensions()); e.failure()) return e;
+  return Run(Kind::kBackwardData, g, threads, blocked, dx->untyped_data(), w.untyped_data(),
+             dy.untyped_data());
+}
+
+ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                           ffi::ResultBuffer<ffi::F32> dw, int64_t strides, int64_t groups,
+                           int64_t threads, int64_t blocked) {
+  Geometry g = MakeGeometry(x.dimensions(), dy.dimensions(), dw->dimensions(), strides, groups);
+  if (auto e = Check(g, dw->dimensions()); e.failure()) return e;
+  return Run(Kind::kBackwardWeights, g, threads, blocked, x.untyped_data(), dw->untyped_data(),
+             dy.untyped_data());
+}
+
+}  // namespace
+
+#define MICLE_BIND                                                                      \
+  ffi::Ffi::Bind()                                                                      \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                     \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                     \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                     \
+      .Attr<int64_t>("strides")                                                         \
+      .Attr<int64_t>("groups")                                                          \
+      .Attr<int64_t>("threads")                                                         \
+      .Attr<int64_t>("blocked")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(micle_onednn_conv_forward, Forward, MICLE_BIND);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(micle_onednn_conv_backward_data, BackwardData, MICLE_BIND);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(micle_onednn_conv_backward_weights, BackwardWeights, MICLE_BIND);
+
+// For the benchmark's report: which oneDNN implementation a shape runs (e.g. "brg:avx512_core").
+extern "C" int micle_onednn_conv_impl(int kind, const int64_t* dims, int64_t threads,
+                                      int64_t blocked, char* out, int out_len) {
+  // dims: n, h, w, c, o, k, strides, groups
+  Geometry g;
+  g.n = dims[0]; g.h = dims[1]; g.w = dims[2]; g.c = dims[3]; g.o = dims[4]; g.k = dims[5];
+  g.strides = dims[6]; g.groups = dims[7];
+  g.ho = (g.h - 1) / g.strides + 1;
+  g.wo = (g.w - 1) / g.strides + 1;
+  g.pad_lo = (g.k - 1) / 2;
+  g.pad_hi = (g.k - 1) - g.pad_lo;
+  omp_set_num_threads(static_cast<int>(threads));
+  try {
+    const Plan& plan = GetPlan(static_cast<Kind>(kind), g, threads, blocked);
+    std::string s = plan.impl + (plan.reorder ? " +reorder" : "");
+    snprintf(out, out_len, "%s", s.c_str());
+  } catch (const dnnl::error& e) {
+    snprintf(out, out_len, "error: %s", e.what());
+    return 1;
+  }
+  return 0;
+}
