@@ -102,7 +102,7 @@ def implementation(kind: str, shape: tuple[int, ...], threads: int | None = None
   dims = (ctypes.c_int64 * 8)(*shape)
   out = ctypes.create_string_buffer(256)
   lib.micle_onednn_conv_impl(
-    _TARGETS.index(kind), dims, ctypes.c_int64(threads or _threads()), ctypes.c_int64(1), out, 256
+    _TARGETS.index(kind), dims, ctypes.c_int64(threads or _threads()), out, 256
   )
   return out.value.decode()
 
@@ -142,7 +142,6 @@ def _call(
     strides=np.int64(strides),
     groups=np.int64(groups),
     threads=np.int64(_threads()),
-    blocked=np.int64(1),
   )
 
 
@@ -176,56 +175,40 @@ def _replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-# Forward: y = conv(x, w). Batch-sharded x, replicated w -> batch-sharded y.
-@functools.partial(custom_partitioning, static_argnums=(0, 1))
-def _forward(strides, groups, x, w):
-  return _local_forward(strides, groups, x, w)
+def _other_factors(sharding_rule: str) -> tuple[str, ...]:
+  """The factors of a sharding rule other than the batch's `n`: these stay replicated."""
+  names = sharding_rule.replace(",", " ").replace("->", " ").split()
+  return tuple(dict.fromkeys(f for f in names if f != "n"))
 
 
-def _forward_infer(strides, groups, mesh, arg_shapes, result_shape):
-  del strides, groups, result_shape
-  return _image(mesh, _batch_axes(arg_shapes[0].sharding))
+def _image_by_kernel(local, num_static: int, sharding_rule: str):
+  """`local(*static, image, kernel) -> image` under `custom_partitioning`: the image operand's
+  batch sharding is kept for the result, the kernel is replicated, and each device computes its
+  part of the batch alone."""
+  wrapped = custom_partitioning(local, static_argnums=tuple(range(num_static)))
+
+  def infer(*args):
+    mesh, arg_shapes, _ = args[num_static:]
+    return _image(mesh, _batch_axes(arg_shapes[0].sharding))
+
+  def partition(*args):
+    static, (mesh, arg_shapes, _) = args[:num_static], args[num_static:]
+    batch = _batch_axes(arg_shapes[0].sharding)
+    lower = functools.partial(local, *static)
+    return mesh, lower, _image(mesh, batch), (_image(mesh, batch), _replicated(mesh))
+
+  wrapped.def_partition(
+    infer_sharding_from_operands=infer,
+    partition=partition,
+    sharding_rule=sharding_rule,
+    need_replication_factors=_other_factors(sharding_rule),
+  )
+  return wrapped
 
 
-def _forward_partition(strides, groups, mesh, arg_shapes, result_shape):
-  del result_shape
-  batch = _batch_axes(arg_shapes[0].sharding)
-  lower = functools.partial(_local_forward, strides, groups)
-  return mesh, lower, _image(mesh, batch), (_image(mesh, batch), _replicated(mesh))
-
-
-_forward.def_partition(
-  infer_sharding_from_operands=_forward_infer,
-  partition=_forward_partition,
-  sharding_rule="n h w c, a b d o -> n i j o",
-  need_replication_factors=("h", "w", "c", "a", "b", "d", "o", "i", "j"),
-)
-
-
-# Input gradient: dx from (dy, w). Batch-sharded dy -> batch-sharded dx.
-@functools.partial(custom_partitioning, static_argnums=(0, 1, 2))
-def _backward_data(strides, groups, image_side, dy, w):
-  return _local_backward_data(strides, groups, image_side, dy, w)
-
-
-def _backward_data_infer(strides, groups, image_side, mesh, arg_shapes, result_shape):
-  del strides, groups, image_side, result_shape
-  return _image(mesh, _batch_axes(arg_shapes[0].sharding))
-
-
-def _backward_data_partition(strides, groups, image_side, mesh, arg_shapes, result_shape):
-  del result_shape
-  batch = _batch_axes(arg_shapes[0].sharding)
-  lower = functools.partial(_local_backward_data, strides, groups, image_side)
-  return mesh, lower, _image(mesh, batch), (_image(mesh, batch), _replicated(mesh))
-
-
-_backward_data.def_partition(
-  infer_sharding_from_operands=_backward_data_infer,
-  partition=_backward_data_partition,
-  sharding_rule="n i j o, a b d o -> n h w c",
-  need_replication_factors=("i", "j", "o", "a", "b", "d", "h", "w", "c"),
-)
+# Forward, y from (x, w); input gradient, dx from (dy, w).
+_forward = _image_by_kernel(_local_forward, 2, "n h w c, a b d o -> n i j o")
+_backward_data = _image_by_kernel(_local_backward_data, 3, "n i j o, a b d o -> n h w c")
 
 
 # Weight gradient: dw from (x, dy). Per device on its part of the batch, then summed.
@@ -250,12 +233,13 @@ def _backward_weights_partition(strides, groups, kernel_shape, mesh, arg_shapes,
   return mesh, lower, _replicated(mesh), (_image(mesh, batch), _image(mesh, batch))
 
 
+_WEIGHTS_RULE = "n h w c, n i j o -> a b d o"
 _backward_weights.def_partition(
   infer_sharding_from_operands=_backward_weights_infer,
   partition=_backward_weights_partition,
-  sharding_rule="n h w c, n i j o -> a b d o",
+  sharding_rule=_WEIGHTS_RULE,
   reduction_factors=("n",),
-  need_replication_factors=("h", "w", "c", "i", "j", "o", "a", "b", "d"),
+  need_replication_factors=_other_factors(_WEIGHTS_RULE),
 )
 
 

@@ -153,11 +153,9 @@ def test_taken_on_the_cpu_in_float32_unless_turned_off(monkeypatch):
       jaxpr = jax.make_jaxpr(jax.grad(lambda p: conv.apply(p, x).sum()))(params)
     return {e.primitive.name for e in jaxpr.jaxpr.eqns}
 
-  assert "conv_general_dilated" not in primitives("cpu")
+  on_cpu = primitives("cpu")
+  assert "conv_general_dilated" not in on_cpu and "custom_partitioning" in on_cpu
   assert "conv_general_dilated" in primitives("tpu")
-  # Eqns of the custom VJP's forward; the custom calls themselves are inside.
-  text = str(jax.make_jaxpr(jax.grad(lambda p: conv.apply(p, x).sum()))(params))
-  assert "custom_partitioning" in text or "custom_vjp" in text
   assert native_conv.implementation("forward", (2, 9, 9, 4, 8, 3, 2, 1))
 
 

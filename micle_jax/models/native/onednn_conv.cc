@@ -10,8 +10,8 @@
 //   micle_onednn_conv_backward_data    (dy, w) -> dx
 //   micle_onednn_conv_backward_weights (x, dy) -> dw
 // Attributes: strides, groups, threads (OpenMP threads for this call; the caller runs one XLA
-// device per core, so usually 1), blocked (1: let oneDNN pick its own weight layout and reorder
-// to and from HWIO on each call; 0: compute on HWIO directly).
+// device per core, so 1; on one device, every core). oneDNN picks its own weight layout, and the
+// weights are reordered to and from HWIO on each call (cheap beside the convolution).
 //
 // Primitives are created once per shape and cached; the scratchpad is per calling thread, so two
 // devices' threads may run the same primitive at once. oneDNN's CPU convolutions are
@@ -78,13 +78,13 @@ dnnl::primitive_attr Attr() {
   return attr;
 }
 
-Plan MakePlan(Kind kind, const Geometry& g, bool blocked) {
+Plan MakePlan(Kind kind, const Geometry& g) {
   auto& eng = Engine();
   const dnnl::memory::dims strides = {g.strides, g.strides};
   const dnnl::memory::dims lo = {g.pad_lo, g.pad_lo}, hi = {g.pad_hi, g.pad_hi};
   const auto algo = dnnl::algorithm::convolution_direct;
   dnnl::convolution_forward::desc fwd_desc(dnnl::prop_kind::forward_training, algo, g.Src(),
-                                           g.Weights(blocked), g.Dst(), strides, lo, hi);
+                                           g.Weights(true), g.Dst(), strides, lo, hi);
   auto attr = Attr();
   dnnl::convolution_forward::primitive_desc fwd(fwd_desc, attr, eng);
   Plan plan;
@@ -95,7 +95,7 @@ Plan MakePlan(Kind kind, const Geometry& g, bool blocked) {
     scratch = fwd.scratchpad_desc();
     plan.impl = fwd.impl_info_str();
   } else if (kind == Kind::kBackwardData) {
-    dnnl::convolution_backward_data::desc d(algo, g.Src(), g.Weights(blocked), g.Dst(), strides,
+    dnnl::convolution_backward_data::desc d(algo, g.Src(), g.Weights(true), g.Dst(), strides,
                                             lo, hi);
     dnnl::convolution_backward_data::primitive_desc pd(d, attr, eng, fwd);
     plan.conv = dnnl::convolution_backward_data(pd);
@@ -103,7 +103,7 @@ Plan MakePlan(Kind kind, const Geometry& g, bool blocked) {
     scratch = pd.scratchpad_desc();
     plan.impl = pd.impl_info_str();
   } else {
-    dnnl::convolution_backward_weights::desc d(algo, g.Src(), g.Weights(blocked), g.Dst(),
+    dnnl::convolution_backward_weights::desc d(algo, g.Src(), g.Weights(true), g.Dst(),
                                                strides, lo, hi);
     dnnl::convolution_backward_weights::primitive_desc pd(d, attr, eng, fwd);
     plan.conv = dnnl::convolution_backward_weights(pd);
@@ -124,22 +124,21 @@ Plan MakePlan(Kind kind, const Geometry& g, bool blocked) {
   return plan;
 }
 
-std::string Key(Kind kind, const Geometry& g, int64_t threads, bool blocked) {
+std::string Key(Kind kind, const Geometry& g, int64_t threads) {
   std::ostringstream s;
   s << static_cast<int>(kind) << ',' << g.n << ',' << g.h << ',' << g.w << ',' << g.c << ','
-    << g.o << ',' << g.k << ',' << g.strides << ',' << g.groups << ',' << threads << ','
-    << blocked;
+    << g.o << ',' << g.k << ',' << g.strides << ',' << g.groups << ',' << threads;
   return s.str();
 }
 
-const Plan& GetPlan(Kind kind, const Geometry& g, int64_t threads, bool blocked) {
+const Plan& GetPlan(Kind kind, const Geometry& g, int64_t threads) {
   static std::mutex* mu = new std::mutex;
   static auto* plans = new std::unordered_map<std::string, std::unique_ptr<Plan>>;
-  const std::string key = Key(kind, g, threads, blocked);
+  const std::string key = Key(kind, g, threads);
   std::lock_guard<std::mutex> lock(*mu);
   auto it = plans->find(key);
   if (it == plans->end()) {
-    it = plans->emplace(key, std::make_unique<Plan>(MakePlan(kind, g, blocked))).first;
+    it = plans->emplace(key, std::make_unique<Plan>(MakePlan(kind, g))).first;
   }
   return *it->second;
 }
@@ -156,21 +155,32 @@ void* Reserve(int which, size_t bytes) {
   return b.data();
 }
 
-Geometry MakeGeometry(ffi::Span<const int64_t> image, ffi::Span<const int64_t> out_image,
-                      ffi::Span<const int64_t> kernel, int64_t strides, int64_t groups) {
+// The geometry of a convolution of an n×h×w×c image by k×k kernels to o channels.
+Geometry MakeGeometry(int64_t n, int64_t h, int64_t w, int64_t c, int64_t o, int64_t k,
+                      int64_t strides, int64_t groups) {
   Geometry g;
-  g.n = image[0];
-  g.h = image[1];
-  g.w = image[2];
-  g.c = image[3];
-  g.ho = out_image[1];
-  g.wo = out_image[2];
-  g.k = kernel[0];
-  g.o = kernel[3];
+  g.n = n;
+  g.h = h;
+  g.w = w;
+  g.c = c;
+  g.o = o;
+  g.k = k;
   g.strides = strides;
   g.groups = groups;
-  g.pad_lo = (g.k - 1) / 2;
-  g.pad_hi = (g.k - 1) - g.pad_lo;
+  g.ho = (h - 1) / strides + 1;
+  g.wo = (w - 1) / strides + 1;
+  g.pad_lo = (k - 1) / 2;
+  g.pad_hi = (k - 1) - g.pad_lo;
+  return g;
+}
+
+// From the operands' shapes; the output side is checked against the image's in Check.
+Geometry MakeGeometry(ffi::Span<const int64_t> image, ffi::Span<const int64_t> out_image,
+                      ffi::Span<const int64_t> kernel, int64_t strides, int64_t groups) {
+  Geometry g = MakeGeometry(image[0], image[1], image[2], image[3], kernel[3], kernel[0], strides,
+                            groups);
+  g.ho = out_image[1];
+  g.wo = out_image[2];
   return g;
 }
 
@@ -184,11 +194,11 @@ ffi::Error Check(const Geometry& g, ffi::Span<const int64_t> kernel) {
   return ffi::Error::Success();
 }
 
-ffi::Error Run(Kind kind, const Geometry& g, int64_t threads, bool blocked, void* src_or_dsrc,
+ffi::Error Run(Kind kind, const Geometry& g, int64_t threads, void* src_or_dsrc,
                void* weights, void* dst_or_ddst) {
   omp_set_num_threads(static_cast<int>(threads));
   try {
-    const Plan& plan = GetPlan(kind, g, threads, blocked);
+    const Plan& plan = GetPlan(kind, g, threads);
     auto& eng = Engine();
     dnnl::stream stream(eng);
     memory user_w(g.UserWeights(), eng, weights);
@@ -218,28 +228,28 @@ ffi::Error Run(Kind kind, const Geometry& g, int64_t threads, bool blocked, void
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                    ffi::ResultBuffer<ffi::F32> y, int64_t strides, int64_t groups,
-                   int64_t threads, int64_t blocked) {
+                   int64_t threads) {
   Geometry g = MakeGeometry(x.dimensions(), y->dimensions(), w.dimensions(), strides, groups);
   if (auto e = Check(g, w.dimensions()); e.failure()) return e;
-  return Run(Kind::kForward, g, threads, blocked, x.untyped_data(), w.untyped_data(),
+  return Run(Kind::kForward, g, threads, x.untyped_data(), w.untyped_data(),
              y->untyped_data());
 }
 
 ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
                         ffi::ResultBuffer<ffi::F32> dx, int64_t strides, int64_t groups,
-                        int64_t threads, int64_t blocked) {
+                        int64_t threads) {
   Geometry g = MakeGeometry(dx->dimensions(), dy.dimensions(), w.dimensions(), strides, groups);
   if (auto e = Check(g, w.dimensions()); e.failure()) return e;
-  return Run(Kind::kBackwardData, g, threads, blocked, dx->untyped_data(), w.untyped_data(),
+  return Run(Kind::kBackwardData, g, threads, dx->untyped_data(), w.untyped_data(),
              dy.untyped_data());
 }
 
 ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                            ffi::ResultBuffer<ffi::F32> dw, int64_t strides, int64_t groups,
-                           int64_t threads, int64_t blocked) {
+                           int64_t threads) {
   Geometry g = MakeGeometry(x.dimensions(), dy.dimensions(), dw->dimensions(), strides, groups);
   if (auto e = Check(g, dw->dimensions()); e.failure()) return e;
-  return Run(Kind::kBackwardWeights, g, threads, blocked, x.untyped_data(), dw->untyped_data(),
+  return Run(Kind::kBackwardWeights, g, threads, x.untyped_data(), dw->untyped_data(),
              dy.untyped_data());
 }
 
@@ -252,27 +262,20 @@ ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
       .Ret<ffi::Buffer<ffi::F32>>()                                                     \
       .Attr<int64_t>("strides")                                                         \
       .Attr<int64_t>("groups")                                                          \
-      .Attr<int64_t>("threads")                                                         \
-      .Attr<int64_t>("blocked")
+      .Attr<int64_t>("threads")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(micle_onednn_conv_forward, Forward, MICLE_BIND);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(micle_onednn_conv_backward_data, BackwardData, MICLE_BIND);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(micle_onednn_conv_backward_weights, BackwardWeights, MICLE_BIND);
 
 // For the benchmark's report: which oneDNN implementation a shape runs (e.g. "brg:avx512_core").
-extern "C" int micle_onednn_conv_impl(int kind, const int64_t* dims, int64_t threads,
-                                      int64_t blocked, char* out, int out_len) {
+extern "C" int micle_onednn_conv_impl(int kind, const int64_t* dims, int64_t threads, char* out,
+                                      int out_len) {
   // dims: n, h, w, c, o, k, strides, groups
-  Geometry g;
-  g.n = dims[0]; g.h = dims[1]; g.w = dims[2]; g.c = dims[3]; g.o = dims[4]; g.k = dims[5];
-  g.strides = dims[6]; g.groups = dims[7];
-  g.ho = (g.h - 1) / g.strides + 1;
-  g.wo = (g.w - 1) / g.strides + 1;
-  g.pad_lo = (g.k - 1) / 2;
-  g.pad_hi = (g.k - 1) - g.pad_lo;
+  Geometry g = MakeGeometry(dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7]);
   omp_set_num_threads(static_cast<int>(threads));
   try {
-    const Plan& plan = GetPlan(static_cast<Kind>(kind), g, threads, blocked);
+    const Plan& plan = GetPlan(static_cast<Kind>(kind), g, threads);
     std::string s = plan.impl + (plan.reorder ? " +reorder" : "");
     snprintf(out, out_len, "%s", s.c_str());
   } catch (const dnnl::error& e) {
