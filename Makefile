@@ -19,24 +19,16 @@ $(STAMP): requirements.txt requirements-test.txt requirements-notebooks.txt setu
 	$(PY) -m pip check
 	touch $(STAMP)
 
-# The CPU's convolutions by oneDNN (micle_jax/models/native_conv.py): built where a C++ compiler
-# and oneDNN's headers are (Debian/Ubuntu: apt-get install libdnnl-dev); elsewhere XLA's
-# convolutions are used, with the same results to float rounding, at about half the speed.
+# The CPU's convolutions by oneDNN (micle_jax/models/native_conv.py): oneDNN's library and headers
+# come from PyPI (micle_jax/models/native/build.py says which and why); needs a C++ compiler and
+# Linux on x86-64. Elsewhere XLA's convolutions are used, with the same results to float rounding,
+# at about half the speed.
 CXX ?= g++
-NATIVE_SRC := micle_jax/models/native/onednn_conv.cc
-NATIVE_LIB := micle_jax/models/native/libmicle_onednn.so
+NATIVE := micle_jax/models/native
+NATIVE_LIB := $(NATIVE)/libmicle_onednn.so
 native: $(STAMP)
-	@if [ $(NATIVE_LIB) -nt $(NATIVE_SRC) ] && [ $(NATIVE_LIB) -nt $(STAMP) ]; then :; \
-	elif echo '#include <oneapi/dnnl/dnnl.hpp>' | $(CXX) -x c++ -std=c++17 -fsyntax-only - 2>/dev/null; then \
-	  echo "building $(NATIVE_LIB)"; \
-	  $(CXX) -O2 -std=c++17 -shared -fPIC -fopenmp -Wall \
-	    -isystem "$$($(PY) -c 'import jax; print(jax.ffi.include_dir())')" \
-	    $(NATIVE_SRC) -o $(NATIVE_LIB) -ldnnl; \
-	else \
-	  rm -f $(NATIVE_LIB); \
-	  echo "note: oneDNN not found, so the CPU uses XLA's convolutions (about half the speed;"; \
-	  echo "      Debian/Ubuntu: apt-get install libdnnl-dev, then make native)"; \
-	fi
+	@if [ $(NATIVE_LIB) -nt $(NATIVE)/onednn_conv.cc ] && [ $(NATIVE_LIB) -nt $(NATIVE)/build.py ] \
+	  && [ $(NATIVE_LIB) -nt $(STAMP) ]; then :; else $(PY) $(NATIVE)/build.py --cxx=$(CXX); fi
 
 test: native
 	$(PY) -m pytest -n 2 --dist=loadfile -q
@@ -75,4 +67,4 @@ lint: $(STAMP)
 	shellcheck launch/*.sh
 
 clean:
-	rm -rf $(VENV) $(TV_VENV) .pytest_cache $(NATIVE_LIB)
+	rm -rf $(VENV) $(TV_VENV) .pytest_cache $(NATIVE_LIB) $(NATIVE)/libdnnl.so.3 build/onednn

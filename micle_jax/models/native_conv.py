@@ -4,9 +4,12 @@ XLA's CPU backend computes convolutions, and above all their gradients, at a fra
 speed of oneDNN, the library PyTorch's CPU convolutions use (docs/benchmark.md, "The native
 convolution"). `conv` hands the forward pass and both gradients of an NHWC × HWIO float32
 convolution to oneDNN through three custom calls compiled from `native/onednn_conv.cc`
-(`make native` builds it into `native/libmicle_onednn.so`; it needs a C++ compiler and oneDNN's
-headers, Debian's and Ubuntu's `libdnnl-dev`). Without the library, `available()` is False and
-`layers.Conv` keeps XLA's convolution, with the same results to float rounding.
+(`make native` builds it into `native/libmicle_onednn.so`, against oneDNN 3 from PyPI; it needs a
+C++ compiler and Linux on x86-64: `native/build.py`). Without the library, `available()` is False
+and `layers.Conv` keeps XLA's convolution, with the same results to float rounding.
+
+On CPUs without AVX-512 the weight gradient is not oneDNN's convolution but matrix products over
+the image's patches (`weight_gradient`; about twice as fast there, docs/benchmark.md).
 
 Under `jax.jit` with a batch sharded over devices, a custom call would otherwise be replicated.
 Each of the three calls therefore has a partitioning rule (`custom_partitioning`): the forward
@@ -42,6 +45,10 @@ ENV_SWITCH = "MICLE_NATIVE_CONV"
 _lock = threading.Lock()
 _library: list[ctypes.CDLL | None] = []  # [] until first asked; [None] when absent
 _disabled: list[bool] = []
+# How the weight gradient is computed (the C++ `Method`): "auto" lets the library choose (matrix
+# products on CPUs without AVX-512, else oneDNN's kernel); "onednn" and "gemm" force one.
+WEIGHT_GRADIENT_METHODS = ("auto", "onednn", "gemm")
+_weight_gradient: list[str] = []
 
 
 class NativeConvError(RuntimeError):
@@ -93,16 +100,39 @@ def disabled(value: bool = True) -> Iterator[None]:
     _disabled.pop()
 
 
+@contextlib.contextmanager
+def weight_gradient(method: str) -> Iterator[None]:
+  """Models traced inside compute weight gradients by `method`, one of WEIGHT_GRADIENT_METHODS
+  (tests and the benchmark's comparisons; "gemm" applies to ungrouped convolutions only)."""
+  if method not in WEIGHT_GRADIENT_METHODS:
+    raise ValueError(f"weight_gradient: {method!r} is not one of {WEIGHT_GRADIENT_METHODS}")
+  _weight_gradient.append(method)
+  try:
+    yield
+  finally:
+    _weight_gradient.pop()
+
+
+def _method() -> int:
+  return WEIGHT_GRADIENT_METHODS.index(_weight_gradient[-1] if _weight_gradient else "auto")
+
+
 def implementation(kind: str, shape: tuple[int, ...], threads: int | None = None) -> str:
-  """The oneDNN implementation `kind` ("forward", "backward_data", "backward_weights") runs for
-  `shape` = (n, h, w, c, o, k, strides, groups), e.g. "brgconv:avx512_core +reorder"."""
+  """The implementation `kind` ("forward", "backward_data", "backward_weights") runs for
+  `shape` = (n, h, w, c, o, k, strides, groups), e.g. "brgconv:avx2 +reorder", or
+  "patches+sgemm" for the weight gradient by matrix products (under `weight_gradient`'s method)."""
   lib = _load()
   if lib is None:
     raise NativeConvError(f"{LIBRARY} is not built (`make native`)")
   dims = (ctypes.c_int64 * 8)(*shape)
   out = ctypes.create_string_buffer(256)
   lib.micle_onednn_conv_impl(
-    _TARGETS.index(kind), dims, ctypes.c_int64(threads or _threads()), out, 256
+    _TARGETS.index(kind),
+    dims,
+    ctypes.c_int64(threads or _threads()),
+    ctypes.c_int64(_method()),
+    out,
+    256,
   )
   return out.value.decode()
 
@@ -132,7 +162,13 @@ def output_side(side: int, strides: int) -> int:
 
 
 def _call(
-  target: str, shape: tuple[int, ...], a: jax.Array, b: jax.Array, strides: int, groups: int
+  target: str,
+  shape: tuple[int, ...],
+  a: jax.Array,
+  b: jax.Array,
+  strides: int,
+  groups: int,
+  **attributes: np.int64,
 ) -> jax.Array:
   if _load() is None:  # registers the targets on first use
     raise NativeConvError(f"{LIBRARY} is not built (`make native`)")
@@ -142,6 +178,7 @@ def _call(
     strides=np.int64(strides),
     groups=np.int64(groups),
     threads=np.int64(_threads()),
+    **attributes,
   )
 
 
@@ -157,8 +194,8 @@ def _local_backward_data(strides, groups, image_side, dy, w):
   return _call("backward_data", shape, dy, w, strides, groups)
 
 
-def _local_backward_weights(strides, groups, kernel_shape, x, dy):
-  return _call("backward_weights", kernel_shape, x, dy, strides, groups)
+def _local_backward_weights(strides, groups, kernel_shape, method, x, dy):
+  return _call("backward_weights", kernel_shape, x, dy, strides, groups, method=np.int64(method))
 
 
 def _batch_axes(sharding) -> str | tuple[str, ...] | None:
@@ -212,22 +249,24 @@ _backward_data = _image_by_kernel(_local_backward_data, 3, "n i j o, a b d o -> 
 
 
 # Weight gradient: dw from (x, dy). Per device on its part of the batch, then summed.
-@functools.partial(custom_partitioning, static_argnums=(0, 1, 2))
-def _backward_weights(strides, groups, kernel_shape, x, dy):
-  return _local_backward_weights(strides, groups, kernel_shape, x, dy)
+@functools.partial(custom_partitioning, static_argnums=(0, 1, 2, 3))
+def _backward_weights(strides, groups, kernel_shape, method, x, dy):
+  return _local_backward_weights(strides, groups, kernel_shape, method, x, dy)
 
 
-def _backward_weights_infer(strides, groups, kernel_shape, mesh, arg_shapes, result_shape):
-  del strides, groups, kernel_shape, arg_shapes, result_shape
+def _backward_weights_infer(strides, groups, kernel_shape, method, mesh, arg_shapes, result_shape):
+  del strides, groups, kernel_shape, method, arg_shapes, result_shape
   return _replicated(mesh)
 
 
-def _backward_weights_partition(strides, groups, kernel_shape, mesh, arg_shapes, result_shape):
+def _backward_weights_partition(
+  strides, groups, kernel_shape, method, mesh, arg_shapes, result_shape
+):
   del result_shape
   batch = _batch_axes(arg_shapes[0].sharding)
 
   def lower(x, dy):
-    dw = _local_backward_weights(strides, groups, kernel_shape, x, dy)
+    dw = _local_backward_weights(strides, groups, kernel_shape, method, x, dy)
     return jax.lax.psum(dw, batch) if batch else dw
 
   return mesh, lower, _replicated(mesh), (_image(mesh, batch), _image(mesh, batch))
@@ -257,7 +296,7 @@ def _conv_forward(x, kernel, strides, groups):
 def _conv_backward(strides, groups, residuals, dy):
   x, kernel = residuals
   dx = _backward_data(strides, groups, (x.shape[1], x.shape[2]), dy, kernel)
-  dw = _backward_weights(strides, groups, tuple(kernel.shape), x, dy)
+  dw = _backward_weights(strides, groups, tuple(kernel.shape), _method(), x, dy)
   return dx, dw
 
 

@@ -1,5 +1,5 @@
 """oneDNN's convolutions (native_conv): equal to `lax.conv` and to float64, deterministic, sharded
-like XLA's, taken on the CPU only.
+like XLA's, taken on the CPU only; the weight gradient both by oneDNN and by matrix products.
 
 Without the library (`make native`) these tests skip, naming the command; where
 MICLE_REQUIRE_NATIVE_CONV=1 (CI builds it) they fail instead.
@@ -40,7 +40,7 @@ SHAPES = [
 @pytest.fixture(scope="module", autouse=True)
 def _native():
   if not native_conv.available():
-    message = f"{native_conv.LIBRARY} is not built: run `make native` (needs oneDNN's headers)"
+    message = f"{native_conv.LIBRARY} is not built: run `make native`"
     if os.environ.get("MICLE_REQUIRE_NATIVE_CONV") == "1":
       pytest.fail(message)
     pytest.skip(message)
@@ -76,8 +76,9 @@ def _grouped_reference(x, w, stride, groups, dy):
   return tuple(np.concatenate(p, axis=-1) for p in zip(*parts, strict=True))
 
 
+@pytest.mark.parametrize("method", ["onednn", "gemm"])
 @pytest.mark.parametrize("side,c,d,k,stride,groups", SHAPES)
-def test_equals_lax_conv_and_float64(side, c, d, k, stride, groups):
+def test_equals_lax_conv_and_float64(side, c, d, k, stride, groups, method):
   rng = np.random.default_rng(side * c + d + k)
   x = rng.normal(size=(3, side, side, c))
   w = rng.normal(size=(k, k, c // groups, d)) / np.sqrt(k * k * c / groups)
@@ -85,24 +86,70 @@ def test_equals_lax_conv_and_float64(side, c, d, k, stride, groups):
   dy = rng.normal(size=(*y_shape[:-1], d))
   expected = _grouped_reference(x, w, stride, groups, dy)
   args = [jnp.asarray(a, jnp.float32) for a in (x, w, dy)]
-  ours = jax.jit(
-    functools.partial(_value_and_grads, lambda x, w: native_conv.conv(x, w, stride, groups))
-  )(*args)
+  with native_conv.weight_gradient(method):
+    ours = jax.jit(
+      functools.partial(_value_and_grads, lambda x, w: native_conv.conv(x, w, stride, groups))
+    )(*args)
   xla = jax.jit(functools.partial(_value_and_grads, lambda x, w: _xla(x, w, stride, groups)))(*args)
   assert_matches(ours, xla, expected)
 
 
-def test_bit_identical_run_to_run():
+@pytest.mark.parametrize("method", ["onednn", "gemm"])
+def test_bit_identical_run_to_run(method):
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(size=(4, 16, 16, 8)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(3, 3, 8, 16)), jnp.float32)
   dy = jnp.asarray(rng.normal(size=(4, 16, 16, 16)), jnp.float32)
-  runs = [
-    jax.jit(functools.partial(_value_and_grads, lambda x, w: native_conv.conv(x, w, 1)))(x, w, dy)
-    for _ in range(2)  # two separate compilations
-  ]
+  with native_conv.weight_gradient(method):
+    runs = [
+      jax.jit(functools.partial(_value_and_grads, lambda x, w: native_conv.conv(x, w, 1)))(x, w, dy)
+      for _ in range(2)  # two separate compilations
+    ]
   for a, b in zip(*runs, strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize(
+  "side,c,d,k,stride", [(20, 8, 16, 3, 1), (11, 16, 8, 3, 2), (12, 8, 8, 1, 1)]
+)
+def test_weight_gradient_by_matrix_products_on_several_threads(
+  monkeypatch, threads, side, c, d, k, stride
+):
+  """The suite's 8 devices give each call one thread; here 2 and 3 split the output positions
+  (2 · side² of them: several chunks of 256, a short last one, and at side 11 a thread with
+  none), and the result is float64's, the same on every run."""
+  monkeypatch.setattr(native_conv, "_threads", lambda: threads)
+  rng = np.random.default_rng(side + threads)
+  x = rng.normal(size=(2, side, side, c))
+  w = rng.normal(size=(k, k, c, d))
+  dy = rng.normal(size=(*reference(x, w, stride)[0].shape[:-1], d))
+  _, _, expected = reference_grads(x, w, stride, dy)
+  x32, dy32 = (jnp.asarray(a, jnp.float32) for a in (x, dy))
+  with native_conv.weight_gradient("gemm"):
+    shape = (2, side, side, c, d, k, stride, 1)
+    assert native_conv.implementation("backward_weights", shape, threads) == "patches+sgemm"
+    grad = jax.jit(
+      lambda x, dy: native_conv._backward_weights(
+        stride, 1, (k, k, c, d), native_conv._method(), x, dy
+      )
+    )
+    runs = [np.asarray(grad(x32, dy32)) for _ in range(2)]
+  assert relative(runs[0], expected) < 1e-5
+  np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_weight_gradient_methods():
+  shape = (2, 9, 9, 4, 8, 3, 1, 1)
+  with native_conv.weight_gradient("onednn"):
+    assert native_conv.implementation("backward_weights", shape) != "patches+sgemm"
+    with native_conv.weight_gradient("gemm"):
+      assert native_conv.implementation("backward_weights", shape) == "patches+sgemm"
+      grouped = (2, 9, 9, 4, 8, 3, 1, 2)  # grouped convolutions are always oneDNN's
+      assert native_conv.implementation("backward_weights", grouped) != "patches+sgemm"
+  with pytest.raises(ValueError, match="'sgemm' is not one of"):
+    with native_conv.weight_gradient("sgemm"):
+      pass
 
 
 def test_eight_devices_equal_one_and_keep_the_batch_split(num_devices):

@@ -11,14 +11,22 @@
 //   micle_onednn_conv_backward_weights (x, dy) -> dw
 // Attributes: strides, groups, threads (OpenMP threads for this call; the caller runs one XLA
 // device per core, so 1; on one device, every core). oneDNN picks its own weight layout, and the
-// weights are reordered to and from HWIO on each call (cheap beside the convolution).
+// weights are reordered to and from HWIO on each call (cheap beside the convolution). The weight
+// gradient also takes `method` (Method below: 0 automatic, 1 oneDNN's, 2 matrix products).
+//
+// oneDNN 3.x (the C++ API of 3.0 and later). On a CPU without AVX-512, the ungrouped weight
+// gradient is not oneDNN's convolution but matrix products (WeightGradientByGemm): oneDNN's
+// AVX2 weight-gradient kernel for NHWC ran at about a third of the speed of its forward pass.
 //
 // Primitives are created once per shape and cached; the scratchpad is per calling thread, so two
 // devices' threads may run the same primitive at once. oneDNN's CPU convolutions are
-// deterministic for a fixed shape, thread count and machine, so resume stays bit-identical.
+// deterministic for a fixed shape, thread count and machine, and so is WeightGradientByGemm (a
+// fixed split of the work between threads, summed in a fixed order), so resume stays
+// bit-identical.
 
 #include <omp.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -83,10 +91,10 @@ Plan MakePlan(Kind kind, const Geometry& g) {
   const dnnl::memory::dims strides = {g.strides, g.strides};
   const dnnl::memory::dims lo = {g.pad_lo, g.pad_lo}, hi = {g.pad_hi, g.pad_hi};
   const auto algo = dnnl::algorithm::convolution_direct;
-  dnnl::convolution_forward::desc fwd_desc(dnnl::prop_kind::forward_training, algo, g.Src(),
-                                           g.Weights(true), g.Dst(), strides, lo, hi);
   auto attr = Attr();
-  dnnl::convolution_forward::primitive_desc fwd(fwd_desc, attr, eng);
+  dnnl::convolution_forward::primitive_desc fwd(eng, dnnl::prop_kind::forward_training, algo,
+                                                g.Src(), g.Weights(true), g.Dst(), strides, lo,
+                                                hi, attr);
   Plan plan;
   memory::desc scratch;
   if (kind == Kind::kForward) {
@@ -95,17 +103,15 @@ Plan MakePlan(Kind kind, const Geometry& g) {
     scratch = fwd.scratchpad_desc();
     plan.impl = fwd.impl_info_str();
   } else if (kind == Kind::kBackwardData) {
-    dnnl::convolution_backward_data::desc d(algo, g.Src(), g.Weights(true), g.Dst(), strides,
-                                            lo, hi);
-    dnnl::convolution_backward_data::primitive_desc pd(d, attr, eng, fwd);
+    dnnl::convolution_backward_data::primitive_desc pd(eng, algo, g.Src(), g.Weights(true),
+                                                       g.Dst(), strides, lo, hi, fwd, attr);
     plan.conv = dnnl::convolution_backward_data(pd);
     plan.weights = pd.weights_desc();
     scratch = pd.scratchpad_desc();
     plan.impl = pd.impl_info_str();
   } else {
-    dnnl::convolution_backward_weights::desc d(algo, g.Src(), g.Weights(true), g.Dst(),
-                                               strides, lo, hi);
-    dnnl::convolution_backward_weights::primitive_desc pd(d, attr, eng, fwd);
+    dnnl::convolution_backward_weights::primitive_desc pd(eng, algo, g.Src(), g.Weights(true),
+                                                          g.Dst(), strides, lo, hi, fwd, attr);
     plan.conv = dnnl::convolution_backward_weights(pd);
     plan.weights = pd.diff_weights_desc();
     scratch = pd.scratchpad_desc();
@@ -145,7 +151,7 @@ const Plan& GetPlan(Kind kind, const Geometry& g, int64_t threads) {
 
 // Grows as needed and is reused by later calls on the same thread.
 std::vector<uint8_t>& ThreadBuffer(int which) {
-  thread_local std::vector<uint8_t> buffers[2];
+  thread_local std::vector<uint8_t> buffers[3];
   return buffers[which];
 }
 
@@ -153,6 +159,36 @@ void* Reserve(int which, size_t bytes) {
   auto& b = ThreadBuffer(which);
   if (b.size() < bytes) b.resize(bytes);
   return b.data();
+}
+
+// A per-thread matrix of patches, grown as needed.
+std::vector<float>& PatchBuffer(int64_t floats) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(floats);
+  return buffer;
+}
+
+// Rows p0 .. p0 + rows of the patch matrix: row p (image n, output row i, column j) holds the
+// k×k×c window of x whose corner is (i·s - pad_lo, j·s - pad_lo), zeros outside the image.
+void CopyPatches(const Geometry& g, const float* x, int64_t p0, int64_t rows, float* out) {
+  const int64_t kc = g.k * g.k * g.c, per_image = g.ho * g.wo;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t p = p0 + r, n = p / per_image, i = (p % per_image) / g.wo, j = p % g.wo;
+    float* row = out + r * kc;
+    for (int64_t a = 0; a < g.k; ++a) {
+      const int64_t h = i * g.strides + a - g.pad_lo;
+      for (int64_t b = 0; b < g.k; ++b) {
+        const int64_t w = j * g.strides + b - g.pad_lo;
+        float* dst = row + (a * g.k + b) * g.c;
+        if (h < 0 || h >= g.h || w < 0 || w >= g.w) {
+          std::fill(dst, dst + g.c, 0.0f);
+        } else {
+          const float* src = x + ((n * g.h + h) * g.w + w) * g.c;
+          std::copy(src, src + g.c, dst);
+        }
+      }
+    }
+  }
 }
 
 // The geometry of a convolution of an n×h×w×c image by k×k kernels to o channels.
@@ -194,9 +230,77 @@ ffi::Error Check(const Geometry& g, ffi::Span<const int64_t> kernel) {
   return ffi::Error::Success();
 }
 
+// How the weight gradient is computed (the backward_weights call's `method` attribute).
+enum Method : int64_t { kAuto = 0, kOneDnn = 1, kGemm = 2 };
+
+// Whether the weight gradient is WeightGradientByGemm's rather than oneDNN's. kAuto: where it
+// is ungrouped and the CPU lacks AVX-512, where oneDNN's weight-gradient kernel for NHWC is a
+// direct AVX2 one that ran at a third to a half of the matrix products' speed
+// (docs/benchmark.md); fixed per machine. Grouped convolutions are always oneDNN's.
+bool GemmWeightGradient(const Geometry& g, int64_t method) {
+  static const bool no_avx512 = [] {
+    const int isa = static_cast<int>(dnnl::get_effective_cpu_isa());
+    return (isa & dnnl_cpu_isa_avx512_core) != dnnl_cpu_isa_avx512_core;
+  }();
+  if (g.groups != 1 || method == kOneDnn) return false;
+  return method == kGemm || no_avx512;
+}
+
+// Output positions per matrix product: 256 rows of patches (576 KB at 64 channels) measured best
+// or within noise of it on every ResNet shape.
+constexpr int64_t kRowsPerChunk = 256;
+
+// dw[kh, kw, c, o] = sum over output positions p of patch(x, p)[kh, kw, c] * dy[p, o]: the
+// positions are cut into chunks of kRowsPerChunk, each chunk's patches copied into a
+// [rows, k*k*c] matrix (zeros where the window hangs over the padding) and multiplied into dw by
+// one sgemm, dw += patchesᵀ · dy[chunk]. Each thread takes a fixed contiguous run of chunks and
+// sums into its own buffer (thread 0 into dw); the buffers are then added in thread order.
+ffi::Error WeightGradientByGemm(const Geometry& g, int threads, const float* x, const float* dy,
+                                float* dw) {
+  const int64_t kc = g.k * g.k * g.c, positions = g.n * g.ho * g.wo, size = kc * g.o;
+  const int64_t chunks = (positions + kRowsPerChunk - 1) / kRowsPerChunk;
+  const bool direct = g.k == 1 && g.strides == 1;  // the patches are x itself
+  float* others = static_cast<float*>(Reserve(2, sizeof(float) * size * (threads - 1)));
+  std::vector<int> used(threads, 0), failed(threads, 0);
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    float* acc = t == 0 ? dw : others + (t - 1) * size;
+    std::vector<float>& patches = PatchBuffer(direct ? 0 : kRowsPerChunk * kc);
+    for (int64_t chunk = chunks * t / nt; chunk < chunks * (t + 1) / nt; ++chunk) {
+      const int64_t p0 = chunk * kRowsPerChunk;
+      const int64_t rows = std::min(positions, p0 + kRowsPerChunk) - p0;
+      const float* a = direct ? x + p0 * g.c : patches.data();
+      if (!direct) CopyPatches(g, x, p0, rows, patches.data());
+      const float beta = used[t] ? 1.0f : 0.0f;
+      if (dnnl_sgemm('T', 'N', kc, g.o, rows, 1.0f, a, kc, dy + p0 * g.o, g.o, beta, acc, g.o) !=
+          dnnl_success) {
+        failed[t] = 1;
+      }
+      used[t] = 1;
+    }
+    if (!used[t]) std::fill(acc, acc + size, 0.0f);
+#pragma omp barrier
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < size; ++i) {
+      float sum = dw[i];
+      for (int u = 1; u < nt; ++u) sum += others[(u - 1) * size + i];
+      dw[i] = sum;
+    }
+  }
+  for (int f : failed) {
+    if (f) return ffi::Error::Internal("onednn_conv: dnnl_sgemm failed in the weight gradient");
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error Run(Kind kind, const Geometry& g, int64_t threads, void* src_or_dsrc,
-               void* weights, void* dst_or_ddst) {
+               void* weights, void* dst_or_ddst, int64_t method = kAuto) {
   omp_set_num_threads(static_cast<int>(threads));
+  if (kind == Kind::kBackwardWeights && GemmWeightGradient(g, method)) {
+    return WeightGradientByGemm(g, static_cast<int>(threads), static_cast<const float*>(src_or_dsrc),
+                                static_cast<const float*>(dst_or_ddst), static_cast<float*>(weights));
+  }
   try {
     const Plan& plan = GetPlan(kind, g, threads);
     auto& eng = Engine();
@@ -246,11 +350,11 @@ ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
 
 ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                            ffi::ResultBuffer<ffi::F32> dw, int64_t strides, int64_t groups,
-                           int64_t threads) {
+                           int64_t threads, int64_t method) {
   Geometry g = MakeGeometry(x.dimensions(), dy.dimensions(), dw->dimensions(), strides, groups);
   if (auto e = Check(g, dw->dimensions()); e.failure()) return e;
   return Run(Kind::kBackwardWeights, g, threads, x.untyped_data(), dw->untyped_data(),
-             dy.untyped_data());
+             dy.untyped_data(), method);
 }
 
 }  // namespace
@@ -266,14 +370,20 @@ ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(micle_onednn_conv_forward, Forward, MICLE_BIND);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(micle_onednn_conv_backward_data, BackwardData, MICLE_BIND);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(micle_onednn_conv_backward_weights, BackwardWeights, MICLE_BIND);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(micle_onednn_conv_backward_weights, BackwardWeights,
+                              MICLE_BIND.Attr<int64_t>("method"));
 
-// For the benchmark's report: which oneDNN implementation a shape runs (e.g. "brg:avx512_core").
-extern "C" int micle_onednn_conv_impl(int kind, const int64_t* dims, int64_t threads, char* out,
-                                      int out_len) {
+// For the benchmark's report: which implementation a shape runs (e.g. "brgconv:avx2 +reorder",
+// or "patches+sgemm" for WeightGradientByGemm).
+extern "C" int micle_onednn_conv_impl(int kind, const int64_t* dims, int64_t threads,
+                                      int64_t method, char* out, int out_len) {
   // dims: n, h, w, c, o, k, strides, groups
   Geometry g = MakeGeometry(dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7]);
   omp_set_num_threads(static_cast<int>(threads));
+  if (static_cast<Kind>(kind) == Kind::kBackwardWeights && GemmWeightGradient(g, method)) {
+    snprintf(out, out_len, "patches+sgemm");
+    return 0;
+  }
   try {
     const Plan& plan = GetPlan(static_cast<Kind>(kind), g, threads);
     std::string s = plan.impl + (plan.reorder ? " +reorder" : "");
