@@ -31,7 +31,7 @@ native: $(STAMP)
 	  && [ $(NATIVE_LIB) -nt $(STAMP) ]; then :; else $(PY) $(NATIVE)/build.py --cxx=$(CXX); fi
 
 test: native
-	$(PY) -m pytest -n 2 --dist=loadfile -q
+	$(PY) -m pytest -n 2 --dist=loadfile -q --durations=25
 
 # Real torchvision in a venv of its own, for the export's test against it (the test skips without
 # it; .ci/run builds it). See requirements-torchvision.txt for why it is separate.

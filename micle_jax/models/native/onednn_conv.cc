@@ -16,7 +16,7 @@
 //
 // oneDNN 3.x (the C++ API of 3.0 and later). On a CPU without AVX-512, the ungrouped weight
 // gradient is not oneDNN's convolution but matrix products (WeightGradientByGemm): oneDNN's
-// AVX2 weight-gradient kernel for NHWC ran at about a third of the speed of its forward pass.
+// AVX2 weight-gradient kernel for NHWC ran at 40-60% of the speed of its forward pass.
 //
 // Primitives are created once per shape and cached; the scratchpad is per calling thread, so two
 // devices' threads may run the same primitive at once. oneDNN's CPU convolutions are
@@ -235,7 +235,7 @@ enum Method : int64_t { kAuto = 0, kOneDnn = 1, kGemm = 2 };
 
 // Whether the weight gradient is WeightGradientByGemm's rather than oneDNN's. kAuto: where it
 // is ungrouped and the CPU lacks AVX-512, where oneDNN's weight-gradient kernel for NHWC is a
-// direct AVX2 one that ran at a third to a half of the matrix products' speed
+// direct AVX2 one that ran at 35-90% of the matrix products' speed on ResNet-18's layers
 // (docs/benchmark.md); fixed per machine. Grouped convolutions are always oneDNN's.
 bool GemmWeightGradient(const Geometry& g, int64_t method) {
   static const bool no_avx512 = [] {
@@ -298,8 +298,10 @@ ffi::Error Run(Kind kind, const Geometry& g, int64_t threads, void* src_or_dsrc,
                void* weights, void* dst_or_ddst, int64_t method = kAuto) {
   omp_set_num_threads(static_cast<int>(threads));
   if (kind == Kind::kBackwardWeights && GemmWeightGradient(g, method)) {
-    return WeightGradientByGemm(g, static_cast<int>(threads), static_cast<const float*>(src_or_dsrc),
-                                static_cast<const float*>(dst_or_ddst), static_cast<float*>(weights));
+    return WeightGradientByGemm(g, static_cast<int>(threads),
+                                static_cast<const float*>(src_or_dsrc),
+                                static_cast<const float*>(dst_or_ddst),
+                                static_cast<float*>(weights));
   }
   try {
     const Plan& plan = GetPlan(kind, g, threads);
