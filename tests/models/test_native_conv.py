@@ -117,8 +117,8 @@ def test_weight_gradient_by_matrix_products_on_several_threads(
   monkeypatch, threads, side, c, d, k, stride
 ):
   """The suite's 8 devices give each call one thread; here 2 and 3 split the output positions
-  (2 · side² of them: several chunks of 256, a short last one, and at side 11 a thread with
-  none), and the result is float64's, the same on every run."""
+  (2 images × the output side²: several chunks of 256 and a short last one; at side 11 one
+  chunk, so threads with none), and the result is float64's, the same on every run."""
   monkeypatch.setattr(native_conv, "_threads", lambda: threads)
   rng = np.random.default_rng(side + threads)
   x = rng.normal(size=(2, side, side, c))
