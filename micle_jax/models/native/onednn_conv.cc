@@ -149,9 +149,10 @@ const Plan& GetPlan(Kind kind, const Geometry& g, int64_t threads) {
   return *it->second;
 }
 
-// Grows as needed and is reused by later calls on the same thread.
+// Grows as needed and is reused by later calls on the same thread. 0: scratchpad, 1: weights in
+// oneDNN's layout, 2: other threads' weight-gradient sums, 3: a thread's matrix of patches.
 std::vector<uint8_t>& ThreadBuffer(int which) {
-  thread_local std::vector<uint8_t> buffers[3];
+  thread_local std::vector<uint8_t> buffers[4];
   return buffers[which];
 }
 
@@ -159,13 +160,6 @@ void* Reserve(int which, size_t bytes) {
   auto& b = ThreadBuffer(which);
   if (b.size() < bytes) b.resize(bytes);
   return b.data();
-}
-
-// A per-thread matrix of patches, grown as needed.
-std::vector<float>& PatchBuffer(int64_t floats) {
-  thread_local std::vector<float> buffer;
-  if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(floats);
-  return buffer;
 }
 
 // Rows p0 .. p0 + rows of the patch matrix: row p (image n, output row i, column j) holds the
@@ -266,12 +260,13 @@ ffi::Error WeightGradientByGemm(const Geometry& g, int threads, const float* x, 
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
     float* acc = t == 0 ? dw : others + (t - 1) * size;
-    std::vector<float>& patches = PatchBuffer(direct ? 0 : kRowsPerChunk * kc);
+    float* patches =
+        direct ? nullptr : static_cast<float*>(Reserve(3, sizeof(float) * kRowsPerChunk * kc));
     for (int64_t chunk = chunks * t / nt; chunk < chunks * (t + 1) / nt; ++chunk) {
       const int64_t p0 = chunk * kRowsPerChunk;
       const int64_t rows = std::min(positions, p0 + kRowsPerChunk) - p0;
-      const float* a = direct ? x + p0 * g.c : patches.data();
-      if (!direct) CopyPatches(g, x, p0, rows, patches.data());
+      const float* a = direct ? x + p0 * g.c : patches;
+      if (!direct) CopyPatches(g, x, p0, rows, patches);
       const float beta = used[t] ? 1.0f : 0.0f;
       if (dnnl_sgemm('T', 'N', kc, g.o, rows, 1.0f, a, kc, dy + p0 * g.o, g.o, beta, acc, g.o) !=
           dnnl_success) {
