@@ -4,20 +4,30 @@
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
+# The runtime stack (requirements.txt: what the commands and the demo run) and, for `make test`,
+# the test stack on top of it (requirements-test.txt: pytest, PyTorch for the export's tests,
+# the notebooks' kernel).
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: venv native test demo demo-data derm-data lint clean torchvision-env
+.PHONY: venv test-venv native test demo demo-data derm-data lint clean torchvision-env
 
 venv: $(STAMP)
+test-venv: $(TEST_STAMP)
 
-$(STAMP): requirements.txt requirements-test.txt requirements-notebooks.txt setup.py
+$(STAMP): requirements.txt setup.py
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
+	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -e .
 	$(PY) -m pip check
 	touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP) requirements-test.txt requirements-notebooks.txt
+	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
+	$(PY) -m pip check
+	touch $(TEST_STAMP)
 
 # The CPU's convolutions by oneDNN (micle_jax/models/native_conv.py): oneDNN's library and headers
 # come from PyPI (micle_jax/models/native/build.py says which and why); needs a C++ compiler and
@@ -30,7 +40,7 @@ native: $(STAMP)
 	@if [ $(NATIVE_LIB) -nt $(NATIVE)/onednn_conv.cc ] && [ $(NATIVE_LIB) -nt $(NATIVE)/build.py ] \
 	  && [ $(NATIVE_LIB) -nt $(STAMP) ]; then :; else $(PY) $(NATIVE)/build.py --cxx=$(CXX); fi
 
-test: native
+test: native $(TEST_STAMP)
 	$(PY) -m pytest -n 2 --dist=loadfile -q --durations=25
 
 # Real torchvision in a venv of its own, for the export's test against it (the test skips without
@@ -62,7 +72,7 @@ demo: demo-data native
 	$(PY) -m micle_jax.study --config=configs/study_cxr.py:demo
 	@echo "Demo finished: workdirs/study_demo (TensorBoard: $(VENV)/bin/tensorboard --logdir workdirs)"
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check micle_jax configs tests data_builders
 	shellcheck launch/*.sh
 

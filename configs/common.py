@@ -151,6 +151,11 @@ def finetune_base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # also picks the label-fraction subset and the bootstrap resamples
   c.init_from = ""  # a pretraining workdir, an Orbax checkpoint, or "" / "scratch"
+  # init_from's step: -1 takes its latest, which must be its pretraining's planned last step.
+  c.init_step = -1
+  # Seed of the random initialisation (what init_from does not restore); -1: `seed`. A study's
+  # scratch arm varies it as pretrained arms vary their pretraining.
+  c.init_seed = -1
   c.mode = "full"  # "full" fine-tuning, or "linear" (frozen backbone, linear head)
   c.label_fraction = 1.0  # of training patients; nested subsets for one seed
   # views: "all", "frontal", "ap" or "pa" (chest X-rays), for training and the in-distribution eval.

@@ -21,7 +21,8 @@ Starts N local processes of `$PYTHON -m $MODULE ARGS...` (one jax.distributed jo
 
 Settings (environment):
   MODULE               module to run (default micle_jax.main)
-  PYTHON               interpreter (default python)
+  PYTHON               interpreter (default: the project's .venv/bin/python where `make`
+                       made it, else python)
   DEVICES_PER_PROCESS  host CPU devices per process (default 4)
   PORT                 coordinator port on localhost (default: a free port)
   LOG_DIR              where process_<i>.log go (default: a new temporary directory)
@@ -40,7 +41,10 @@ if [[ $# -gt 0 && "$1" == -- ]]; then
 fi
 
 MODULE=${MODULE:-micle_jax.main}
-PYTHON=${PYTHON:-python}
+if [[ -z "${PYTHON:-}" ]]; then
+  PYTHON=python
+  [[ -x "$REPO_ROOT/.venv/bin/python" ]] && PYTHON="$REPO_ROOT/.venv/bin/python"
+fi
 DEVICES_PER_PROCESS=${DEVICES_PER_PROCESS:-4}
 KILL_GRACE_S=${KILL_GRACE_S:-10}
 [[ "$DEVICES_PER_PROCESS" =~ ^[1-9][0-9]*$ ]] || die "DEVICES_PER_PROCESS=$DEVICES_PER_PROCESS"

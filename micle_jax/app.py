@@ -11,17 +11,23 @@ module defines none, and hands its `main` to `run`:
       app.run(main, define_flags)
 
 `run` refuses unexpected positional arguments, and reports a config error or unreadable
-checkpoints as one line on stderr with exit status 1 (no traceback). A command that trains calls
+checkpoints as one line on stderr with exit status 1 (no traceback). It keeps the log to what
+a person follows: this project's own INFO lines, every warning and error, and each run's
+progress line; the INFO logs of the libraries (Orbax's checkpoint internals, clu's metric lines,
+TensorFlow's) come back with `--log_third_party` (the metrics are in TensorBoard either way). A command that trains calls
 `start_devices(batch_size)` first: `jax.distributed.initialize()` on a cluster, else this host's
 CPU split into one device per core (one device where the native convolution is built). Before
 any of this, importing `micle_jax` restarted the command with tcmalloc preloaded where it is
 installed (`runtime.allocator`; MICLE_ALLOCATOR=system keeps glibc's).
 """
 
+import logging as python_logging
+import pathlib
 import sys
 from collections.abc import Callable, Sequence
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from micle_jax import specs
@@ -48,6 +54,25 @@ def start_devices(global_batch_size: int) -> None:
     distributed.split_cpu_into_devices(global_batch_size, one_device=native_conv.built())
 
 
+_OWN_CODE = tuple(
+  str(pathlib.Path(__file__).resolve().parents[1] / part) for part in ("micle_jax", "data_builders")
+)
+
+
+class OwnInfoOnly(python_logging.Filter):
+  """Passes warnings and errors from anywhere, and INFO records of this project's own code."""
+
+  def filter(self, record: python_logging.LogRecord) -> bool:
+    return record.levelno >= python_logging.WARNING or record.pathname.startswith(_OWN_CODE)
+
+
+def quiet_third_party_info() -> None:
+  """Drops the libraries' INFO records from absl's handler (every Python logger reaches it)."""
+  handler = absl_logging.get_absl_handler()
+  if not any(isinstance(f, OwnInfoOnly) for f in handler.filters):
+    handler.addFilter(OwnInfoOnly())
+
+
 def run(
   main: Callable[..., None],
   define_flags: Callable[[], None],
@@ -56,8 +81,14 @@ def run(
 ) -> None:
   """Defines the flags and runs `main()` (or `main(subcommand)`) under absl."""
   define_flags()
+  if "log_third_party" not in flags.FLAGS:
+    flags.DEFINE_bool(
+      "log_third_party", False, "Also log the libraries' INFO lines (Orbax, clu, TensorFlow)."
+    )
 
   def absl_main(argv: list[str]) -> None:
+    if not flags.FLAGS.log_third_party:
+      quiet_third_party_info()
     extra = argv[1:]
     if subcommands:
       if len(extra) != 1 or extra[0] not in subcommands:

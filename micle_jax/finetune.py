@@ -16,20 +16,20 @@ across inits), `train_patients.json`, `init.json`, `config.json` and TensorBoard
 """
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from absl import flags, logging
 from clu import metric_writers
 from etils import epath
 
 from micle_jax import app, specs
-from micle_jax.data import finetune_input, input_pipeline, tasks
-from micle_jax.eval import eval_metrics, evaluation
-from micle_jax.runtime import checkpoint, run_files, sharding
-from micle_jax.train import build, loop, steps, train_state
+from micle_jax.data import finetune_input, fingerprint, input_pipeline, tasks
+from micle_jax.eval import evaluation, finetune_eval
+from micle_jax.models import native_conv
+from micle_jax.runtime import checkpoint, provenance, run_files, sharding
+from micle_jax.train import build, loop, steps
 
 RESULTS_FILE = run_files.RESULTS_FILE
 TRAIN_PATIENTS_FILE = "train_patients.json"
@@ -54,34 +54,6 @@ def validate(config: ml_collections.ConfigDict) -> specs.FinetuneSpec:
   return spec
 
 
-class EvalTarget(NamedTuple):
-  """One evaluation: its results key, dataset and split, labels task and view filter."""
-
-  key: str
-  name: str
-  split: str
-  data_dir: str
-  task: str
-  views: str
-
-  @property
-  def views_key(self) -> str:
-    return "dataset.views" if self.key == "in_distribution" else f"shift.{self.key}.views"
-
-
-def eval_targets(spec: specs.FinetuneSpec) -> list[EvalTarget]:
-  """The in-distribution evaluation, then every shift dataset of the config."""
-  d = spec.dataset
-  targets = [
-    EvalTarget("in_distribution", d.name, d.eval_split, d.data_dir, spec.labels.task, d.views)
-  ]
-  for key, shift in spec.shift.items():
-    targets.append(
-      EvalTarget(key, shift.name, shift.split, shift.data_dir, shift.task, shift.views)
-    )
-  return targets
-
-
 def model_spec(spec: specs.FinetuneSpec, num_classes: int) -> specs.ModelSpec:
   """The fine-tuning model (linear mode: a frozen backbone behind a stop-gradient)."""
   linear = spec.mode == "linear"
@@ -91,46 +63,6 @@ def model_spec(spec: specs.FinetuneSpec, num_classes: int) -> specs.ModelSpec:
     stop_gradient_supervised=linear,
     freeze_backbone=linear,
   )
-
-
-class TrainingData(NamedTuple):
-  """The label-fraction subset and this process's examples of it."""
-
-  info: input_pipeline.DatasetInfo
-  names: tuple[str, ...]
-  label_fn: Any
-  subset: finetune_input.FractionSubset
-  examples: Any
-  local_examples: int
-
-
-def training_data(spec: specs.FinetuneSpec) -> TrainingData:
-  """The training split's label-fraction subset, checked against the batch size."""
-  d, task = spec.dataset, tasks.get(spec.labels.task)
-  info = input_pipeline.open_dataset(
-    d.name, d.train_split, d.data_dir or None, specs.LabelSpec(), d.views
-  )
-  task.check(info.builder.info.features, d.name)
-  names = task.output_names(info.builder.info.features, spec.labels)
-  label_fn = task.label_fn(spec.labels)
-  subset = finetune_input.label_fraction_ids(
-    info, label_fn=label_fn, fraction=spec.label_fraction, seed=spec.seed
-  )
-  if subset.num_examples < spec.batch_size:
-    raise ValueError(
-      f"config.batch_size={spec.batch_size}: only {subset.num_examples} training "
-      f"images at label_fraction={spec.label_fraction}"
-    )
-  examples = finetune_input.train_examples(info, subset.patients, subset.num_examples)
-  local_examples = finetune_input.count_examples(examples)
-  if local_examples < sharding.local_batch_size(spec.batch_size):
-    raise ValueError(
-      f"process {jax.process_index()}: its shard holds {local_examples} of the "
-      f"{subset.num_examples} training images at label_fraction={spec.label_fraction}, "
-      f"fewer than its share of config.batch_size={spec.batch_size}; use a smaller batch or "
-      "a larger label_fraction"
-    )
-  return TrainingData(info, names, label_fn, subset, examples, local_examples)
 
 
 def plan(
@@ -145,7 +77,7 @@ def plan(
     total_steps=total_steps,
     steps_per_epoch=steps_per_epoch,
     image_size=spec.augment.image_size,
-    seed=spec.seed,
+    seed=init_seed(spec),
     label_loss=tasks.get(spec.labels.task).loss,
     linear=spec.mode == "linear",
   )
@@ -158,7 +90,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = sharding.create_mesh()
   sharding.check_batch_size(spec.batch_size, mesh, key="config.batch_size")
   sharding.check_batch_size(spec.eval_batch_size, mesh, key="config.eval_batch_size")
-  data = training_data(spec)
+  data = finetune_input.training_data(spec)
+  fingerprints = data_fingerprints(spec)
+  init_step = check_init(spec)
   # Steps per epoch for the schedule and the step count come from the whole subset, so that every
   # process runs the same number of steps; each process's shard holds a different number of the
   # subset's images, so its own stream of batches has its own epoch length.
@@ -178,28 +112,74 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   )
   mngr = checkpoint.manager(workdir, max_to_keep=spec.loop.keep_checkpoints)
   if mngr.latest_step() is not None:
-    run_files.check_reusable(workdir, config, what="resume", allow_length_change=True)
+    run_files.check_reusable(
+      workdir, config, what="resume", allow_length_change=True, data=fingerprints
+    )
   run = build.build(run_plan, mesh)
-  rule = checkpoint.finetune_rule(max(spec.model.proj_layers_kept, 0))
-  state, init = loop.resume_or_initialize(run.state, mngr, spec.init_from, mesh, rule=rule)
+  rule = checkpoint.finetune_rule(spec.model.proj_layers_kept)
+  state, init = loop.resume_or_initialize(
+    run.state, mngr, spec.init_from, mesh, rule=rule, init_step=init_step
+  )
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if jax.process_index() == 0:
     run_files.write_config(workdir, config)
+    run_files.write_json(workdir / run_files.DATA_FILE, fingerprints)
     # The exact training patients, for auditing leakage and nesting across label fractions.
     run_files.write_json(workdir / TRAIN_PATIENTS_FILE, sorted(data.subset.patients))
   state = _train(spec, data, run, state, mngr, writer, workdir, mesh, total_steps)
   results = _results(spec, data, state, init, workdir)
-  for target in eval_targets(spec):
-    results["eval"][target.key] = evaluate(spec, state, mesh, workdir, target, data.names)
-    writer.write_scalars(int(state.step), _scalars(target.key, results["eval"][target.key]))
+  predict_fn = steps.compile_predict_step(mesh, label_loss=run_plan.label_loss)
+  results["eval"] = finetune_eval.evaluate_all(spec, state, mesh, workdir, data.names, predict_fn)
+  for key, result in results["eval"].items():
+    writer.write_scalars(int(state.step), _scalars(key, result))
   writer.flush()
   if jax.process_index() == 0:
     run_files.write_json(workdir / RESULTS_FILE, results)
   return results
 
 
+def init_seed(spec: specs.FinetuneSpec) -> int:
+  """The seed of the random initialisation: `init_seed`, or `seed` when it is -1."""
+  return spec.seed if spec.init_seed < 0 else spec.init_seed
+
+
+def data_fingerprints(spec: specs.FinetuneSpec) -> dict[str, Any]:
+  """{"train": ..., "eval/<key>": ...}: the fingerprints of every dataset the run reads."""
+  out = {"train": fingerprint.of_dataset(spec.dataset.name, spec.dataset.data_dir)}
+  for target in finetune_eval.eval_targets(spec):
+    out[f"eval/{target.key}"] = fingerprint.of_dataset(target.name, target.data_dir)
+  return out
+
+
+def check_init(spec: specs.FinetuneSpec) -> int | None:
+  """The init_from step to restore: `init_step`, or None for the latest, which must then be the
+  last step its pretraining planned (a pretraining workdir records it in pretraining.json)."""
+  if spec.init_step >= 0:
+    return spec.init_step
+  if spec.init_from in ("", "scratch"):
+    return None
+  record = epath.Path(spec.init_from) / run_files.PRETRAINING_FILE
+  if record.exists():
+    planned = run_files.read_json(record).get("total_steps")
+    latest = checkpoint.latest_step(spec.init_from)
+    if planned is not None and latest < planned:
+      raise ValueError(
+        f"init_from={spec.init_from}: its pretraining reached step {latest} of the {planned} it "
+        "planned; finish it (run it again), or name a step with --config.init_step=N"
+      )
+  return None
+
+
 def _train(
-  spec, data: TrainingData, run: build.Built, state, mngr, writer, workdir, mesh, total_steps
+  spec,
+  data: finetune_input.TrainingData,
+  run: build.Built,
+  state,
+  mngr,
+  writer,
+  workdir,
+  mesh,
+  total_steps,
 ):
   """Trains from `state` to the plan's last step; returns the final state."""
   local_batch = sharding.local_batch_size(spec.batch_size)
@@ -229,16 +209,21 @@ def _train(
     batches=batches.as_numpy_iterator(),
     mesh=mesh,
     total_steps=total_steps,
+    label=f"fine-tune {run_files.short(workdir)}",
   )
   mngr.wait_until_finished()
   mngr.close()
   return state
 
 
-def _results(spec, data: TrainingData, state, init: loop.InitInfo, workdir) -> dict[str, Any]:
+def _results(
+  spec, data: finetune_input.TrainingData, state, init: loop.InitInfo, workdir
+) -> dict[str, Any]:
   """results.json without the evaluations: what was trained, on what, from what."""
   return {
     "init_from": spec.init_from or "scratch",
+    "init_step": spec.init_step,
+    "init_seed": init_seed(spec),
     "mode": spec.mode,
     "task": spec.labels.task,
     "label_fraction": spec.label_fraction,
@@ -252,6 +237,7 @@ def _results(spec, data: TrainingData, state, init: loop.InitInfo, workdir) -> d
     "labels": list(data.names),
     "init": _init_summary(spec, init, workdir),
     "pretraining": _pretraining_summary(init) or _recorded_pretraining(workdir),
+    "provenance": provenance.environment(native_conv.describe()),
     "eval": {},
   }
 
@@ -288,80 +274,6 @@ def _recorded_pretraining(workdir: epath.Path) -> dict[str, Any] | None:
 def _scalars(prefix: str, result: dict[str, Any]) -> dict[str, float]:
   return {
     f"{prefix}/{k}": v["value"] for k, v in result["metrics"].items() if v["value"] is not None
-  }
-
-
-def predict(
-  spec: specs.FinetuneSpec,
-  state: train_state.TrainState,
-  mesh: jax.sharding.Mesh,
-  info: input_pipeline.DatasetInfo,
-  split: str,
-  label_fn: tasks.LabelFn,
-  names: tuple[str, ...],
-) -> evaluation.Predictions:
-  """Probabilities, labels and ids of every (view-filtered) example of `split`, on every process."""
-  label_loss = tasks.get(spec.labels.task).loss
-  predict_fn = steps.compile_predict_step(mesh, label_loss=label_loss)
-  parts: dict[str, list[np.ndarray]] = {}
-  for batch in finetune_input.eval_batches(
-    info,
-    split,
-    label_fn=label_fn,
-    image_size=spec.augment.image_size,
-    preset=spec.augment.preset,
-    batch_size=spec.eval_batch_size,
-    mesh=mesh,
-  ):
-    images = sharding.make_global_batch(batch.pop("image"), mesh)
-    batch["probs"] = sharding.to_host(predict_fn(state, images))
-    keep = batch.pop("valid") > 0
-    for key, value in batch.items():
-      parts.setdefault(key, []).append(np.asarray(value)[keep])
-  out = {k: np.concatenate(v) for k, v in parts.items()}
-  for key in ("image_id", "case_id", "patient_id", "study_id"):
-    out[key] = np.asarray([v.decode() if isinstance(v, bytes) else str(v) for v in out[key]])
-  return evaluation.Predictions(task=label_loss, names=tuple(names), **out)
-
-
-def evaluate(
-  spec: specs.FinetuneSpec,
-  state: train_state.TrainState,
-  mesh: jax.sharding.Mesh,
-  workdir: epath.Path,
-  target: EvalTarget,
-  names: tuple[str, ...],
-) -> dict[str, Any]:
-  """Predicts `target`, saves the predictions, and scores them with bootstrap CIs over units."""
-  info = input_pipeline.open_dataset(
-    target.name,
-    target.split,
-    target.data_dir or None,
-    specs.LabelSpec(),
-    target.views,
-    views_key=target.views_key,
-  )
-  task = tasks.get(target.task)
-  task.check(info.builder.info.features, target.name)
-  labels = dataclasses.replace(spec.labels, task=target.task)
-  eval_names = task.output_names(info.builder.info.features, labels)
-  if tuple(eval_names) != tuple(names):
-    raise ValueError(
-      f"{target.name}:{target.split} labels {eval_names} do not match the model's {names}"
-    )
-  preds = predict(spec, state, mesh, info, target.split, task.label_fn(labels), names)
-  if jax.process_index() == 0:
-    evaluation.save_predictions(evaluation.predictions_path(workdir, target.key), preds)
-  units, fn = evaluation.metrics_fn(preds, spec.eval_aggregation)
-  metrics = eval_metrics.metrics_with_ci(
-    fn, len(units), num_samples=spec.bootstrap_samples, seed=spec.seed
-  )
-  return {
-    "dataset": f"{target.name}:{target.split}",
-    "views": target.views,
-    "num_images": len(preds.image_id),
-    "num_cases": len(units),
-    "metrics": evaluation.undefined_as_none(metrics),
   }
 
 

@@ -7,8 +7,9 @@ Resume order: the latest checkpoint in `workdir` (only if its `config.json` matc
 Budget: `num_epochs` counts passes over the split's *images*, so SimCLR (pairs of views of one
 image) and MICLe (pairs of images of one case) given the same config run the same number of steps
 and see the same number of views. `pretraining.json` in the workdir records the plan and what was
-done: steps, pairs and views seen, and what was restored from where. Checkpoints are saved every `checkpoint_every_steps`, at
-the end, and on SIGTERM; a run killed at any point and restarted with the same command continues
+done: steps, pairs and views seen, what was restored from where, and the environment
+(`runtime.provenance`); `data.json` the fingerprint of the data read (`data.fingerprint`), which a
+resume must match. Checkpoints are saved every `checkpoint_every_steps`, at the end, and on SIGTERM; a run killed at any point and restarted with the same command continues
 from its last checkpoint and ends with bit-identical parameters on CPU (the input position is
 derived from the step; see `input_pipeline`). A non-finite loss or parameter stops the run,
 naming the step, without saving over the last good checkpoint.
@@ -26,10 +27,10 @@ from clu import metric_writers, parameter_overview
 from etils import epath
 
 from micle_jax import specs
-from micle_jax.data import input_pipeline, tasks
+from micle_jax.data import fingerprint, input_pipeline, tasks
 from micle_jax.eval import probe
-from micle_jax.models import resnet
-from micle_jax.runtime import checkpoint, run_files, sharding
+from micle_jax.models import native_conv, resnet
+from micle_jax.runtime import checkpoint, provenance, run_files, sharding
 from micle_jax.train import build, loop, train_state
 
 
@@ -69,6 +70,7 @@ def _plan_budget(spec: specs.PretrainSpec, local_batch: int) -> Budget:
 def _summary(spec: specs.PretrainSpec, budget: Budget, step: int, init: loop.InitInfo) -> dict:
   return {
     "method": spec.method,
+    "seed": spec.seed,
     "dataset": f"{spec.dataset.name}:{spec.dataset.split}",
     "views": spec.dataset.views,
     "batch_size": spec.batch_size,
@@ -80,6 +82,7 @@ def _summary(spec: specs.PretrainSpec, budget: Budget, step: int, init: loop.Ini
     "pairs_seen": step * spec.batch_size,
     "views_seen": 2 * step * spec.batch_size,
     "init": init.summary(),
+    "provenance": provenance.environment(native_conv.describe()),
   }
 
 
@@ -109,9 +112,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   sharding.check_batch_size(spec.batch_size, mesh, key="config.batch_size")
   local_batch = sharding.local_batch_size(spec.batch_size)
   budget = _plan_budget(spec, local_batch)
+  fingerprints = {"dataset": fingerprint.fingerprint(budget.info.builder)}
   mngr = checkpoint.manager(workdir, max_to_keep=spec.loop.keep_checkpoints)
   if mngr.latest_step() is not None:
-    run_files.check_reusable(workdir, config, what="resume", allow_length_change=True)
+    run_files.check_reusable(
+      workdir, config, what="resume", allow_length_change=True, data=fingerprints
+    )
   run_plan = plan(
     spec,
     num_classes=budget.info.num_classes,
@@ -126,6 +132,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if jax.process_index() == 0:
     run_files.write_config(workdir, config)
+    run_files.write_json(workdir / run_files.DATA_FILE, fingerprints)
     run_files.write_json(workdir / run_files.PRETRAINING_FILE, summary(step=start_step))
     _log_start(spec, budget, state, writer, start_step)
 
@@ -153,6 +160,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     mesh=mesh,
     total_steps=budget.total_steps,
     on_save=on_save,
+    label=f"pretrain {spec.method} {run_files.short(workdir)}",
   )
   mngr.wait_until_finished()
   mngr.close()
@@ -160,6 +168,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   if jax.process_index() == 0:
     final = summary(step=int(state.step))
     final["probe"] = on_save.history if on_save is not None else None
+    if on_save is not None and on_save.probe is not None:
+      final["probe_images"] = on_save.probe.num_images
     run_files.write_json(workdir / run_files.PRETRAINING_FILE, final)
   return state
 

@@ -287,6 +287,8 @@ class FinetuneSpec:
 
   seed: int = 0  # also picks the label-fraction subset and the bootstrap resamples
   init_from: str = ""
+  init_step: int = -1  # -1: init_from's latest step, which must finish its pretraining
+  init_seed: int = -1  # the random initialisation's seed; -1: `seed`
   mode: str = "full"
   label_fraction: float = 1.0
   batch_size: int = 256
@@ -311,6 +313,13 @@ class FinetuneSpec:
       _positive(key, getattr(self, key))
     if self.num_steps <= 0 and self.num_epochs <= 0:
       raise ConfigError("config.num_steps or config.num_epochs must be > 0")
+    if self.init_step < -1:
+      raise ConfigError(f"config.init_step={self.init_step}: a step >= 0, or -1 for the latest")
+    if self.model.proj_layers_kept < 0:
+      raise ConfigError(
+        f"config.model.proj_layers_kept={self.model.proj_layers_kept}: fine-tuning needs the "
+        f"number of projection-head layers to keep and restore, 0 to {self.model.num_proj_layers}"
+      )
     _one_of("eval_aggregation", self.eval_aggregation, AGGREGATIONS)
     if self.labels.task == "none":
       raise ConfigError("config.labels.task='none': fine-tuning needs labels")

@@ -58,3 +58,56 @@ def test_other_errors_keep_their_traceback():
 def test_the_one_line_errors_are_the_users_input():
   assert issubclass(specs.ConfigError, ValueError)
   assert set(app._ONE_LINE_ERRORS) == {specs.ConfigError, checkpoint.UnreadableCheckpointError}
+
+
+def test_a_failed_restore_leaves_only_the_error_line_whatever_the_collector_does():
+  """An unreadable checkpoint's read leaves unstarted coroutines in reference cycles (as Orbax's
+  scheduled reads do); whether they are freed mid-run or at exit, the output is the one line."""
+  script = "\n".join(
+    [
+      "import sys",
+      "from micle_jax import app",
+      "from micle_jax.runtime import checkpoint",
+      "sys.argv = ['cmd']",
+      "async def pending_read():",
+      "  return 1",
+      "class Manager:",
+      "  directory = 'w/checkpoints'",
+      "  def all_steps(self):",
+      "    return [4, 2]",
+      "  def restore(self, step, args):",
+      "    cycle = []",
+      "    cycle.append((cycle, pending_read()))  # a read scheduled, never started",
+      "    raise ValueError(f'step {step} truncated')",
+      "def main():",
+      "  late = []",
+      "  late.append((late, pending_read()))  # freed only at interpreter exit",
+      "  checkpoint.restore_newest_readable(Manager(), {'params': {}})",
+      "app.run(main, lambda: None)",
+    ]
+  )
+  env = {"TF_CPP_MIN_LOG_LEVEL": "2", "PATH": "/usr/bin:/bin"}
+  result = subprocess.run(
+    [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env
+  )
+  assert result.returncode == 1
+  errors = [line for line in result.stderr.splitlines() if line[:1] not in "IW"]
+  assert errors == [
+    "error: no checkpoint in w/checkpoints can be restored (step 4: ValueError: step 4 "
+    "truncated; step 2: ValueError: step 2 truncated)"
+  ], result.stderr
+
+
+def test_the_libraries_info_lines_are_off_unless_asked_for():
+  """A command logs its own INFO lines and everyone's warnings; the libraries' INFO lines (Orbax's
+  checkpoint internals, clu's metric lines) only with --log_third_party."""
+  body = (
+    "import logging as L, tempfile; from micle_jax.tools import sweep; "
+    "sweep.collect_runs(tempfile.mkdtemp()); L.getLogger('orbax').info('theirs'); "
+    "L.getLogger('orbax').warning('their warning')"
+  )
+  quiet = _command(body)
+  assert "Collected 0 runs" in quiet.stderr and "their warning" in quiet.stderr
+  assert "theirs" not in quiet.stderr
+  loud = _command(body, "--log_third_party")
+  assert "theirs" in loud.stderr

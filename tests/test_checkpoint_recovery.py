@@ -16,7 +16,7 @@ from flax import traverse_util
 
 from configs import cxr
 from micle_jax import pretrain
-from micle_jax.runtime import checkpoint
+from micle_jax.runtime import checkpoint, sharding
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -84,13 +84,37 @@ def _garble_metadata(step_dir):
 
 
 @pytest.mark.parametrize("damage", [_truncate, _delete, _garble, _garble_metadata])
-def test_a_damaged_newest_step_is_set_aside_and_resume_ends_bit_identical(
-  uninterrupted, cxr_data_dir, tmp_path, damage, caplog
+def test_a_damaged_newest_step_of_any_kind_is_set_aside_and_the_previous_one_read(
+  uninterrupted, tmp_path, damage, caplog
 ):
   source, expected = uninterrupted
   workdir = tmp_path / "run"
   shutil.copytree(source, workdir)
   damage(workdir / "checkpoints" / "6")
+  target = jax.device_put(
+    checkpoint.state_to_tree(expected), sharding.replicated(sharding.create_mesh())
+  )
+  mngr = checkpoint.manager(workdir, max_to_keep=10)
+  step, tree = checkpoint.restore_newest_readable(mngr, target)
+  mngr.close()
+  assert step == 4 and int(tree["step"]) == 4
+  assert _steps(workdir) == ["2", "4", "6.damaged"]  # kept on disk, out of the way
+  params, _, _ = checkpoint.load_weights(workdir / "checkpoints" / "4")
+  for a, b in zip(
+    jax.tree_util.tree_leaves(tree["params"]), jax.tree_util.tree_leaves(params), strict=True
+  ):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  skipped = [r.getMessage() for r in caplog.records if "Skipped step 6" in r.getMessage()]
+  assert len(skipped) == 1 and "set aside as" in skipped[0] and "6.damaged" in skipped[0]
+
+
+def test_a_run_resumed_past_a_damaged_step_ends_bit_identical(
+  uninterrupted, cxr_data_dir, tmp_path, caplog
+):
+  source, expected = uninterrupted
+  workdir = tmp_path / "run"
+  shutil.copytree(source, workdir)
+  _truncate(workdir / "checkpoints" / "6")
   state = jax.device_get(pretrain.train_and_evaluate(_config(cxr_data_dir), str(workdir)))
   assert int(state.step) == 6
   _assert_same_state(state, expected)  # fell back to step 4, trained 5 and 6 again
@@ -150,7 +174,7 @@ def test_a_save_killed_in_flight_resumes_from_the_previous_committed_step(
     import jax
     jax.config.update("jax_compilation_cache_dir", {jax.config.jax_compilation_cache_dir!r})
     from micle_jax import pretrain
-    from micle_jax.runtime import checkpoint
+    from micle_jax.runtime import checkpoint, sharding
     import test_checkpoint_recovery as t
 
     save = checkpoint.save

@@ -35,6 +35,9 @@ RESULT_KEYS = {
   "init",
   "pretraining",
   "eval",
+  "init_seed",
+  "init_step",
+  "provenance",
 }
 HEAD_VALUE = 123.0  # what the pretraining checkpoint's supervised monitor holds
 
@@ -113,7 +116,9 @@ def test_finetune_from_a_checkpoint_writes_results_with_shift(
     assert len(preds.image_id) == results["eval"][key]["num_images"]
     # The saved predictions reproduce the reported metric.
     units, fn = evaluation.metrics_fn(preds, results["eval_aggregation"])
-    assert fn(np.arange(len(units)))["mean_auc"] == pytest.approx(metrics["mean_auc"]["value"])
+    assert fn(np.ones((1, len(units))))["mean_auc"][0] == pytest.approx(
+      metrics["mean_auc"]["value"]
+    )
   # lr = 0: the restored backbone and first head layer are exactly the checkpoint's.
   restored, _, _ = checkpoint.load_weights(tmp_path)
   for part in ("backbone",):
@@ -242,3 +247,38 @@ def test_linear_mode_moves_only_the_supervised_head(optimizer):
   updates, _ = tx.update(grads, tx.init(params), params)
   assert all(not np.any(u) for u in jax.tree_util.tree_leaves(updates["backbone"]))
   assert all(np.all(u < 0) for u in jax.tree_util.tree_leaves(updates[optim.SUPERVISED_HEAD]))
+
+
+def test_an_unfinished_pretraining_is_refused_unless_a_step_is_named(tmp_path):
+  from micle_jax.runtime import run_files
+
+  checkpoint.save_weights(tmp_path, {"w": np.zeros(2)}, {}, step=2)
+  run_files.write_json(tmp_path / run_files.PRETRAINING_FILE, {"total_steps": 6, "step": 2})
+  config = finetune_cxr.get_config("demo")
+  config.init_from = str(tmp_path)
+  with pytest.raises(ValueError, match="reached step 2 of the 6 it planned.*init_step=N"):
+    finetune.check_init(finetune.validate(config))
+  config.init_step = 2  # named: taken as it is, and recorded (results.json's init_step)
+  assert finetune.check_init(finetune.validate(config)) == 2
+  config.init_step = -1
+  run_files.write_json(tmp_path / run_files.PRETRAINING_FILE, {"total_steps": 2, "step": 2})
+  assert finetune.check_init(finetune.validate(config)) is None  # finished: its latest step
+  config.init_step = 5
+  with pytest.raises(FileNotFoundError, match="no checkpoint step 5"):
+    checkpoint.load_weights(tmp_path, finetune.check_init(finetune.validate(config)))
+
+
+def test_every_projection_layer_kept_must_be_counted():
+  config = finetune_cxr.get_config("demo")
+  config.model.proj_layers_kept = -1  # would build the head and restore none of it
+  with pytest.raises(specs.ConfigError, match="proj_layers_kept=-1"):
+    finetune.validate(config)
+
+
+def test_scratch_initialisation_follows_init_seed():
+  config = finetune_cxr.get_config("demo")
+  assert finetune.init_seed(finetune.validate(config)) == config.seed
+  config.init_seed = 7
+  spec = finetune.validate(config)
+  assert finetune.init_seed(spec) == 7
+  assert finetune.plan(spec, num_classes=5, total_steps=1, steps_per_epoch=1).seed == 7

@@ -403,3 +403,28 @@ def test_shellcheck_is_clean():
       timeout=60,
   )
   assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_local_multihost_finds_the_projects_venv(tmp_path):
+  """Without PYTHON, the local launcher runs the project's .venv/bin/python, which has the stack
+  (a bare `python` usually has not)."""
+  repo = tmp_path / "repo"
+  shutil.copytree(_REPO / "launch", repo / "launch")
+  venv_python = repo / ".venv" / "bin" / "python"
+  venv_python.parent.mkdir(parents=True)
+  calls = tmp_path / "calls.txt"
+  venv_python.write_text(
+    "#!/bin/sh\n"
+    f'echo "$@" >> {calls}\n'
+    'case "$1" in -c) echo 12345 ;; esac\n'
+  )
+  venv_python.chmod(0o755)
+  env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+  env["LOG_DIR"] = str(tmp_path / "logs")
+  result = subprocess.run(
+    [str(repo / "launch" / "local_multihost.sh"), "2", "--", "--workdir=w"],
+    env=env, capture_output=True, text=True, timeout=60,
+  )  # fmt: skip
+  assert result.returncode == 0, result.stderr
+  lines = calls.read_text().splitlines()
+  assert sum(line.startswith("-m micle_jax.main --workdir=w") for line in lines) == 2, lines

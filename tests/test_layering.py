@@ -1,9 +1,10 @@
 """The import rules of the package, checked on the source (AST only: nothing is imported).
 
 Imports flow one way: tools → drivers (main, pretrain, finetune, app) → {eval → data, train →
-models} → runtime → specs. Nothing below imports tools or drivers; the numerical core (specs,
-models, train, runtime) imports neither TensorFlow nor flags; `data_builders` import nothing
-from `micle_jax`; configs import only `ml_collections` (and each other).
+models} → runtime → specs, with `host` (the machine's cores and CPU) below all. Nothing below
+imports tools or drivers; the numerical core (specs, models, train, runtime, host) imports neither
+TensorFlow nor flags; `data_builders` import nothing from `micle_jax`; configs import only
+`ml_collections` (and each other).
 """
 
 import ast
@@ -20,16 +21,17 @@ ALIASES = {"benchmark", "convert_simclr", "sweep", "predict", "study", "export_t
 # What each part of the package may import from the package (besides itself).
 ALLOWED = {
   "package": {"runtime"},  # micle_jax/__init__.py: the allocator's restart (runtime/allocator.py)
+  "host": set(),  # facts about the machine (cores, CPU): the bottom, everyone may ask
   "specs": set(),
-  "runtime": {"specs"},
-  "models": {"specs"},
-  "train": {"specs", "models", "runtime"},
-  "data": {"specs", "runtime"},
-  "eval": {"specs", "models", "runtime", "data"},
-  "drivers": {"specs", "models", "runtime", "train", "data", "eval", "drivers"},
-  "tools": {"specs", "models", "runtime", "train", "data", "eval", "drivers", "tools"},
+  "runtime": {"specs", "host"},
+  "models": {"specs", "host"},
+  "train": {"specs", "models", "runtime", "host"},
+  "data": {"specs", "runtime", "host"},
+  "eval": {"specs", "models", "runtime", "data", "host"},
+  "drivers": {"specs", "models", "runtime", "train", "data", "eval", "drivers", "host"},
+  "tools": {"specs", "models", "runtime", "train", "data", "eval", "drivers", "tools", "host"},
 }
-NUMERICAL_CORE = {"specs", "models", "train", "runtime"}
+NUMERICAL_CORE = {"specs", "models", "train", "runtime", "host"}
 TENSORFLOW = ("tensorflow", "tensorflow_datasets")
 FLAGS = ("absl.flags", "ml_collections.config_flags")
 

@@ -4,10 +4,15 @@
 
 writes `DATA/manual/<layout>/` at the demo's sizes (`DEMO`) and builds it with the real builders
 into `DATA/tensorflow_datasets`. Each written dataset carries a stamp (`SYNTHETIC.json`: the
-layout, its arguments and `GENERATOR_VERSION`). A dataset whose stamp matches is left alone; any
-other one that this module wrote is deleted and written again, together with its TFDS builds, so
-a demo never reads data that an older generator wrote (TFDS itself would reuse a prepared
-dataset whatever its manual files now hold). A folder without a stamp is never deleted.
+layout, its arguments and `GENERATOR_VERSION`), copied beside its TFDS builds, where a run's
+data fingerprint records it. A dataset whose stamp matches is left alone; any other one that
+this module wrote is deleted and written again, together with its TFDS builds, so a demo never
+reads data that an older generator wrote (TFDS itself would reuse a prepared dataset whatever its
+manual files now hold). A folder without a stamp is never deleted.
+
+`--seed=N` draws every layout with generator seed N instead of the demo's (0): another draw of
+the same generative model, e.g. `--data=data_seed1 --seed=1` to check that a study's conclusion
+survives it, or to choose hyperparameters on data the reported table does not use.
 """
 
 from __future__ import annotations
@@ -58,8 +63,14 @@ def ensure(
   data: str | pathlib.Path,
   layouts: Sequence[str] = ("chexpert", "nih"),
   sizes: Mapping[str, Mapping[str, Any]] = DEMO,
+  seed: int | None = None,
 ) -> dict[str, bool]:
-  """Writes and builds each layout unless its stamp is current; returns {layout: rewritten}."""
+  """Writes and builds each layout unless its stamp is current; returns {layout: rewritten}.
+
+  `seed` replaces every layout's generator seed (None: the sizes' own).
+  """
+  if seed is not None:
+    sizes = {layout: {**arguments, "seed": int(seed)} for layout, arguments in sizes.items()}
   data = pathlib.Path(data)
   tfds_dir = data / "tensorflow_datasets"
   rewritten = {}
@@ -70,7 +81,11 @@ def ensure(
     wanted = _stamp(layout, sizes[layout])
     stamp = manual / STAMP
     current = stamp.exists() and json.loads(stamp.read_text()) == wanted
-    built = all(d.exists() for name in BUILDS[layout] for d in _build_dirs(tfds_dir, name))
+    built = all(
+      (d / STAMP).exists() and json.loads((d / STAMP).read_text()) == wanted
+      for name in BUILDS[layout]
+      for d in _build_dirs(tfds_dir, name)
+    )
     if current and built:
       logging.info("%s: up to date (%s)", manual, wanted)
       rewritten[layout] = False
@@ -85,6 +100,8 @@ def ensure(
       for folder in _build_dirs(tfds_dir, name):
         shutil.rmtree(folder, ignore_errors=True)
       build.build(name, manual_dir=str(manual), data_dir=str(tfds_dir))
+      for folder in _build_dirs(tfds_dir, name):
+        (folder / STAMP).write_text(json.dumps(wanted, indent=2))
     rewritten[layout] = True
   return rewritten
 
@@ -92,7 +109,7 @@ def ensure(
 def _main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  result = ensure(flags.FLAGS.data, flags.FLAGS.layouts)
+  result = ensure(flags.FLAGS.data, flags.FLAGS.layouts, seed=flags.FLAGS.seed)
   for layout, fresh in result.items():
     print(f"{layout}: {'written and built' if fresh else 'up to date'}")
 
@@ -100,4 +117,5 @@ def _main(argv: list[str]) -> None:
 if __name__ == "__main__":
   flags.DEFINE_string("data", "data", "Folder for manual/ and tensorflow_datasets/.")
   flags.DEFINE_list("layouts", ["chexpert", "nih"], "Layouts to ensure (chexpert, nih, ham10000).")
+  flags.DEFINE_integer("seed", None, "Generator seed for every layout (default: the demo's, 0).")
   app.run(_main)

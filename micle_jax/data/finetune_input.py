@@ -1,5 +1,8 @@
 """Fine-tuning and evaluation input: labelled images, label-fraction subsets, padded eval batches.
 
+`training_data(spec)` is what a fine-tuning run trains on: the label-fraction subset of the
+training split and this process's examples of it.
+
 Labels are read by a task's label function (`data.tasks`): `{'label'}` for multi-class tasks,
 `{'targets', 'target_mask'}` for multi-label ones.
 """
@@ -14,7 +17,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from data_builders import splits
-from micle_jax.data import augment_presets, input_pipeline, views
+from micle_jax import specs
+from micle_jax.data import augment_presets, input_pipeline, tasks, views
 from micle_jax.runtime import sharding
 
 _SCAN_BATCH = 1024  # examples per batch of the label-fraction metadata scan
@@ -136,9 +140,11 @@ def eval_batches(
   preset: str,
   batch_size: int,
   mesh: jax.sharding.Mesh,
+  limit: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-  """Every example of `split` passing the view filter once, in split order, in global batches of
-  `batch_size` rows, preprocessed with `preset`'s evaluation view (`augment_presets.eval_preprocess`).
+  """Every example of `split` passing the view filter once (the first `limit` of them, if given),
+  in split order, in global batches of `batch_size` rows, preprocessed with `preset`'s evaluation
+  view (`augment_presets.eval_preprocess`).
 
   Every process reads the labels and ids of the whole split (images undecoded) and decodes the
   images of its own rows only: the rows of each global batch that `sharding.make_global_batch`
@@ -162,6 +168,8 @@ def eval_batches(
   )
   if info.views != "all":
     ds = ds.filter(lambda f: views.keep_example(f, info.views, case_level=False))
+  if limit is not None:
+    ds = ds.take(limit)
 
   def fn(position, features):
     out = label_fn(features)
@@ -188,3 +196,41 @@ def eval_batches(
         batch[key] = np.concatenate([value, pad])
     batch["image"] = batch["image"][rows]
     yield batch
+
+
+class TrainingData(NamedTuple):
+  """The label-fraction subset and this process's examples of it."""
+
+  info: input_pipeline.DatasetInfo
+  names: tuple[str, ...]
+  label_fn: Callable
+  subset: FractionSubset
+  examples: tf.data.Dataset
+  local_examples: int
+
+
+def training_data(spec: specs.FinetuneSpec) -> TrainingData:
+  """The training split's label-fraction subset, checked against the batch size."""
+  d, task = spec.dataset, tasks.get(spec.labels.task)
+  info = input_pipeline.open_dataset(
+    d.name, d.train_split, d.data_dir or None, specs.LabelSpec(), d.views
+  )
+  task.check(info.builder.info.features, d.name)
+  names = task.output_names(info.builder.info.features, spec.labels)
+  label_fn = task.label_fn(spec.labels)
+  subset = label_fraction_ids(info, label_fn=label_fn, fraction=spec.label_fraction, seed=spec.seed)
+  if subset.num_examples < spec.batch_size:
+    raise ValueError(
+      f"config.batch_size={spec.batch_size}: only {subset.num_examples} training "
+      f"images at label_fraction={spec.label_fraction}"
+    )
+  examples = train_examples(info, subset.patients, subset.num_examples)
+  local_examples = count_examples(examples)
+  if local_examples < sharding.local_batch_size(spec.batch_size):
+    raise ValueError(
+      f"process {jax.process_index()}: its shard holds {local_examples} of the "
+      f"{subset.num_examples} training images at label_fraction={spec.label_fraction}, "
+      f"fewer than its share of config.batch_size={spec.batch_size}; use a smaller batch or "
+      "a larger label_fraction"
+    )
+  return TrainingData(info, tuple(names), label_fn, subset, examples, local_examples)

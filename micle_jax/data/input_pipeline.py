@@ -85,6 +85,16 @@ def not_prepared_message(name: str, data_dir: str | None) -> str:
   )
 
 
+def builder(name: str, data_dir: str | None) -> Any:
+  """The prepared TFDS builder of `name` ("builder" or "builder/config") in `data_dir`; raises
+  FileNotFoundError, saying how to prepare it, when it is not there."""
+  _register(name)
+  found = tfds.builder(name, data_dir=data_dir or None)
+  if not found.is_prepared():
+    raise FileNotFoundError(not_prepared_message(name, data_dir))
+  return found
+
+
 def open_dataset(
   name: str,
   split: str,
@@ -99,11 +109,8 @@ def open_dataset(
   The id that keys augmentation randomness is the image's own (`image_id`, or TFDS's
   `file_name`) for image-level datasets and `case_id` for case-level ones.
   """
-  _register(name)
-  builder = tfds.builder(name, data_dir=data_dir or None)
-  if not builder.is_prepared():
-    raise FileNotFoundError(not_prepared_message(name, data_dir))
-  features = builder.info.features
+  prepared = builder(name, data_dir)
+  features = prepared.info.features
   case_level = "images" in features
   candidates = ("case_id",) if case_level else ("image_id", "file_name")
   id_feature = next((k for k in candidates if k in features), None)
@@ -118,10 +125,10 @@ def open_dataset(
   task.check(features, name)
   num_classes = len(task.output_names(features, label_spec))
   process_split = process_split_of(split)
-  total = builder.info.splits[split].num_examples
-  per_process = builder.info.splits[process_split].num_examples
+  total = prepared.info.splits[split].num_examples
+  per_process = prepared.info.splits[process_split].num_examples
   return DatasetInfo(
-    builder,
+    prepared,
     split,
     process_split,
     total,

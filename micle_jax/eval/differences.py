@@ -1,37 +1,51 @@
-"""Paired differences between the inits of a sweep, with paired-bootstrap CIs (`differences.csv`).
+"""A study's arms and the differences between them, with hierarchical intervals (`arms.csv`,
+`differences.csv`).
 
 The claim a label-efficiency study makes is a difference: MICLe minus scratch, MICLe minus
-SimCLR, at one label fraction, on one evaluation set. Both models of a comparison are scored on
-the same cases, so their errors share the cases' difficulty; a paired bootstrap resamples the
-cases once per draw and scores both models on that same resample, and that shared variation
-cancels. Per-model CIs would overlap where the paired one does not.
+SimCLR, at one label fraction, on one evaluation set. An *arm* is one init (scratch, simclr,
+micle, ...) in one *cell*: the evaluation (its dataset, split and view filter), the label
+fraction, and everything else that defines what a run computes (fine-tuning mode, labels task,
+training views, aggregation). Its runs are grouped in two levels (`bootstrap.py`): by the network
+fine-tuning started from (a pretraining run, identified by its workdir and seed; for scratch, the
+seed of the random initialisation) and, within it, by the fine-tuning seed. The arm's value is the
+mean over the first level of the mean over the second, and its interval (and a difference's)
+resamples both levels and the evaluation units (patients), the units shared by both arms of a
+comparison.
 
-Pairing: for one (evaluation, label fraction), the init run with seed s is paired with the
-baseline run with seed s: the seed picks the label-fraction subset, so both trained on the same
-patients. The difference is the mean over the seeds both have of (init − baseline) on all cases;
-each bootstrap draw resamples the cases once and averages the seeds' differences on it (pooled
-over seeds). Draw i resamples with `np.random.default_rng(seed).integers(0, U, size=U)`, the
-i-th call. Every init is compared with `scratch`, and `micle` with `simclr` when both exist.
+Every init is compared with `scratch`, and `micle` with `simclr`, when both exist in a cell.
+Runs that would claim the same place (cell, init, level-1 unit, seed) are refused, naming both
+workdirs; so are runs of one arm and cell whose configs differ in anything but their seeds and
+init, and runs of one cell that scored different images.
 """
 
 import collections
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from micle_jax.eval import eval_metrics, evaluation
+from etils import epath
+
+from micle_jax.eval import bootstrap, evaluation
+from micle_jax.runtime import run_files
 
 BASELINE = "scratch"
-COLUMNS = (
-  "eval",
-  "fraction",
-  "metric",
-  "init",
-  "baseline",
-  "difference",
-  "ci_low",
-  "ci_high",
-  "seeds",
+CELL = ("eval", "dataset", "eval_views", "fraction", "mode", "task", "views", "aggregation")
+_INTERVALS = ("ci_low", "ci_high", "ci_low_cases", "ci_high_cases", "scope")
+_DESCRIPTION = ("dataset", "mode", "task", "views")
+ARM_COLUMNS = (
+  ("eval", "fraction", "metric", "init", "value")
+  + _INTERVALS
+  + ("runs", "units", "sd_runs", "sd_units", "train_steps", "pretrain_steps", "pretrain_views_seen")
+  + _DESCRIPTION
 )
+COLUMNS = (
+  ("eval", "fraction", "metric", "init", "baseline", "difference")
+  + _INTERVALS
+  + ("runs", "baseline_runs", "units", "baseline_units", "per_seed")
+  + _DESCRIPTION
+)
+# Config keys in which two runs of one arm and cell may differ: what makes them replicates.
+_REPLICATE_KEYS = ("init_from", "seed", "init_seed", "init_step")
 
 
 def comparisons(inits: Sequence[str]) -> list[tuple[str, str]]:
@@ -43,20 +57,169 @@ def comparisons(inits: Sequence[str]) -> list[tuple[str, str]]:
   return pairs
 
 
-def _fns(run: Mapping[str, Any], eval_name: str, cache: dict) -> tuple[Any, list[str], Any]:
-  """(predictions, units, metrics fn) of one run's evaluation, loaded once."""
-  key = (run["workdir"], eval_name)
-  if key not in cache:
-    preds = evaluation.load_predictions(evaluation.predictions_path(run["workdir"], eval_name))
-    units, fn = evaluation.metrics_fn(preds, run["results"]["eval_aggregation"])
-    cache[key] = (preds, units, fn)
-  return cache[key]
+@dataclasses.dataclass(frozen=True)
+class _Place:
+  """Where one run's evaluation sits: its cell, arm, level-1 unit and seed."""
+
+  cell: tuple
+  init: str
+  unit: str  # the level-1 label, e.g. "p0"
+  seed: int
 
 
-def paired_differences(
+def init_unit(results: Mapping[str, Any]) -> tuple[str, str]:
+  """(label, identity) of the network a run started from: its pretraining (the seed recorded in
+  its pretraining.json, and its workdir), or for scratch the seed of the random initialisation.
+  Runs written before `init_seed` existed seeded their initialisation with `seed`."""
+  seed = results.get("init_seed")
+  if results["init_from"] in ("", "scratch"):
+    seed = results["seed"] if seed is None else seed
+    return f"p{seed}", f"scratch:{seed}"
+  pretraining_seed = (results.get("pretraining") or {}).get("seed")
+  label = (
+    f"p{pretraining_seed}"
+    if pretraining_seed is not None
+    else epath.Path(results["init_from"]).name
+  )
+  return label, str(results["init_from"])
+
+
+def _place(run: Mapping[str, Any], eval_name: str) -> _Place:
+  r = run["results"]
+  evaluated = r["eval"][eval_name]
+  cell = (
+    eval_name,
+    evaluated.get("dataset", ""),
+    evaluated.get("views", ""),
+    float(r["label_fraction"]),
+    r.get("mode", ""),
+    r.get("task", ""),
+    r.get("views", ""),
+    r["eval_aggregation"],
+  )
+  return _Place(cell, run["init"], init_unit(r)[0], int(r["seed"]))
+
+
+def _check_replicates(first: Mapping[str, Any], other: Mapping[str, Any]) -> None:
+  """Raises ValueError unless two runs of one arm and cell differ only in seeds and init."""
+  a, b = (epath.Path(r["workdir"]) / run_files.CONFIG_FILE for r in (first, other))
+  if not (a.exists() and b.exists()):
+    return
+  differing = run_files.config_differences(
+    run_files.upgrade(run_files.read_json(a)),
+    run_files.upgrade(run_files.read_json(b)),
+    may_differ=_REPLICATE_KEYS + ("label_fraction",),
+  )
+  if differing:
+    raise ValueError(
+      f"{first['workdir']} and {other['workdir']} are runs of one arm ({first['init']}) but "
+      f"their configs differ in {differing[:8]}: put them under different roots or inits"
+    )
+
+
+def group_runs(runs: Sequence[Mapping[str, Any]]) -> dict[tuple, dict[str, dict]]:
+  """{cell: {init: {unit label: {seed: run}}}}, refusing runs that claim one place, one unit
+  label given to two different networks, and arms whose runs are not replicates."""
+  cells: dict = collections.defaultdict(lambda: collections.defaultdict(dict))
+  claimed: dict[_Place, Mapping[str, Any]] = {}
+  identity: dict[tuple, tuple[str, Mapping[str, Any]]] = {}
+  for run in runs:
+    for eval_name in run["results"]["eval"]:
+      place = _place(run, eval_name)
+      if place in claimed:
+        raise ValueError(
+          f"{claimed[place]['workdir']} and {run['workdir']} both claim {place.init} "
+          f"{place.unit} seed {place.seed} of {place.cell}: remove one, or put them under "
+          "different roots"
+        )
+      claimed[place] = run
+      key = (place.cell, place.init, place.unit)
+      network = init_unit(run["results"])[1]
+      if key in identity and identity[key][0] != network:
+        raise ValueError(
+          f"{identity[key][1]['workdir']} and {run['workdir']}: two different networks "
+          f"({identity[key][0]}, {network}) are both {place.init} {place.unit}"
+        )
+      identity.setdefault(key, (network, run))
+      arm = cells[place.cell][place.init]
+      if arm:
+        _check_replicates(next(iter(next(iter(arm.values())).values())), run)
+      arm.setdefault(place.unit, {})[place.seed] = run
+  return {cell: dict(inits) for cell, inits in sorted(cells.items())}
+
+
+class _Predictions:
+  """Each run's predictions and metrics function for one evaluation, loaded once."""
+
+  def __init__(self):
+    self.cache: dict = {}
+
+  def __call__(self, run: Mapping[str, Any], eval_name: str):
+    key = (run["workdir"], eval_name)
+    if key not in self.cache:
+      preds = evaluation.load_predictions(evaluation.predictions_path(run["workdir"], eval_name))
+      units, fn = evaluation.metrics_fn(preds, run["results"]["eval_aggregation"])
+      self.cache[key] = (preds, units, fn)
+    return self.cache[key]
+
+
+def _arms(cell: tuple, inits: Mapping[str, Mapping[str, Mapping[int, Any]]], loaded):
+  """The cell's `bootstrap.Arm`s and its evaluation units, checking every run scored the same
+  images."""
+  eval_name = cell[0]
+  reference = None
+  arms = []
+  for init, units in sorted(inits.items()):
+    groups = {}
+    for label, seeds in sorted(units.items()):
+      fns = []
+      for _, run in sorted(seeds.items()):
+        preds, unit_ids, fn = loaded(run, eval_name)
+        if reference is None:
+          reference = (run, preds, unit_ids)
+        elif not evaluation.same_rows(reference[1], preds) or unit_ids != reference[2]:
+          raise ValueError(
+            f"{reference[0]['workdir']} and {run['workdir']}: {eval_name} predictions cover "
+            "different images, so they cannot be compared"
+          )
+        fns.append(fn)
+      groups[label] = fns
+    arms.append(bootstrap.Arm(init, groups))
+  return arms, len(reference[2])
+
+
+def _budget(inits: Mapping[str, Mapping[str, Mapping[int, Any]]], init: str) -> dict[str, Any]:
+  """The arm's fine-tuning steps and its pretraining's steps and views (the mean over runs)."""
+  runs = [run["results"] for seeds in inits[init].values() for run in seeds.values()]
+
+  def mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+  pretraining = [r.get("pretraining") or {} for r in runs]
+  return {
+    "train_steps": mean([r.get("step") for r in runs]),
+    "pretrain_steps": mean([p.get("step") for p in pretraining]),
+    "pretrain_views_seen": mean([p.get("views_seen") for p in pretraining]),
+  }
+
+
+def _cell_columns(cell: tuple) -> dict[str, Any]:
+  eval_name, dataset, _, fraction, mode, task, views, _ = cell
+  return {
+    "eval": eval_name,
+    "fraction": fraction,
+    "dataset": dataset,
+    "mode": mode,
+    "task": task,
+    "views": views,
+  }
+
+
+def compare(
   runs: Sequence[Mapping[str, Any]], *, num_samples: int = 1000, seed: int = 0
-) -> list[dict[str, Any]]:
-  """One row (COLUMNS) per (eval, fraction, metric, init, baseline) that the runs allow.
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+  """(arm rows, difference rows) of every cell the runs fill (ARM_COLUMNS, COLUMNS).
 
   Args:
     runs: {"init", "workdir", "results"} per fine-tuning run (`results` is its results.json).
@@ -64,53 +227,30 @@ def paired_differences(
     seed: the bootstrap's seed.
 
   Raises:
-    ValueError: when two runs to be paired scored different images, or aggregated differently.
+    ValueError: naming the workdirs, when runs claim one place, are not replicates, or scored
+      different images.
     FileNotFoundError: naming a run's missing predictions file.
   """
-  by_cell: dict[tuple[str, float], dict[str, dict[int, Mapping[str, Any]]]] = (
-    collections.defaultdict(lambda: collections.defaultdict(dict))
-  )
-  for run in runs:
-    results = run["results"]
-    for eval_name in results["eval"]:
-      cell = (eval_name, float(results["label_fraction"]))
-      by_cell[cell][run["init"]][int(results["seed"])] = run
-  cache: dict = {}
-  rows = []
-  for (eval_name, fraction), inits in sorted(by_cell.items()):
-    for init, baseline in comparisons(list(inits)):
-      seeds = sorted(set(inits[init]) & set(inits[baseline]))
-      if not seeds:
-        continue
-      pairs, units = [], None
-      for s in seeds:
-        a_run, b_run = inits[init][s], inits[baseline][s]
-        a_preds, a_units, a_fn = _fns(a_run, eval_name, cache)
-        b_preds, b_units, b_fn = _fns(b_run, eval_name, cache)
-        if not evaluation.same_rows(a_preds, b_preds) or a_units != b_units:
-          raise ValueError(
-            f"{a_run['workdir']} and {b_run['workdir']}: {eval_name} predictions cover different "
-            "images, so they cannot be paired"
-          )
-        if a_run["results"]["eval_aggregation"] != b_run["results"]["eval_aggregation"]:
-          raise ValueError(f"{a_run['workdir']} and {b_run['workdir']}: different eval_aggregation")
-        if units is not None and units != a_units:
-          raise ValueError(f"{eval_name}: runs of different seeds scored different cases")
-        units = a_units
-        pairs.append((a_fn, b_fn))
-      stats = eval_metrics.paired_bootstrap(pairs, len(units), num_samples=num_samples, seed=seed)
+  loaded = _Predictions()
+  arm_rows, diff_rows = [], []
+  for cell, inits in group_runs(runs).items():
+    arms, num_units = _arms(cell, inits, loaded)
+    pairs = comparisons(list(inits))
+    per_arm, diffs = bootstrap.hierarchical(
+      arms, pairs, num_units, num_samples=num_samples, seed=seed
+    )
+    columns = _cell_columns(cell)
+    for init, stats in per_arm.items():
       for metric, m in stats.items():
-        rows.append(
-          {
-            "eval": eval_name,
-            "fraction": fraction,
-            "metric": metric,
-            "init": init,
-            "baseline": baseline,
-            "difference": m["difference"],
-            "ci_low": m["ci_low"],
-            "ci_high": m["ci_high"],
-            "seeds": len(seeds),
-          }
-        )
-  return [evaluation.finite_or_none(r) for r in rows]
+        row = columns | {"metric": metric, "init": init} | m | _budget(inits, init)
+        arm_rows.append({k: row.get(k) for k in ARM_COLUMNS})
+    for (init, baseline), stats in diffs.items():
+      for metric, m in stats.items():
+        per_seed = " ".join(f"{k}:{v:+.3f}" for k, v in sorted(m.pop("per_unit").items()))
+        row = columns | {"metric": metric, "init": init, "baseline": baseline} | m
+        row["per_seed"] = per_seed
+        diff_rows.append({k: row.get(k) for k in COLUMNS})
+  return (
+    [evaluation.finite_or_none(r) for r in arm_rows],
+    [evaluation.finite_or_none(r) for r in diff_rows],
+  )

@@ -1,18 +1,17 @@
-"""Host-side evaluation metrics for fine-tuned classifiers: AUC, top-k, case aggregation, bootstrap.
+"""Host-side evaluation metrics for fine-tuned classifiers: AUC, top-k, case aggregation.
 
 Everything here is pure NumPy on host arrays, so the fine-tune evaluation driver can call it on
 gathered predictions without touching jax. Undefined metrics (an AUC with one class present, a
 bootstrap resample that misses a class) are `nan`, never an exception or a warning; malformed
 inputs (NaN scores, labels outside {0, 1}, mismatched shapes) raise `ValueError` naming the problem.
 
-Confidence intervals resample *units* (derm cases, CXR patients), not images: `metric_fn` receives
-an index array over units and is responsible for mapping it to whatever rows it scores.
+`weighted_auc` and `top_k_hits` serve the bootstrap (`bootstrap.py`, `evaluation.metrics_fn`): a
+resample of units is a weight per row, and a thousand resamples are scored at once.
 """
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
-from absl import logging
 
 # How many offending case ids an error message lists before eliding the rest.
 _MAX_NAMED = 5
@@ -135,6 +134,55 @@ def top_k_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
   Returns:
     The accuracy in [0, 1], or `nan` when N == 0.
   """
+  hits = top_k_hits(probs, labels, k)
+  return float(np.mean(hits)) if hits.size else float("nan")
+
+
+def weighted_auc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
+  """`roc_auc` of rows repeated `weights` times, for many weightings at once.
+
+  A bootstrap resample is a count per row; this is the AUC of the resampled rows, for each row of
+  `weights`, without materialising them: sum over positives i and negatives j of w_i·w_j·[s_i >
+  s_j] (a tie counting 1/2), over (sum of positive weights)·(sum of negative weights).
+
+  Args:
+    scores: [N] real scores, no NaN.
+    labels: [N] labels in {0, 1}.
+    weights: [B, N] non-negative weights (e.g. bootstrap counts), one weighting per row.
+
+  Returns:
+    [B] AUCs, NaN where a weighting leaves one class without weight.
+  """
+  scores = np.asarray(scores, np.float64)
+  positive = _check_binary_labels(np.asarray(labels), "labels")
+  weights = np.asarray(weights, np.float64)
+  if scores.ndim != 1 or positive.shape != scores.shape or weights.shape[-1:] != scores.shape:
+    raise ValueError(
+      f"need scores [N], labels [N], weights [B, N]; got {scores.shape}, {positive.shape}, "
+      f"{weights.shape}"
+    )
+  if np.isnan(scores).any():
+    raise ValueError(f"scores contain {int(np.isnan(scores).sum())} NaN value(s)")
+  weights = weights.reshape(-1, scores.size)
+  if scores.size == 0:
+    return np.full(weights.shape[0], np.nan)
+  order = np.argsort(scores, kind="stable")
+  sorted_scores = scores[order]
+  starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])  # tied groups
+  w = weights[:, order]
+  is_pos = positive[order]
+  pos = np.add.reduceat(np.where(is_pos, w, 0.0), starts, axis=1)  # [B, groups]
+  neg = np.add.reduceat(np.where(is_pos, 0.0, w), starts, axis=1)
+  below = np.cumsum(neg, axis=1) - neg  # negative weight strictly below each group
+  total_pos, total_neg = pos.sum(1), neg.sum(1)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    auc = (pos * (below + 0.5 * neg)).sum(1) / (total_pos * total_neg)
+  return np.where((total_pos > 0) & (total_neg > 0), auc, np.nan)
+
+
+def top_k_hits(probs: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+  """[N] bool: whether each example's label is among its k highest-scoring classes, ties broken as
+  `top_k_accuracy` breaks them (its mean over rows)."""
   probs = np.asarray(probs, np.float64)
   labels = np.asarray(labels)
   if probs.ndim != 2 or labels.shape != probs.shape[:1]:
@@ -146,13 +194,11 @@ def top_k_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
     raise ValueError(f"probs contain {int(np.isnan(probs).sum())} NaN value(s)")
   if not np.issubdtype(labels.dtype, np.integer) or np.any((labels < 0) | (labels >= num_classes)):
     raise ValueError(f"labels must be integer class indices in [0, {num_classes})")
-  if labels.size == 0:
-    return float("nan")
   label_score = probs[np.arange(labels.size), labels][:, None]
   lower_index = np.arange(num_classes)[None, :] < labels[:, None]
   # 0-based rank of the label: classes strictly above it, plus equal ones with a lower index.
   rank = (probs > label_score).sum(1) + ((probs == label_score) & lower_index).sum(1)
-  return float(np.mean(rank < k))
+  return rank < k
 
 
 def _rows_equal(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -204,183 +250,3 @@ def aggregate_by_case(
   np.add.at(sums, inverse, probs)
   counts = np.bincount(inverse, minlength=len(ids)).reshape((-1,) + (1,) * (probs.ndim - 1))
   return ids, sums / counts, case_labels
-
-
-def bootstrap_draws(
-  metric_fn: Callable[[np.ndarray], float],
-  num_units: int,
-  *,
-  num_samples: int = 1000,
-  seed: int = 0,
-) -> np.ndarray:
-  """[num_samples] metric values on unit resamples drawn with replacement (NaN kept).
-
-  Draw i calls `metric_fn` with `num_units` indices from `np.random.default_rng(seed)`, so the
-  draws are a deterministic function of `seed`.
-  """
-  return np.array(
-    [float(metric_fn(idx)) for idx in _draw_indices(num_units, num_samples, seed)], np.float64
-  )
-
-
-def _percentile_interval(draws: np.ndarray, alpha: float) -> tuple[float, float, int]:
-  """(low, high, dropped): the central 1 - alpha interval of the non-NaN draws."""
-  if not 0.0 < alpha < 1.0:
-    raise ValueError(f"alpha must be in (0, 1); got {alpha}")
-  valid = draws[~np.isnan(draws)]
-  dropped = draws.size - valid.size
-  if dropped:
-    logging.warning(
-      "bootstrap: dropped %d of %d draws with an undefined (NaN) metric", dropped, draws.size
-    )
-  if valid.size == 0:
-    return float("nan"), float("nan"), dropped
-  low, high = np.quantile(valid, [alpha / 2.0, 1.0 - alpha / 2.0])
-  return float(low), float(high), dropped
-
-
-def bootstrap_ci(
-  metric_fn: Callable[[np.ndarray], float],
-  num_units: int,
-  *,
-  num_samples: int = 1000,
-  seed: int = 0,
-  alpha: float = 0.05,
-) -> tuple[float, float]:
-  """Percentile bootstrap (1 - alpha) confidence interval, resampling units with replacement.
-
-  Draws whose metric is NaN (e.g. a resample holding one class) are dropped; their count is
-  logged here and returned as `dropped` by `metric_with_ci`.
-
-  Args:
-    metric_fn: maps an index array over units (cases, patients) to the metric on those units;
-      repeated indices must count repeatedly.
-    num_units: how many units there are; each draw resamples this many.
-    num_samples: bootstrap draws.
-    seed: seed of `np.random.default_rng`; the interval is deterministic given it.
-    alpha: 1 - coverage; the interval spans the alpha/2 and 1 - alpha/2 quantiles.
-
-  Returns:
-    (low, high), or (nan, nan) if every draw was NaN.
-  """
-  draws = bootstrap_draws(metric_fn, num_units, num_samples=num_samples, seed=seed)
-  low, high, _ = _percentile_interval(draws, alpha)
-  return low, high
-
-
-def metric_with_ci(
-  metric_fn: Callable[[np.ndarray], float],
-  num_units: int,
-  *,
-  num_samples: int = 1000,
-  seed: int = 0,
-  alpha: float = 0.05,
-) -> dict[str, float | int]:
-  """The metric on all units with its bootstrap interval, ready to log.
-
-  Args are those of `bootstrap_ci`.
-
-  Returns:
-    {value: metric_fn(arange(num_units)), ci_low, ci_high, num_units, num_bootstrap: draws made
-    (num_samples), dropped: NaN draws left out, so the interval rests on num_bootstrap - dropped}.
-  """
-  value = float(metric_fn(np.arange(num_units)))
-  draws = bootstrap_draws(metric_fn, num_units, num_samples=num_samples, seed=seed)
-  low, high, dropped = _percentile_interval(draws, alpha)
-  return dict(
-    value=value,
-    ci_low=low,
-    ci_high=high,
-    num_units=num_units,
-    num_bootstrap=num_samples,
-    dropped=dropped,
-  )
-
-
-MetricsFn = Callable[[np.ndarray], Mapping[str, float]]
-
-
-def _draw_indices(num_units: int, num_samples: int, seed: int):
-  """The bootstrap's resamples: draw i is `default_rng(seed).integers(0, U, size=U)`, i-th call."""
-  if num_units < 1 or num_samples < 1:
-    raise ValueError(f"need num_units >= 1 and num_samples >= 1; got {num_units}, {num_samples}")
-  rng = np.random.default_rng(seed)
-  for _ in range(num_samples):
-    yield rng.integers(0, num_units, size=num_units)
-
-
-def metrics_with_ci(
-  metrics_fn: MetricsFn,
-  num_units: int,
-  *,
-  num_samples: int = 1000,
-  seed: int = 0,
-  alpha: float = 0.05,
-) -> dict[str, dict[str, float | int]]:
-  """`metric_with_ci` for several metrics computed together on the same resamples.
-
-  Args:
-    metrics_fn: index array over units -> {metric name: value} (the same names every call).
-    num_units, num_samples, seed, alpha: as for `bootstrap_ci`; the draws are those of
-      `bootstrap_draws` with the same seed, so each metric's interval equals `metric_with_ci`'s.
-
-  Returns:
-    {metric: {value, ci_low, ci_high, num_units, num_bootstrap, dropped}}.
-  """
-  values = dict(metrics_fn(np.arange(num_units)))
-  draws = {name: [] for name in values}
-  for idx in _draw_indices(num_units, num_samples, seed):
-    for name, value in metrics_fn(idx).items():
-      draws[name].append(float(value))
-  out = {}
-  for name, value in values.items():
-    low, high, dropped = _percentile_interval(np.asarray(draws[name], np.float64), alpha)
-    out[name] = dict(
-      value=float(value),
-      ci_low=low,
-      ci_high=high,
-      num_units=num_units,
-      num_bootstrap=num_samples,
-      dropped=dropped,
-    )
-  return out
-
-
-def paired_bootstrap(
-  pairs: Sequence[tuple[MetricsFn, MetricsFn]],
-  num_units: int,
-  *,
-  num_samples: int = 1000,
-  seed: int = 0,
-  alpha: float = 0.05,
-) -> dict[str, dict[str, float | int]]:
-  """Paired bootstrap of a difference between two models scored on the same units.
-
-  Each pair is (model A's metrics, model B's metrics) on the *same* units, e.g. one pair per
-  training seed. Every draw resamples the units once and scores both models of every pair on that
-  same resample, so the case-to-case variation they share cancels; the draw is the mean over
-  pairs of A − B (pooled over seeds). NaN draws (a resample where a metric is undefined) are
-  dropped and counted.
-
-  Returns:
-    {metric: {difference (mean over pairs of A − B on all units), ci_low, ci_high, num_units,
-    num_bootstrap, dropped, pairs}}.
-  """
-  if not pairs:
-    raise ValueError("paired_bootstrap needs at least one (A, B) pair")
-
-  def mean_difference(idx: np.ndarray) -> dict[str, float]:
-    sums: dict[str, float] = {}
-    for fn_a, fn_b in pairs:
-      a, b = fn_a(idx), fn_b(idx)
-      for name in a:
-        sums[name] = sums.get(name, 0.0) + float(a[name]) - float(b[name])
-    return {name: total / len(pairs) for name, total in sums.items()}
-
-  result = metrics_with_ci(
-    mean_difference, num_units, num_samples=num_samples, seed=seed, alpha=alpha
-  )
-  for stats in result.values():
-    stats["difference"] = stats.pop("value")
-    stats["pairs"] = len(pairs)
-  return result

@@ -14,13 +14,13 @@ number and a reported difference rest on one definition.
 """
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from etils import epath
 
-from micle_jax.eval import eval_metrics
+from micle_jax.eval import bootstrap, eval_metrics
 
 PREDICTIONS_DIR = "predictions"
 AGGREGATIONS = {"multiclass": ("case", "image"), "multilabel": ("image", "study")}
@@ -87,8 +87,8 @@ def _first_appearance_groups(keys: np.ndarray) -> tuple[list[str], np.ndarray]:
 
 
 def _rows(preds: Predictions, aggregation: str) -> dict[str, np.ndarray]:
-  """The scored rows after aggregation, each with the bootstrap unit it belongs to."""
-  unit_key = preds.case_id if preds.task == "multiclass" else preds.patient_id
+  """The scored rows after aggregation, each with the bootstrap unit (patient) it belongs to."""
+  unit_key = preds.patient_id
   if aggregation == "image":
     rows = {"probs": preds.probs, "unit": unit_key}
     if preds.task == "multiclass":
@@ -109,34 +109,59 @@ def _rows(preds: Predictions, aggregation: str) -> dict[str, np.ndarray]:
   return rows | {"targets": labels[:, :k], "target_mask": labels[:, k:]}
 
 
-def metrics_fn(
-  preds: Predictions, aggregation: str
-) -> tuple[list[str], Callable[[np.ndarray], Mapping[str, float]]]:
-  """(bootstrap units, fn): fn(index array over units) -> {metric: value} on their rows.
+def metrics_fn(preds: Predictions, aggregation: str) -> tuple[list[str], bootstrap.WeightedMetrics]:
+  """(bootstrap units, fn): fn(weights [B, U]) -> {metric: [B]} on the units' rows, each unit's
+  rows counted as often as its weight says (a bootstrap resample's counts; ones: every unit once).
 
-  Repeated unit indices count repeatedly. Metric names: "top1", "top3" (multi-class, k up to the
-  class count) or "mean_auc" and "auc/<label>" (multi-label).
+  The units are patients (a dataset without patient ids gives each case, or image, its own), so a
+  patient with several cases or studies is drawn or left out whole. Metric names: "top1", "top3"
+  (multi-class, k up to the class count) or "mean_auc" (over the labels defined in that draw)
+  and "auc/<label>" (multi-label).
   """
   check_aggregation(preds.task, aggregation)
   rows = _rows(preds, aggregation)
   units, unit_of_row = _first_appearance_groups(rows["unit"])
-  members = [np.flatnonzero(unit_of_row == u) for u in range(len(units))]
-
-  def fn(idx: np.ndarray) -> dict[str, float]:
-    take = np.concatenate([members[i] for i in idx])
-    probs = rows["probs"][take]
-    if preds.task == "multiclass":
-      labels = np.asarray(rows["label"])[take].astype(np.int64)
-      ks = [k for k in (1, 3) if k <= len(preds.names)]
-      return {f"top{k}": eval_metrics.top_k_accuracy(probs, labels, k) for k in ks}
-    per_label = eval_metrics.per_label_auc(
-      probs, rows["targets"][take], rows["target_mask"][take], preds.names
-    )
-    return {"mean_auc": eval_metrics.mean_auc(per_label)} | {
-      f"auc/{name}": value for name, value in per_label.items()
+  if preds.task == "multiclass":
+    labels = np.asarray(rows["label"]).astype(np.int64)
+    hits = {
+      f"top{k}": eval_metrics.top_k_hits(rows["probs"], labels, k).astype(np.float64)
+      for k in (1, 3)
+      if k <= len(preds.names)
     }
 
-  return units, fn
+    def accuracy(weights: np.ndarray) -> dict[str, np.ndarray]:
+      w = np.asarray(weights, np.float64)[:, unit_of_row]
+      total = w.sum(1)
+      with np.errstate(invalid="ignore", divide="ignore"):
+        return {name: np.where(total > 0, w @ h / total, np.nan) for name, h in hits.items()}
+
+    return units, accuracy
+
+  keep = np.asarray(rows["target_mask"]).astype(bool)
+  targets = np.asarray(rows["targets"])
+  columns = []
+  for k, name in enumerate(preds.names):
+    scores, labels = rows["probs"][keep[:, k], k], targets[keep[:, k], k]
+    try:  # malformed labels or scores fail now, naming the label
+      eval_metrics.weighted_auc(scores, labels, np.ones((1, scores.size)))
+    except ValueError as e:
+      raise ValueError(f"label {name!r}: {e}") from e
+    columns.append((name, keep[:, k], scores, labels))
+
+  def aucs(weights: np.ndarray) -> dict[str, np.ndarray]:
+    w = np.asarray(weights, np.float64)[:, unit_of_row]
+    per_label = {
+      f"auc/{name}": eval_metrics.weighted_auc(scores, labels, w[:, kept])
+      for name, kept, scores, labels in columns
+    }
+    stacked = np.stack(list(per_label.values()), 1)
+    defined = ~np.isnan(stacked)
+    count = defined.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+      mean = np.where(count > 0, np.where(defined, stacked, 0.0).sum(1) / count, np.nan)
+    return {"mean_auc": mean} | per_label
+
+  return units, aucs
 
 
 def same_rows(a: Predictions, b: Predictions) -> bool:

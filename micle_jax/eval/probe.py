@@ -12,7 +12,8 @@ Scores: multi-label tasks (chest X-rays) the mean AUC over labels of the neighbo
 target; multi-class tasks the top-1 accuracy of the neighbours' vote. Computed at step 0 (the
 architecture at initialisation) and at every checkpoint, logged as `probe/*`.
 
-The probe set is the first `max_images` examples of its split that pass the view filter. Use
+The probe set is the first `max_images` images of its split that pass the view filter (all of
+them where fewer pass); `pretraining.json` records how many it used (`probe_images`). Use
 images the reported evaluation does not: the pretraining config's default is the training split
 (whose labels pretraining never reads).
 """
@@ -23,7 +24,7 @@ from typing import Any
 
 import jax
 import numpy as np
-import tensorflow_datasets as tfds
+from absl import logging
 
 from micle_jax import specs
 from micle_jax.data import finetune_input, input_pipeline, tasks
@@ -89,13 +90,11 @@ class Probe:
     self, spec: specs.ProbeSpec, *, preset: str, image_size: int, labels: specs.LabelSpec, mesh
   ):
     self.spec = spec
-    # The first max_images examples, or the whole split when it is smaller (TFDS refuses a slice
-    # past the end).
-    available = tfds.builder(spec.dataset, data_dir=spec.data_dir or None).info.splits
-    count = available[spec.split].num_examples if spec.split in available else spec.max_images
+    # The first max_images examples that pass the view filter (`limit`, after filtering), or all
+    # of them when the split holds fewer.
     info = input_pipeline.open_dataset(
       spec.dataset,
-      f"{spec.split}[:{min(spec.max_images, count)}]",
+      spec.split,
       spec.data_dir or None,
       specs.LabelSpec(),
       spec.views,
@@ -117,9 +116,14 @@ class Probe:
         preset=preset,
         batch_size=batch_size,
         mesh=mesh,
+        limit=spec.max_images,
       )
     )
     keep = np.concatenate([b["valid"] > 0 for b in self.batches])
+    logging.info(
+      "Probe set: the first %d images of %s:%s passing views=%r", keep.sum(), spec.dataset,
+      spec.split, spec.views,
+    )  # fmt: skip
     self.labels = {
       key: np.concatenate([b[key] for b in self.batches])[keep]
       for key in ("label", "targets", "target_mask", "patient_id")

@@ -19,6 +19,11 @@ per device and is summed over the batch's mesh axes, as XLA does with its own co
 Every call pads (k - 1) // 2 before and the rest after: SimCLR's fixed padding for strided
 convolutions and SAME for stride 1 (`layers.Conv`'s rule), so the output side is ⌈side / s⌉.
 
+Each call runs on `usable_cores() // local CPU devices` oneDNN threads (the cores this process
+may use, after its CPU affinity and container quota). The library is refused when the oneDNN it
+loads is not the release its headers were (`NativeConvError`). `describe()` says which path a
+run's convolutions take, for the run's records.
+
 Set `MICLE_NATIVE_CONV=0` to keep XLA's convolution even where the library exists.
 """
 
@@ -36,6 +41,8 @@ import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from micle_jax import host
 
 LIBRARY = pathlib.Path(__file__).parent / "native" / "libmicle_onednn.so"
 _TARGETS = ("forward", "backward_data", "backward_weights")
@@ -67,11 +74,49 @@ def _load() -> ctypes.CDLL | None:
             f"{LIBRARY} exists but does not load ({e}); rebuild it with `make native`, or "
             f"delete it (or set {ENV_SWITCH}=0) to use XLA's convolution"
           ) from e
+        _check_versions(lib)
         for target in _TARGETS:
           name = _PREFIX + target
           jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
       _library.append(lib)
     return _library[0]
+
+
+def _versions(lib: ctypes.CDLL) -> tuple[str, str]:
+  """(oneDNN of the headers the library was compiled with, oneDNN of the library loaded)."""
+  v = (ctypes.c_int64 * 6)()
+  lib.micle_onednn_versions(v)
+  return ".".join(map(str, v[:3])), ".".join(map(str, v[3:]))
+
+
+def _check_versions(lib: ctypes.CDLL) -> None:
+  headers, loaded = _versions(lib)
+  if headers.rsplit(".", 1)[0] != loaded.rsplit(".", 1)[0]:
+    raise NativeConvError(
+      f"{LIBRARY} was compiled with oneDNN {headers}'s headers but loads oneDNN {loaded}; "
+      f"rebuild it with `make native` (or set {ENV_SWITCH}=0 to use XLA's convolution)"
+    )
+
+
+def describe() -> dict[str, str | int]:
+  """Which path the CPU's convolutions take now, for a run's records: {"convolution": "native"
+  or "xla", and for native: "onednn" (library version), "onednn_isa", "threads" per call,
+  "weight_gradient" ("matrix products" or "onednn", as `auto` resolves on this CPU)}."""
+  if not available():
+    return {"convolution": "xla"}
+  lib = _load()
+  _, loaded = _versions(lib)
+  isa = ctypes.create_string_buffer(64)
+  lib.micle_onednn_isa(isa, 64)
+  probe = (8, 8, 8, 8, 8, 3, 1, 1)  # any ungrouped shape: `auto` depends only on the CPU
+  gemm = implementation("backward_weights", probe) == "patches+sgemm"
+  return {
+    "convolution": "native",
+    "onednn": loaded,
+    "onednn_isa": isa.value.decode(),
+    "threads": _threads(),
+    "weight_gradient": "matrix products" if gemm else "onednn",
+  }
 
 
 def built() -> bool:
@@ -152,8 +197,8 @@ def ffi_flops(eqn) -> float:
 
 
 def _threads() -> int:
-  """oneDNN threads per call: the cores each local CPU device has (one device per core: 1)."""
-  return max(1, (os.cpu_count() or 1) // max(1, len(jax.local_devices(backend="cpu"))))
+  """oneDNN threads per call: the usable cores each local CPU device has (one per core: 1)."""
+  return max(1, host.usable_cores() // max(1, len(jax.local_devices(backend="cpu"))))
 
 
 def output_side(side: int, strides: int) -> int:

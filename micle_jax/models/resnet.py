@@ -257,8 +257,9 @@ class ContrastiveModel(nn.Module):
       `ft_proj_selector`; 0 = backbone features).
     stop_gradient_supervised: detach the supervised head's input (the linear monitor during
       pretraining; linear evaluation).
-    freeze_backbone: run the backbone in inference mode (running BatchNorm statistics) behind a
-      stop-gradient (linear evaluation).
+    freeze_backbone: run the backbone and the kept projection-head layers in inference mode
+      (running BatchNorm statistics) behind a stop-gradient (linear evaluation: the features are
+      frozen, so their statistics must not drift with each batch).
     zero_init_head: start the supervised head's kernel at 0 (SimCLR TF2's
       `zero_init_logits_layer`; fine-tuning's default) instead of N(0, 0.01²).
   """
@@ -275,14 +276,16 @@ class ContrastiveModel(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> dict[str, Any]:
-    if self.freeze_backbone:
-      features = jax.lax.stop_gradient(self.backbone(x, False))
-    else:
-      features = self.backbone(x, train)
+    frozen = self.freeze_backbone
+    features = self.backbone(x, train and not frozen)
+    if frozen:
+      features = jax.lax.stop_gradient(features)
     kept = None if self.proj_layers_kept < 0 else self.proj_layers_kept
     hiddens = ProjectionHead(
       self.num_proj_layers, self.proj_out_dim, self.backbone.dtype, kept, name="projection_head"
-    )(features, train)
+    )(features, train and not frozen)
+    if frozen:
+      hiddens = tuple(jax.lax.stop_gradient(h) for h in hiddens)
     outputs = {"features": features, "hiddens": hiddens, "projection": hiddens[-1]}
     if self.num_classes:
       sup_input = hiddens[self.supervised_input_layer]

@@ -14,9 +14,11 @@ it, never a silent fall-back to another one.
 """
 
 import dataclasses
+import gc
 import logging as python_logging
 import sys
 import threading
+import warnings
 from typing import Any
 
 import jax
@@ -167,6 +169,22 @@ def _drop_closed_loop_noise() -> None:
   )
 
 
+def _forget_failed_restore() -> None:
+  """Finalizes what a failed restore left behind, now, and silences what it leaves for later.
+
+  A failed restore leaves the reads it had scheduled but not started as coroutine objects in
+  reference cycles (Orbax's tasks and the exception's frames). Whenever the garbage collector
+  frees them (mid-run, or at interpreter exit after the one-line error), Python warns
+  "coroutine '...' was never awaited" for each. Such a read was abandoned on purpose, so from the
+  first failed restore on, that warning is ignored for the rest of the process (the program itself
+  runs no coroutines; only Orbax does), and the cycles are collected at once, not at exit.
+  """
+  warnings.filterwarnings(
+    "ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning
+  )
+  gc.collect()
+
+
 def set_aside(mngr: ocp.CheckpointManager, step: int) -> epath.Path:
   """Renames step `step` to `<step>.damaged` (`.damaged.N` if taken); returns the new path.
 
@@ -206,6 +224,9 @@ def restore_newest_readable(
       tree = restore(mngr, step, target)
     except Exception as e:  # noqa: BLE001 -- whatever a damaged step raises, try the previous one
       failed.append((step, reason(e)))
+      tree = None
+    if tree is None:  # out of the handler, so that its exception and frames can be freed
+      _forget_failed_restore()
       logging.warning(
         "Checkpoint step %d (%s) cannot be restored: %s",
         step,
@@ -233,17 +254,26 @@ def save_weights(directory: epath.PathLike, params: Any, batch_stats: Any, step:
   mngr.close()
 
 
-def _resolve(path: epath.PathLike) -> tuple[epath.Path, int]:
-  """Finds (CheckpointManager root, step) for a workdir, a checkpoints dir or a step dir."""
+def _resolve(path: epath.PathLike, step: int | None = None) -> tuple[epath.Path, int]:
+  """Finds (CheckpointManager root, step) for a workdir, a checkpoints dir or a step dir; the
+  latest step, or `step` (which must exist)."""
   path = absolute(path)
   if not path.exists():
     raise FileNotFoundError(f"init_from={path}: no such file or directory")
   for root in (path / CHECKPOINT_DIR, path):
     if root.is_dir():
       steps = ocp.utils.checkpoint_steps(root)
-      if steps:
+      if steps and step is None:
         return root, max(steps)
+      if steps:
+        if step not in steps:
+          raise FileNotFoundError(
+            f"init_from={path}: no checkpoint step {step} (it has {sorted(steps)})"
+          )
+        return root, step
   if path.name.isdigit() and (path / STATE_ITEM).exists():
+    if step is not None and step != int(path.name):
+      raise FileNotFoundError(f"init_from={path} is step {path.name}, not step {step}")
     return path.parent, int(path.name)
   raise FileNotFoundError(
     f"init_from={path}: no Orbax checkpoint found (looked for {path / CHECKPOINT_DIR}/<step>, "
@@ -256,14 +286,17 @@ def latest_step(path: epath.PathLike) -> int:
   return _resolve(path)[1]
 
 
-def load_weights(path: epath.PathLike) -> tuple[dict[str, Any], dict[str, Any], int]:
+def load_weights(
+  path: epath.PathLike, step: int | None = None
+) -> tuple[dict[str, Any], dict[str, Any], int]:
   """Reads `(params, batch_stats, step)` as host NumPy arrays from any of our checkpoints.
 
   Args:
     path: a pretraining/fine-tuning workdir (latest step), its `checkpoints/` directory, a step
       directory inside it, or a weights-only checkpoint written by `save_weights`.
+    step: the step to read (it must exist); None: the latest.
   """
-  root, step = _resolve(path)
+  root, step = _resolve(path, step)
   _drop_closed_loop_noise()
   try:
     tree = _read_weights(root, step)

@@ -19,6 +19,8 @@ import os
 import jax
 from absl import logging
 
+from micle_jax import host
+
 
 def _mode() -> str:
   """MICLE_DISTRIBUTED: 'auto', 'off' or '' (unset)."""
@@ -95,7 +97,7 @@ def split_cpu_into_devices(global_batch_size: int, *, one_device: bool = False) 
   if one_device:
     logging.info("CPU devices: 1 (the native convolution uses every core)")
     return
-  cores = os.cpu_count() or 1
+  cores = host.usable_cores()
   count = max(d for d in range(1, cores + 1) if global_batch_size % d == 0)
   jax.config.update("jax_num_cpu_devices", count)
   logging.info("CPU devices: %d (one per core, dividing the batch of %d)", count, global_batch_size)

@@ -8,9 +8,14 @@ as if it were this one. Keys that change how a run is operated but not what it c
 differ (`RUNTIME_KEYS`, and every `data_dir`: data moved elsewhere is the same data); a resumed
 run may also change its length (`LENGTH_KEYS`), with a warning, since the schedule then differs
 from an uninterrupted run of either length. Anything else fails, naming the keys.
+
+What the data *is* is checked apart from where it lies: each run writes `data.json`, the
+fingerprints of the datasets it reads (`data.fingerprint`), and a workdir is reused only when
+they match the data the run would read now, whatever its `data_dir`.
 """
 
 import json
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -22,6 +27,7 @@ CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"  # a fine-tuning run's metrics, labels and what it started from
 CONVERSION_FILE = "conversion.json"  # a converted SimCLRv2 checkpoint: what was found, `model`
 PRETRAINING_FILE = "pretraining.json"  # a pretraining run's budget: steps, pairs and views seen
+DATA_FILE = "data.json"  # fingerprints of the datasets a run reads
 RUNTIME_KEYS = (
   "log_every_steps",
   "checkpoint_every_steps",
@@ -91,18 +97,25 @@ def check_reusable(
   *,
   what: str,
   allow_length_change: bool,
+  data: Mapping[str, Any] | None = None,
 ) -> None:
-  """Raises ValueError if `workdir/config.json` was written by another config.
+  """Raises ValueError if `workdir/config.json` was written by another config, or
+  `workdir/data.json` by other data.
 
   Args:
     workdir: the run's workdir (nothing is checked when it has no config.json).
     config: the config about to run.
     what: what reusing means here, for the message ("resume", "skip: results exist").
     allow_length_change: whether `LENGTH_KEYS` may differ (resuming: yes, with a warning).
+    data: the fingerprints of the data the run reads now ({role: fingerprint}); compared,
+      locations aside, with the workdir's data.json (a workdir without one is reused with a
+      warning that its data cannot be checked).
   """
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     return
+  if data is not None:
+    check_same_data(workdir, data, what=what)
   stored = upgrade(json.loads(path.read_text()))
   current = config_dict(config)
   length = LENGTH_KEYS if allow_length_change else ()
@@ -137,3 +150,40 @@ def write_json(path: epath.PathLike, value: Any) -> None:
 
 def read_json(path: epath.PathLike) -> Any:
   return json.loads(epath.Path(path).read_text())
+
+
+def _without_locations(tree: Any) -> Any:
+  if isinstance(tree, Mapping):
+    return {k: _without_locations(v) for k, v in tree.items() if not k.endswith("data_dir")}
+  return tree
+
+
+def check_same_data(workdir: epath.PathLike, data: Mapping[str, Any], *, what: str) -> None:
+  """Raises ValueError naming the keys when `workdir/data.json` describes other data than `data`
+  (where the data lies may differ); warns when the workdir recorded none."""
+  path = epath.Path(workdir) / DATA_FILE
+  if not path.exists():
+    logging.warning(
+      "%s: no %s (written before runs recorded their data): cannot check that it was trained on "
+      "the data it would read now; reusing it to %s",
+      workdir,
+      DATA_FILE,
+      what,
+    )
+    return
+  stored = flatten(_without_locations(read_json(path)))
+  current = flatten(_without_locations(json.loads(json.dumps(data))))
+  differing = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+  if differing:
+    raise ValueError(
+      f"{workdir}: cannot {what}: it was trained on other data than the config now reads "
+      f"(differing: {', '.join(differing[:8])}{' ...' if len(differing) > 8 else ''}). Use a new "
+      "workdir, or delete this one to start over."
+    )
+
+
+def short(path: epath.PathLike) -> str:
+  """`path` relative to the working directory when it lies below it (for log lines)."""
+  text = str(path)
+  cwd = os.getcwd().rstrip("/") + "/"
+  return text[len(cwd) :] if text.startswith(cwd) else text

@@ -2,20 +2,24 @@ r"""The label-efficiency study as one command: `python -m micle_jax.study --conf
 
 Stages, each resumable (a finished stage is found and skipped, an unfinished one resumes):
 
-1. **Pretrain** every method of `config.methods` (SimCLR, MICLe) from the same pretraining config,
-   optionally from `config.init_from` (e.g. converted ImageNet weights). The methods must run the
-   same number of steps of the same batch; the study stops before any work if they would not.
-2. **Fine-tune** scratch and every pretrained network at every label fraction and seed
-   (`sweep.plan` / `sweep.run`, with `config.init_overrides` for inits that need their own
-   hyperparameters).
-3. **Collect** `results.csv`, `differences.csv` (paired differences with paired-bootstrap CIs)
-   and `label_efficiency.png` under `ROOT/finetune`, and print both tables.
+1. **Pretrain** every method of `config.methods` (SimCLR, MICLe) once per seed of
+   `config.pretrain_seeds`, from the same pretraining config, optionally from `config.init_from`
+   (e.g. converted ImageNet weights). For each seed, the methods must run the same number of steps
+   of the same batch; the study stops before any work if they would not.
+2. **Fine-tune** every pretrained network, and scratch from as many initialisation seeds, at
+   every label fraction and fine-tuning seed (`sweep.plan` / `sweep.run`, with
+   `config.init_overrides` for inits that need their own hyperparameters).
+3. **Collect** `results.csv`, `arms.csv`, `differences.csv` (every arm and every difference with an
+   interval over training runs and patients, `eval/differences.py`) and `label_efficiency.png`
+   under `ROOT/finetune`, and print the tables.
 
 The wall time of each stage is printed. `--print_only` prints, instead, the command of every
 pretraining and fine-tuning run and of the collection, for a TPU fleet (the fine-tuning commands
 need the pretraining runs to have finished).
 
-Layout: `ROOT/pretrain/<method>/` (pretraining workdirs), `ROOT/finetune/<init>/f<fraction>/s<seed>/`.
+Layout: `ROOT/pretrain/<method>/p<seed>/` (pretraining workdirs),
+`ROOT/finetune/<init>/p<seed>/f<fraction>/s<seed>/` (for scratch, `p<seed>` is the seed of its
+random initialisation).
 """
 
 import dataclasses
@@ -63,46 +67,77 @@ def _with_arg(arg: str, extra: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class Pretraining:
   method: str
+  seed: int
   config_arg: str  # e.g. "configs/cxr.py:demo,method=micle"
   overrides: dict[str, Any]
   config: ml_collections.ConfigDict
   workdir: str
 
 
+def unit_label(seed: int) -> str:
+  """A pretraining seed's folder and level-1 label, "p<seed>"."""
+  return f"p{int(seed)}"
+
+
 def plan_pretraining(study: ml_collections.ConfigDict) -> list[Pretraining]:
-  """One pretraining per method: the shared config, its overrides, the method and init_from."""
+  """One pretraining per method and seed: the shared config, its overrides, the method, the seed
+  and init_from."""
+  if not study.pretrain_seeds or len(set(study.pretrain_seeds)) != len(study.pretrain_seeds):
+    raise specs.ConfigError(
+      f"config.pretrain_seeds={tuple(study.pretrain_seeds)}: need at least one, none twice"
+    )
   runs = []
   for method in study.methods:
     arg = _with_arg(study.pretrain.arg, f"method={method}")
-    config = load_config(study.pretrain.config, arg)
-    overrides = run_files.flatten(study.pretrain.overrides)
-    if study.init_from:
-      overrides["init_from"] = study.init_from
-    for key, value in overrides.items():
-      sweep_plan.set_key(config, key, value, where=f"pretrain override {key}")
-    specs.from_config(specs.PretrainSpec, config)  # fails now, naming the key
-    workdir = str(epath.Path(study.root) / PRETRAIN_DIR / method)
-    runs.append(Pretraining(method, f"{study.pretrain.config}:{arg}", overrides, config, workdir))
+    for seed in study.pretrain_seeds:
+      config = load_config(study.pretrain.config, arg)
+      overrides = run_files.flatten(study.pretrain.overrides)
+      for key in ("seed", "init_from"):
+        if key in overrides:
+          raise specs.ConfigError(
+            f"config.pretrain.overrides.{key}: use config.{'pretrain_seeds' if key == 'seed' else key}"
+          )
+      for key, value in overrides.items():
+        sweep_plan.set_key(config, key, value, where=f"pretrain override {key}")
+      # Set here, not by `set_key` (which keeps them for the sweep); in the printed commands too.
+      overrides["seed"] = config.seed = int(seed)
+      if study.init_from:
+        overrides["init_from"] = config.init_from = study.init_from
+      specs.from_config(specs.PretrainSpec, config)  # fails now, naming the key
+      workdir = str(epath.Path(study.root) / PRETRAIN_DIR / method / unit_label(seed))
+      runs.append(
+        Pretraining(method, int(seed), f"{study.pretrain.config}:{arg}", overrides, config, workdir)
+      )
   return runs
 
 
 def check_equal_budgets(runs: list[Pretraining]) -> dict[str, int]:
-  """{method: total steps}; raises unless every method runs as many steps of the same batch."""
-  budgets = {}
+  """{method: total steps}; raises unless, for every seed, every method runs as many steps of the
+  same batch."""
+  budgets: dict[int, dict[str, tuple[int, int]]] = {}
   for run in runs:
     budget = pretrain.plan_budget(run.config, sharding.local_batch_size(run.config.batch_size))
-    budgets[run.method] = (budget.total_steps, run.config.batch_size)
-  if len(set(budgets.values())) > 1:
-    raise ValueError(f"pretraining budgets differ between methods (steps, batch): {budgets}")
-  return {method: steps for method, (steps, _) in budgets.items()}
+    budgets.setdefault(run.seed, {})[run.method] = (budget.total_steps, run.config.batch_size)
+  for seed, by_method in budgets.items():
+    if len(set(by_method.values())) > 1:
+      raise ValueError(
+        f"pretraining budgets differ between methods at seed {seed} (steps, batch): {by_method}"
+      )
+  return {run.method: budgets[run.seed][run.method][0] for run in runs}
 
 
 def plan_finetuning(study, pretrainings: list[Pretraining]) -> list[sweep.Run]:
   config = load_config(study.finetune.config, study.finetune.arg)
   for key, value in run_files.flatten(study.finetune.overrides).items():
     sweep_plan.set_key(config, key, value, where=f"finetune override {key}")
-  inits = {sweep.SCRATCH: sweep.SCRATCH} if study.scratch else {}
-  inits.update({p.method: p.workdir for p in pretrainings})
+  inits: dict[str, list[sweep_plan.Start]] = {}
+  if study.scratch:
+    inits[sweep.SCRATCH] = [
+      sweep_plan.Start(sweep.SCRATCH, unit_label(seed), init_seed=int(seed))
+      for seed in study.pretrain_seeds
+    ]
+  for p in pretrainings:
+    inits.setdefault(p.method, []).append(sweep_plan.Start(p.workdir, unit_label(p.seed)))
   init_overrides = {
     name: run_files.flatten(values)
     for name, values in study.init_overrides.items()
@@ -145,14 +180,16 @@ class _Stopwatch:
     return result
 
 
-def collect(study) -> tuple[list[dict], list[dict]]:
-  """results.csv, differences.csv and the plot under ROOT/finetune; prints both tables."""
+def collect(study) -> tuple[list[dict], list[dict], list[dict]]:
+  """results.csv, arms.csv, differences.csv and the plot under ROOT/finetune; prints the
+  tables."""
   root = epath.Path(study.root) / FINETUNE_DIR
   return sweep.report(root, num_samples=study.bootstrap_samples, plot=True)
 
 
-def run_study(study: ml_collections.ConfigDict) -> tuple[list[dict], list[dict]]:
-  """Pretrains, fine-tunes and collects as `study` says; returns (results rows, differences)."""
+def run_study(study: ml_collections.ConfigDict) -> tuple[list[dict], list[dict], list[dict]]:
+  """Pretrains, fine-tunes and collects as `study` says; returns (results rows, arm rows,
+  differences)."""
   if study.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", str(epath.Path(study.root) / "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
@@ -162,7 +199,7 @@ def run_study(study: ml_collections.ConfigDict) -> tuple[list[dict], list[dict]]
   logging.info("Pretraining budgets (steps): %s", steps)
   clock = _Stopwatch()
   for p in pretrainings:
-    name = f"pretrain {p.method} ({steps[p.method]} steps)"
+    name = f"pretrain {p.method} seed {p.seed} ({steps[p.method]} steps)"
     clock.run(name, pretrain.train_and_evaluate, p.config, p.workdir)
   clock.run(f"fine-tune ({len(finetunings)} runs)", sweep.run, finetunings)
   out = clock.run("collect", collect, study)

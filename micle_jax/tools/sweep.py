@@ -11,17 +11,20 @@ Each run's workdir is `ROOT/<init name>/f<fraction>/s<seed>`. Add `--print_only`
 `python -m micle_jax.finetune ...` command per run instead (one job each on a TPU fleet); other
 `--config.key=value` overrides are applied to every run, and passed on in the printed commands.
 
-A run whose `results.json` exists is skipped only if its `config.json` matches the planned run
-(`run_files.check_reusable`) and its init checkpoint is still the step it started from; otherwise
-the sweep stops, naming what changed, rather than reporting a stale result as this run's.
+A run whose `results.json` exists is skipped only if its `config.json` and `data.json` match the
+planned run and the data it would read (`run_files.check_reusable`), and its init checkpoint is
+still the step it started from; otherwise the sweep stops, naming what changed, rather than
+reporting a stale result as this run's.
 
-Then gather every `results.json` under the root (one row per run, eval dataset and metric) and
-the paired differences between inits (`differences.py`: every init against scratch, micle against
-simclr, paired-bootstrap CIs over the same cases):
+Then gather every `results.json` under the root (one row per run, eval dataset and metric), each
+init's value per label fraction and evaluation, and the differences between inits
+(`differences.py`: every init against scratch, micle against simclr), with intervals that resample
+the training runs and the patients:
 
   python -m micle_jax.sweep collect --root=gs://BUCKET/sweep_cxr --out=results.csv
 
-writes `results.csv` and `differences.csv` beside it and prints both tables.
+writes `results.csv`, `arms.csv` and `differences.csv` beside it and prints the tables. A warning
+names the environment keys (versions, devices, convolution path, ...) in which the runs differ.
 `notebooks/label_efficiency.ipynb` and `notebooks/distribution_shift.ipynb` plot those CSVs.
 """
 
@@ -37,7 +40,7 @@ from ml_collections import config_flags
 
 from micle_jax import app, finetune
 from micle_jax.eval import differences
-from micle_jax.runtime import checkpoint, run_files
+from micle_jax.runtime import checkpoint, provenance, run_files
 from micle_jax.tools import sweep_report
 from micle_jax.tools.sweep_plan import (  # noqa: F401 (the sweep's public names)
   SCRATCH,
@@ -74,6 +77,7 @@ CSV_COLUMNS = (
   "workdir",
 )
 DIFFERENCES_FILE = "differences.csv"
+ARMS_FILE = "arms.csv"
 
 
 def run(runs: Sequence[Run]) -> list[Run]:
@@ -99,12 +103,17 @@ def check_results_current(run_: Run) -> None:
   and the init checkpoint still at the step the run started from."""
   workdir = epath.Path(run_.workdir)
   run_files.check_reusable(
-    workdir, run_.config, what="skip it (results exist)", allow_length_change=False
+    workdir,
+    run_.config,
+    what="skip it (results exist)",
+    allow_length_change=False,
+    data=finetune.data_fingerprints(finetune.validate(run_.config)),
   )
   results = run_files.read_json(workdir / finetune.RESULTS_FILE)
   recorded = (results.get("init") or {}).get("step")
   if run_.init_from != SCRATCH and recorded is not None:
-    current = checkpoint.latest_step(run_.init_from)
+    step = run_.config.init_step
+    current = step if step >= 0 else checkpoint.latest_step(run_.init_from)
     if current != recorded:
       raise ValueError(
         f"{workdir}: its results were fine-tuned from {run_.init_from} step {recorded}, which "
@@ -207,28 +216,34 @@ def write_csv(
 
 def report(
   root: epath.PathLike, *, out: epath.PathLike | None = None, num_samples: int, plot: bool
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-  """Collects `root`: writes results.csv (or `out`), differences.csv beside it and, with `plot`,
-  label_efficiency.png; prints both tables; returns (rows, differences)."""
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+  """Collects `root`: writes results.csv (or `out`; one row per run), arms.csv and
+  differences.csv beside it (`differences.compare`) and, with `plot`, label_efficiency.png;
+  warns when the runs come from different environments; prints both tables; returns (rows, arm
+  rows, differences)."""
   out = epath.Path(out or epath.Path(root) / "results.csv")
   runs = collect_runs(root)
   rows = [row for r in runs for row in _rows(r["results"], r["init"], r["workdir"])]
   write_csv(rows, out)
-  diffs = differences.paired_differences(runs, num_samples=num_samples)
-  diff_path = out.parent / DIFFERENCES_FILE
-  write_csv(diffs, diff_path, differences.COLUMNS)
-  logging.info("Wrote %d rows to %s and %d to %s", len(rows), out, len(diffs), diff_path)
-  print(sweep_report.table(rows))
+  provenance.warn_if_mixed([r["results"].get("provenance") for r in runs], what=str(root))
+  arms, diffs = differences.compare(runs, num_samples=num_samples)
+  write_csv(arms, out.parent / ARMS_FILE, differences.ARM_COLUMNS)
+  write_csv(diffs, out.parent / DIFFERENCES_FILE, differences.COLUMNS)
+  logging.info(
+    "Wrote %d rows to %s, %d arms and %d differences beside it", len(rows), out, len(arms),
+    len(diffs),
+  )  # fmt: skip
+  print(sweep_report.table(arms))
   print()
   print(sweep_report.differences_table(diffs))
   if plot:
     png = out.parent / "label_efficiency.png"
     try:
-      sweep_report.plot_label_efficiency(rows, png)
+      sweep_report.plot_label_efficiency(arms, png)
       print(f"Label-efficiency plot: {png}")
     except ImportError:  # the tables and CSVs above are the results; the plot is a convenience
-      logging.warning("matplotlib is not installed (requirements-notebooks.txt): no %s", png)
-  return rows, diffs
+      logging.warning("matplotlib is not installed (requirements.txt has it): no %s", png)
+  return rows, arms, diffs
 
 
 FLAGS = flags.FLAGS

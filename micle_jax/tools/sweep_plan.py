@@ -19,7 +19,7 @@ from micle_jax import finetune
 
 SCRATCH = "scratch"
 # The config keys a sweep sets per run; overriding them for the whole sweep is an error.
-SWEPT_KEYS = ("init_from", "label_fraction", "seed")
+SWEPT_KEYS = ("init_from", "label_fraction", "seed", "init_seed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +33,20 @@ class Run:
   workdir: str
   config: ml_collections.ConfigDict = dataclasses.field(compare=False, repr=False)
   overrides: tuple[tuple[str, Any], ...] = ()  # this init's own config overrides
+  init_seed: int | None = None  # the random initialisation's seed, when not `seed`
+
+
+@dataclasses.dataclass(frozen=True)
+class Start:
+  """What one level-1 unit of an arm fine-tunes from: a pretraining, or a random initialisation.
+
+  `label` names the unit in the workdir (`ROOT/<init>/<label>/f<fraction>/s<seed>`; "" for a sweep
+  with one start per init: `ROOT/<init>/f<fraction>/s<seed>`).
+  """
+
+  init_from: str
+  label: str = ""
+  init_seed: int | None = None
 
 
 def parse_inits(items: Sequence[str]) -> dict[str, str]:
@@ -73,22 +87,28 @@ def parse_seeds(items: Sequence[str]) -> list[int]:
   return seeds
 
 
-def run_workdir(root: epath.PathLike, init: str, label_fraction: float, seed: int) -> str:
-  """`root/<init>/f<fraction>/s<seed>`, e.g. `root/micle/f0.1/s0`."""
-  return str(epath.Path(root) / init / f"f{float(label_fraction)}" / f"s{int(seed)}")
+def run_workdir(
+  root: epath.PathLike, init: str, label_fraction: float, seed: int, unit: str = ""
+) -> str:
+  """`root/<init>[/<unit>]/f<fraction>/s<seed>`, e.g. `root/micle/f0.1/s0`, `root/micle/p1/f0.1/s0`."""
+  base = epath.Path(root) / init / unit if unit else epath.Path(root) / init
+  return str(base / f"f{float(label_fraction)}" / f"s{int(seed)}")
 
 
 def plan(
   config: ml_collections.ConfigDict,
   root: epath.PathLike,
   *,
-  inits: Mapping[str, str],
+  inits: Mapping[str, str | Sequence[Start]],
   fractions: Sequence[float],
   seeds: Sequence[int],
   init_overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[Run]:
-  """inits × fractions × seeds (in that order), each with its own validated copy of `config`.
+  """inits × their starts × fractions × seeds (in that order), each with its own validated copy
+  of `config`.
 
+  `inits`: {name: init_from} (one start each), or {name: [Start, ...]} (a study's arms: one start
+  per pretraining seed, or per initialisation seed for scratch).
   `init_overrides`: {init name: {dotted config key: value}} applied to that init's runs.
   """
   init_overrides = dict(init_overrides or {})
@@ -96,28 +116,33 @@ def plan(
   if unknown:
     raise ValueError(f"init overrides for {unknown}, which are not among the inits {list(inits)}")
   runs = []
-  for init, init_from in inits.items():
+  for init, starts in inits.items():
+    starts = [Start(starts)] if isinstance(starts, str) else list(starts)
     overrides = tuple(dict(init_overrides.get(init, {})).items())
-    for fraction in fractions:
-      for seed in seeds:
-        run_config = copy.deepcopy(config)
-        for key, value in overrides:
-          set_key(run_config, key, value, where=f"init override {init}.{key}")
-        run_config.init_from = init_from
-        run_config.label_fraction = float(fraction)
-        run_config.seed = int(seed)
-        finetune.validate(run_config)  # Fails before the first run trains, not hours in.
-        runs.append(
-          Run(
-            init=init,
-            init_from=init_from,
-            label_fraction=float(fraction),
-            seed=int(seed),
-            workdir=run_workdir(root, init, fraction, seed),
-            config=run_config,
-            overrides=overrides,
+    for start in starts:
+      for fraction in fractions:
+        for seed in seeds:
+          run_config = copy.deepcopy(config)
+          for key, value in overrides:
+            set_key(run_config, key, value, where=f"init override {init}.{key}")
+          run_config.init_from = start.init_from
+          run_config.label_fraction = float(fraction)
+          run_config.seed = int(seed)
+          if start.init_seed is not None:
+            run_config.init_seed = int(start.init_seed)
+          finetune.validate(run_config)  # Fails before the first run trains, not hours in.
+          runs.append(
+            Run(
+              init=init,
+              init_from=start.init_from,
+              label_fraction=float(fraction),
+              seed=int(seed),
+              workdir=run_workdir(root, init, fraction, seed, start.label),
+              config=run_config,
+              overrides=overrides,
+              init_seed=start.init_seed,
+            )
           )
-        )
   return runs
 
 
@@ -148,6 +173,8 @@ def command(
     f"--config.label_fraction={run_.label_fraction}",
     f"--config.seed={run_.seed}",
   ]
+  if run_.init_seed is not None:
+    args.append(f"--config.init_seed={run_.init_seed}")
   return shlex.join(args)
 
 

@@ -1,15 +1,13 @@
-"""A sweep's results at a glance: a text table and the label-efficiency plot (from `collect` rows).
+"""A sweep's results at a glance: the arms and differences tables and the label-efficiency plot.
 
 The notebooks (notebooks/) draw the full figures; this is what the demo and a terminal show. The
-notebooks' helpers are here too: `read_results` reads the CSV that `sweep collect` writes, and
-`seed_stats` averages a group of its rows over seeds.
+notebooks' readers are here too: `read_arms` reads `arms.csv` (each arm's value with its interval
+over training runs and patients), `read_results` the per-run `results.csv`.
 """
 
-import collections
 import csv
 import io
 import math
-import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,54 +21,58 @@ DEFAULT_METRIC = {"chexpert": "mean_auc", "nih": "mean_auc", "multiclass": "top1
 _FLOAT_COLUMNS = ("label_fraction", "value", "ci_low", "ci_high")
 
 
-def _main_rows(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-  return [r for r in rows if r["metric"] in MAIN_METRICS and r["value"] not in (None, "")]
+def _main(rows: Sequence[Mapping[str, Any]], value: str) -> list[Mapping[str, Any]]:
+  return [r for r in rows if r["metric"] in MAIN_METRICS and r[value] not in (None, "")]
 
 
-def _mean(group: Sequence[Mapping[str, Any]], key: str) -> float | None:
-  values = [float(r[key]) for r in group if r.get(key) not in (None, "")]
-  return statistics.fmean(values) if values else None
+def _count(value: Any) -> str:
+  return "-" if value in (None, "") else f"{float(value):,.0f}"
 
 
-def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str, float], dict[str, Any]]:
-  """(init, eval, fraction) -> means over seeds of the main metric, its CI, and the budgets."""
-  groups: dict[tuple[str, str, float], list[Mapping[str, Any]]] = collections.defaultdict(list)
-  for r in _main_rows(rows):
-    groups[(r["init"], r["eval"], float(r["label_fraction"]))].append(r)
-  out = {}
-  for key, group in sorted(groups.items()):
-    out[key] = {
-      "value": _mean(group, "value"),
-      "ci_low": _mean(group, "ci_low"),
-      "ci_high": _mean(group, "ci_high"),
-      "seeds": len(group),
-      "metric": group[0]["metric"],
-      "train_steps": _mean(group, "train_steps"),
-      "pretrain_steps": _mean(group, "pretrain_steps"),
-      "pretrain_views_seen": _mean(group, "pretrain_views_seen"),
-    }
-  return out
+def _interval(row: Mapping[str, Any], sign: str = "") -> str:
+  low, high = row.get("ci_low"), row.get("ci_high")
+  if low in (None, "") or high in (None, ""):
+    return "[undefined]"
+  return f"[{float(low):{sign}.3f}, {float(high):{sign}.3f}]"
 
 
-def _count(value: float | None) -> str:
-  return "-" if value is None else f"{value:,.0f}"
+def _sd(value: Any) -> str:
+  return "-" if value in (None, "") else f"{float(value):.3f}"
 
 
-def table(rows: Sequence[Mapping[str, Any]]) -> str:
-  """One line per (init, eval dataset, label fraction): metric [95% CI] averaged over seeds, the
-  fine-tuning steps, and the init's pretraining steps and views seen."""
+def _scopes(rows: Sequence[Mapping[str, Any]]) -> str:
+  """The footnote saying what the intervals cover, when some are conditional on one run."""
+  conditional = sorted({r["scope"] for r in rows if not str(r["scope"]).startswith("training")})
+  return "".join(f"\n  ({i + 1}) {text}" for i, text in enumerate(conditional))
+
+
+def _mark(row: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str:
+  conditional = sorted({r["scope"] for r in rows if not str(r["scope"]).startswith("training")})
+  return f"({conditional.index(row['scope']) + 1})" if row["scope"] in conditional else ""
+
+
+def table(arm_rows: Sequence[Mapping[str, Any]]) -> str:
+  """One line per (init, eval dataset, label fraction) of `differences.compare`'s arm rows: the
+  main metric with its hierarchical 95% CI, the runs and level-1 units behind it, the SD between
+  runs, the fine-tuning steps, and the init's pretraining steps and views seen."""
+  rows = sorted(
+    _main(arm_rows, "value"), key=lambda r: (r["init"], r["eval"], float(r["fraction"]))
+  )
   lines = [
+    "Each arm: the mean over its pretraining runs (scratch: initialisation seeds) of the mean over"
+    " their fine-tuning seeds; 95% CI resampling runs and patients:",
     f"{'init':<10} {'eval':<16} {'fraction':>8}  {'metric':<8} {'value':>6}  {'95% CI':<16}"
-    f" {'seeds':>5} {'ft steps':>8} {'pretrain steps':>14} {'pretrain views':>14}"
+    f" {'runs':>4} {'units':>5} {'sd runs':>7} {'ft steps':>8} {'pretrain steps':>14}"
+    f" {'pretrain views':>14}",
   ]
-  for (init, eval_name, fraction), s in summarize(rows).items():
+  for r in rows:
     lines.append(
-      f"{init:<10} {eval_name:<16} {fraction:>8.2f}  {s['metric']:<8} "
-      f"{s['value']:>6.3f}  [{s['ci_low']:.3f}, {s['ci_high']:.3f}]  {s['seeds']:>5}"
-      f" {_count(s['train_steps']):>8} {_count(s['pretrain_steps']):>14}"
-      f" {_count(s['pretrain_views_seen']):>14}"
+      f"{r['init']:<10} {r['eval']:<16} {float(r['fraction']):>8.2f}  {r['metric']:<8} "
+      f"{float(r['value']):>6.3f}  {_interval(r):<16} {int(r['runs']):>4} {int(r['units']):>5}"
+      f" {_sd(r['sd_runs']):>7} {_count(r['train_steps']):>8} {_count(r['pretrain_steps']):>14}"
+      f" {_count(r['pretrain_views_seen']):>14} {_mark(r, rows)}".rstrip()
     )
-  return "\n".join(lines)
+  return "\n".join(lines) + _scopes(rows)
 
 
 def significant(row: Mapping[str, Any]) -> bool:
@@ -82,57 +84,62 @@ def significant(row: Mapping[str, Any]) -> bool:
 
 
 def differences_table(diffs: Sequence[Mapping[str, Any]]) -> str:
-  """The paired differences of the main metric (from `differences.paired_differences` rows)."""
+  """The differences of the main metric (`differences.compare`'s rows), with hierarchical CIs,
+  the runs of each arm, and each pretraining seed's own difference."""
   lines = [
-    "Paired differences, init − baseline (mean over seeds; paired-bootstrap 95% CI over the same "
-    "cases; * = the CI excludes 0):",
+    "Differences, init − baseline (95% CI resampling each arm's runs and the same patients for"
+    " both; * = the CI excludes 0; runs = init/baseline):",
     f"{'eval':<16} {'fraction':>8}  {'metric':<8} {'init':<8} {'baseline':<8} "
-    f"{'difference':>10}  {'95% CI':<17} {'seeds':>5}",
+    f"{'difference':>10}  {'95% CI':<17}   {'runs':>7}  per pretraining seed",
   ]
-  main = [d for d in diffs if d["metric"] in MAIN_METRICS and d["difference"] not in (None, "")]
+  main = _main(diffs, "difference")
   if not main:
-    return "\n".join(lines + ["(no pairs: a difference needs two inits with a common seed)"])
+    return "\n".join(lines + ["(no pairs: a difference needs two inits in one cell)"])
   for d in main:
     mark = "*" if significant(d) else " "
+    runs = f"{int(d['runs'])}/{int(d['baseline_runs'])}"
     lines.append(
       f"{d['eval']:<16} {float(d['fraction']):>8.2f}  {d['metric']:<8} {d['init']:<8} "
-      f"{d['baseline']:<8} {float(d['difference']):>+10.3f}  "
-      f"[{float(d['ci_low']):+.3f}, {float(d['ci_high']):+.3f}] {mark} {int(d['seeds']):>4}"
+      f"{d['baseline']:<8} {float(d['difference']):>+10.3f}  {_interval(d, '+'):<17} {mark} "
+      f"{runs:>7}  {d['per_seed'] or '-'} {_mark(d, main)}".rstrip()
     )
-  return "\n".join(lines)
+  return "\n".join(lines) + _scopes(main)
 
 
-def plot_label_efficiency(rows: Sequence[Mapping[str, Any]], path: epath.PathLike) -> None:
-  """In-distribution metric vs label fraction, one curve per init, CI band; saved as PNG."""
-  import matplotlib  # Optional dependency (requirements-notebooks.txt).
+def plot_label_efficiency(arm_rows: Sequence[Mapping[str, Any]], path: epath.PathLike) -> None:
+  """In-distribution metric vs label fraction, one curve per init with its hierarchical CI band;
+  saved as PNG."""
+  import matplotlib  # In requirements.txt; a bare install of the package may lack it.
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  summary = summarize(rows)
+  rows = [r for r in _main(arm_rows, "value") if r["eval"] == "in_distribution"]
   fig, ax = plt.subplots(figsize=(5, 3.5))
-  for init in sorted({k[0] for k in summary}):
-    points = sorted(
-      (k[2], v) for k, v in summary.items() if k[0] == init and k[1] == "in_distribution"
-    )
-    if not points:
-      continue
-    xs = [p[0] for p in points]
-    ax.plot(xs, [p[1]["value"] for p in points], marker="o", label=init)
+  for init in sorted({r["init"] for r in rows}):
+    points = sorted((float(r["fraction"]), r) for r in rows if r["init"] == init)
+    xs = [x for x, _ in points]
+    ax.plot(xs, [float(r["value"]) for _, r in points], marker="o", label=init)
     ax.fill_between(
-      xs, [p[1]["ci_low"] for p in points], [p[1]["ci_high"] for p in points], alpha=0.2
-    )
-  metric = next(iter(summary.values()))["metric"] if summary else "metric"
+      xs, [_float(r["ci_low"]) for _, r in points], [_float(r["ci_high"]) for _, r in points],
+      alpha=0.2,
+    )  # fmt: skip
+  metric = rows[0]["metric"] if rows else "metric"
   ax.set(
     xlabel="label fraction (of training patients)",
     ylabel=metric,
-    title="Label efficiency (in distribution)",
+    title="Label efficiency (in distribution; 95% CI over runs and patients)",
   )
+  ax.title.set_fontsize("small")
   ax.legend()
   fig.tight_layout()
   with epath.Path(path).open("wb") as f:
     fig.savefig(f, format="png", dpi=120)
   plt.close(fig)
+
+
+def _float(value: Any) -> float:
+  return math.nan if value in (None, "") else float(value)
 
 
 def read_results(path: epath.PathLike) -> list[dict[str, Any]]:
@@ -165,20 +172,19 @@ def nan_mean(values: Sequence[float]) -> float:
   return float(array.mean()) if array.size else math.nan
 
 
-def seed_stats(group: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-  """A group of `read_results` rows (one per seed) summarized.
+def read_arms(path: epath.PathLike) -> list[dict[str, Any]]:
+  """The rows of `arms.csv` (`sweep collect`): each arm's value and hierarchical CI per cell.
 
-  Args:
-    group: the rows, e.g. those of one init, eval dataset, metric and label fraction.
-
-  Returns:
-    {"mean", "ci_low", "ci_high"}: the `nan_mean` over the rows of `value`, `ci_low` and `ci_high`
-    (undefined ones left out); "values": the rows' values in order; "seeds": their sorted seeds.
+  `fraction`, `value`, the `ci_*` and `sd_*` columns are floats (NaN when empty); `runs` and
+  `units` ints. Raises ValueError naming `path` when it has no rows.
   """
-  return {
-    "mean": nan_mean([r["value"] for r in group]),
-    "ci_low": nan_mean([r["ci_low"] for r in group]),
-    "ci_high": nan_mean([r["ci_high"] for r in group]),
-    "values": [r["value"] for r in group],
-    "seeds": sorted(r["seed"] for r in group),
-  }
+  rows = list(csv.DictReader(io.StringIO(epath.Path(path).read_text())))
+  if not rows:
+    raise ValueError(f"{path} has no rows: has any run of the sweep finished?")
+  for row in rows:
+    for key in ("fraction", "value", "ci_low", "ci_high", "ci_low_cases", "ci_high_cases"):
+      row[key] = _float(row[key])
+    for key in ("sd_runs", "sd_units"):
+      row[key] = _float(row[key])
+    row["runs"], row["units"] = int(row["runs"]), int(row["units"])
+  return rows

@@ -13,7 +13,7 @@ from etils import epath
 
 from micle_jax import specs
 from micle_jax.runtime import checkpoint, preemption, sharding
-from micle_jax.train import metrics
+from micle_jax.train import metrics, progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +39,10 @@ def resume_or_initialize(
   mesh: jax.sharding.Mesh,
   *,
   rule: checkpoint.RestoreRule,
+  init_step: int | None = None,
 ) -> tuple[Any, InitInfo]:
-  """Resume order: the workdir's newest readable checkpoint → `init_from` → `state` (scratch).
+  """Resume order: the workdir's newest readable checkpoint → `init_from` (its latest step, or
+  `init_step`) → `state` (scratch).
 
   Newer checkpoints that cannot be restored are set aside (`checkpoint.restore_newest_readable`).
 
@@ -57,7 +59,7 @@ def resume_or_initialize(
   if not init_from or init_from == "scratch":
     logging.info("Training from scratch.")
     return state, InitInfo("scratch")
-  params, batch_stats, step = checkpoint.load_weights(init_from)
+  params, batch_stats, step = checkpoint.load_weights(init_from, init_step)
   source = f"init_from={init_from}"
   params, report = checkpoint.restore_allowed(
     jax.device_get(state.params), params, rule, source=source
@@ -124,6 +126,7 @@ def run(
   mesh: jax.sharding.Mesh,
   total_steps: int,
   on_save: Callable[[int, Any], None] | None = None,
+  label: str = "train",
 ) -> Any:
   """Steps from `state.step` to `total_steps`, logging, checkpointing, and stopping cleanly.
 
@@ -131,7 +134,7 @@ def run(
   `step_fn(state, global_batch)` must report `loss` and `params_finite`; a
   non-finite step raises `FloatingPointError` before anything after it is saved or logged.
   `on_save(step, state)` runs after each checkpoint is written (e.g. a probe of the state); it
-  must not change the state.
+  must not change the state. `label` names the run on its progress line.
   """
   start_step = int(state.step)
   hooks = _periodic_actions(spec, writer, workdir, total_steps)
@@ -142,6 +145,7 @@ def run(
   # Metrics are read one step late: the host dispatches step n+1 before it waits for step n, so
   # the accelerator always has the next step queued. Steps that log or save read them all.
   pending: list[tuple[int, dict[str, Any]]] = []
+  shown = progress.Progress(label, start_step, last_step, enabled=jax.process_index() == 0)
 
   def read_metrics(keep_newest: bool) -> None:
     while len(pending) > int(keep_newest):
@@ -168,6 +172,7 @@ def run(
         checkpoint.save(mngr, step, checkpoint.state_to_tree(state), force=True)
         if on_save is not None:
           on_save(step, state)
+      shown.update(step)
       if stopping:
         logging.warning("Stopped at step %d on request; checkpoint saved.", step)
         break

@@ -55,9 +55,11 @@ def create_train_state(
     mesh: the device mesh; the state is replicated over it.
   """
   # The first half of a split, as when the state also carried a step rng: same seed, same init.
+  # The key is an argument, not a constant of the compiled function, so that one compilation
+  # (and one entry of the persistent compilation cache) serves every seed.
   init_rng, _ = jax.random.split(jax.random.PRNGKey(seed))
 
-  def init() -> TrainState:
+  def init(init_rng: jax.Array) -> TrainState:
     variables = init_variables(model, init_rng, image_shape)
     params = variables["params"]
     return TrainState(
@@ -69,6 +71,6 @@ def create_train_state(
       tx=tx,
     )
 
-  abstract = jax.eval_shape(init)
+  abstract = jax.eval_shape(init, init_rng)
   shardings = jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), abstract)
-  return jax.jit(init, out_shardings=shardings)()
+  return jax.jit(init, out_shardings=shardings)(init_rng)

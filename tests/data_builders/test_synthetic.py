@@ -266,6 +266,7 @@ def test_demo_data_is_rebuilt_only_when_its_stamp_changes(tmp_path):
   built = tmp_path / "tensorflow_datasets" / "nih_cxr14" / "images"
   stamp = json.loads((tmp_path / "manual" / "nih" / demo.STAMP).read_text())
   assert stamp == {"layout": "nih", "arguments": sizes["nih"], "version": demo.GENERATOR_VERSION}
+  assert json.loads((built / demo.STAMP).read_text()) == stamp  # beside the build, for runs
   before = _digests(tmp_path / "manual")
   assert demo.ensure(tmp_path, ["nih"], sizes) == {"nih": False}
   assert _digests(tmp_path / "manual") == before
@@ -273,12 +274,16 @@ def test_demo_data_is_rebuilt_only_when_its_stamp_changes(tmp_path):
   assert demo.ensure(tmp_path, ["nih"], bigger) == {"nih": True}
   series = _nih_follow_up_series(tmp_path / "manual" / "nih")
   assert len(series) == 9
-  (version,) = list(built.iterdir())
+  (version,) = [p for p in built.iterdir() if p.is_dir()]
   splits = tfds.builder_from_directory(str(version)).info.splits
   # The TFDS build was redone from the new files (TFDS alone would keep the old one).
   assert sum(s.num_examples for s in splits.values()) == sum(map(len, series.values()))
   shutil.rmtree(built)  # a missing build is rebuilt from the (current) files
   assert demo.ensure(tmp_path, ["nih"], bigger) == {"nih": True}
+  # Another draw: the same sizes with another generator seed, stamped as such.
+  assert demo.ensure(tmp_path, ["nih"], bigger, seed=1) == {"nih": True}
+  assert json.loads((built / demo.STAMP).read_text())["arguments"]["seed"] == 1
+  assert _nih_follow_up_series(tmp_path / "manual" / "nih") != series
   foreign = tmp_path / "other"
   (foreign / "manual" / "nih").mkdir(parents=True)
   (foreign / "manual" / "nih" / "mine.csv").write_text("x\n")

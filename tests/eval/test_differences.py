@@ -1,11 +1,13 @@
-"""Paired-bootstrap differences between inits, against an independent implementation."""
+"""A sweep's arms and differences: cells, levels, refusals, and the study aggregation."""
 
 import itertools
 
 import numpy as np
 import pytest
+from test_bootstrap import preds
 
-from micle_jax.eval import differences, eval_metrics, evaluation
+from micle_jax.eval import differences, evaluation
+from micle_jax.runtime import run_files
 from micle_jax.tools import sweep_report
 
 NAMES = ("Edema", "Effusion")
@@ -13,23 +15,7 @@ NAMES = ("Edema", "Effusion")
 
 def _preds(rng, signal, *, num_patients=30):
   """Multi-label predictions of 1–3 images per patient; `signal` sets how well they separate."""
-  patients = np.repeat([f"p{i:02d}" for i in range(num_patients)], rng.integers(1, 4, num_patients))
-  n = len(patients)
-  targets = (rng.random((n, 2)) < 0.4).astype(np.float32)
-  mask = (rng.random((n, 2)) < 0.9).astype(np.float32)
-  logits = signal * (targets - 0.5) + rng.normal(size=(n, 2))
-  ids = np.asarray([f"img{i}" for i in range(n)])
-  return evaluation.Predictions(
-    task="multilabel",
-    names=NAMES,
-    image_id=ids,
-    case_id=patients,
-    patient_id=patients,
-    study_id=ids,
-    probs=(1 / (1 + np.exp(-logits))).astype(np.float32),
-    targets=targets,
-    target_mask=mask,
-  )
+  return preds(rng, signal, num_patients=num_patients)
 
 
 def _with_probs(preds, probs):
@@ -37,133 +23,121 @@ def _with_probs(preds, probs):
   return evaluation.Predictions(**{**fields, "probs": probs})
 
 
-def _auc_by_pairs(scores, labels):
-  """AUC as the fraction of (positive, negative) pairs ordered correctly, ties 1/2."""
-  pos, neg = scores[labels == 1], scores[labels == 0]
-  if not len(pos) or not len(neg):
-    return np.nan
-  wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-  return wins / (len(pos) * len(neg))
-
-
-def _mean_auc(preds, patient_draw):
-  rows = np.concatenate([np.flatnonzero(preds.patient_id == p) for p in patient_draw])
-  aucs = []
-  for k in range(len(NAMES)):
-    keep = rows[preds.target_mask[rows, k] > 0]
-    aucs.append(_auc_by_pairs(preds.probs[keep, k], preds.targets[keep, k]))
-  aucs = [a for a in aucs if not np.isnan(a)]
-  return np.mean(aucs) if aucs else np.nan
-
-
-def _reference(pairs, num_samples, seed):
-  """Resample patients; each draw: mean over seeds of AUC(A) − AUC(B) on that same resample."""
-  patients = list(dict.fromkeys(pairs[0][0].patient_id))
-  rng = np.random.default_rng(seed)
-  draws = []
-  for _ in range(num_samples):
-    draw = [patients[i] for i in rng.integers(0, len(patients), size=len(patients))]
-    draws.append(np.mean([_mean_auc(a, draw) - _mean_auc(b, draw) for a, b in pairs]))
-  point = np.mean([_mean_auc(a, patients) - _mean_auc(b, patients) for a, b in pairs])
-  draws = np.asarray(draws)
-  low, high = np.quantile(draws[~np.isnan(draws)], [0.025, 0.975])
-  return point, low, high
-
-
-def test_paired_bootstrap_equals_an_independent_implementation():
-  rng = np.random.default_rng(0)
-  pairs = []
-  for _ in range(2):  # two seeds, pooled
-    base = _preds(rng, signal=1.0)
-    better = _with_probs(base, np.clip(base.probs + 0.3 * (base.targets - 0.5), 0, 1))
-    pairs.append((better, base))
-  fns = [
-    (evaluation.metrics_fn(a, "image")[1], evaluation.metrics_fn(b, "image")[1]) for a, b in pairs
-  ]
-  units = evaluation.metrics_fn(pairs[0][0], "image")[0]
-  got = eval_metrics.paired_bootstrap(fns, len(units), num_samples=200, seed=3)["mean_auc"]
-  point, low, high = _reference(pairs, 200, 3)
-  assert got["difference"] == pytest.approx(point, abs=1e-12)
-  assert (got["ci_low"], got["ci_high"]) == pytest.approx((low, high), abs=1e-12)
-  assert got["difference"] > 0 and got["pairs"] == 2
-
-
-def test_identical_predictions_differ_by_exactly_zero():
-  preds = _preds(np.random.default_rng(1), signal=1.0)
-  units, fn = evaluation.metrics_fn(preds, "image")
-  stats = eval_metrics.paired_bootstrap([(fn, fn)], len(units), num_samples=100, seed=0)
-  for metric in ("mean_auc", "auc/Edema", "auc/Effusion"):
-    assert (stats[metric]["difference"], stats[metric]["ci_low"], stats[metric]["ci_high"]) == (
-      0.0,
-      0.0,
-      0.0,
-    )
-
-
-def test_metrics_with_ci_matches_one_metric_at_a_time():
-  preds = _preds(np.random.default_rng(2), signal=0.5)
-  units, fn = evaluation.metrics_fn(preds, "image")
-  together = eval_metrics.metrics_with_ci(fn, len(units), num_samples=50, seed=4)
-  alone = eval_metrics.metric_with_ci(
-    lambda idx: fn(idx)["mean_auc"], len(units), num_samples=50, seed=4
-  )
-  assert together["mean_auc"] == alone
-
-
-def test_study_aggregation_averages_a_studys_images():
-  preds = _preds(np.random.default_rng(3), signal=1.0)
-  studies = np.asarray([f"{p}/s" for p in preds.patient_id])  # one study per patient
-  fields = {k: getattr(preds, k) for k in preds.__dataclass_fields__}
-  # Labels are a study's: make every image of a patient carry the first image's labels.
-  first = {p: i for i, p in reversed(list(enumerate(preds.patient_id)))}
-  rows = [first[p] for p in preds.patient_id]
-  fields.update(study_id=studies, targets=preds.targets[rows], target_mask=preds.target_mask[rows])
-  preds = evaluation.Predictions(**fields)
-  units, fn = evaluation.metrics_fn(preds, "study")
-  patients = list(dict.fromkeys(preds.patient_id))
-  assert units == patients
-  mean_probs = np.stack([preds.probs[preds.patient_id == p].mean(0) for p in patients])
-  keep = preds.target_mask[[first[p] for p in patients], 0] > 0
-  targets = preds.targets[[first[p] for p in patients], 0]
-  expected = _auc_by_pairs(mean_probs[keep, 0], targets[keep])
-  assert fn(np.arange(len(units)))["auc/Edema"] == pytest.approx(expected)
-
-
-def _run(tmp_path, init, seed, preds, fraction=0.1):
-  workdir = tmp_path / init / f"s{seed}"
+def _run(tmp_path, init, seed, preds, fraction=0.1, *, pretraining=None, mode="full", **config):
+  """A finished fine-tuning run's files: predictions, results.json's fields, config.json."""
+  unit = "" if pretraining is None else f"p{pretraining}"
+  workdir = tmp_path / mode / init / unit / f"s{seed}"
   evaluation.save_predictions(evaluation.predictions_path(workdir, "in_distribution"), preds)
+  init_from = "scratch" if init == "scratch" else str(tmp_path / "pretrain" / init / unit)
   results = {
+    "init_from": init_from,
+    "mode": mode,
+    "task": "chexpert",
+    "views": "frontal",
     "label_fraction": fraction,
     "seed": seed,
     "eval_aggregation": "image",
-    "eval": {"in_distribution": {}},
+    "step": 10,
+    "pretraining": None if init == "scratch" else {"seed": pretraining or 0, "step": 64},
+    "eval": {"in_distribution": {"dataset": "chexpert:valid", "views": "frontal"}},
   }
+  if init == "scratch" and pretraining is not None:
+    results["init_seed"] = pretraining
+  stored = {"init_from": init_from, "seed": seed, "label_fraction": fraction, "mode": mode}
+  run_files.write_json(workdir / run_files.CONFIG_FILE, stored | config)
   return {"init": init, "workdir": str(workdir), "results": results}
 
 
-def test_sweep_differences_pair_seeds_and_compare_micle_with_simclr(tmp_path):
-  rng = np.random.default_rng(5)
+def _study(tmp_path, rng, *, pretrainings=(0, 1), seeds=(0, 1)):
+  """scratch, simclr and micle, each fine-tuned from every pretraining (scratch: init seed) at
+  every seed, micle best and scratch worst."""
+  base = _preds(rng, signal=0.5)
   runs = []
-  for seed in (0, 1):
-    base = _preds(rng, signal=0.5)
-    for init, boost in (("scratch", 0.0), ("simclr", 0.2), ("micle", 0.3)):
-      probs = np.clip(base.probs + boost * (base.targets - 0.5), 0, 1)
-      runs.append(_run(tmp_path, init, seed, _with_probs(base, probs)))
-  rows = differences.paired_differences(runs, num_samples=100, seed=0)
-  pairs = {(r["init"], r["baseline"]) for r in rows}
-  assert pairs == {("micle", "scratch"), ("simclr", "scratch"), ("micle", "simclr")}
-  assert all(r["seeds"] == 2 and tuple(r) == differences.COLUMNS for r in rows)
+  for p in pretrainings:
+    for seed in seeds:
+      for init, boost in (("scratch", 0.0), ("simclr", 0.2), ("micle", 0.3 + 0.05 * p)):
+        noise = rng.normal(0, 0.05, base.probs.shape)
+        probs = np.clip(base.probs + boost * (base.targets - 0.5) + noise, 0, 1)
+        runs.append(_run(tmp_path, init, seed, _with_probs(base, probs), pretraining=p))
+  return runs
+
+
+def test_compare_reports_every_arm_and_difference_over_runs(tmp_path):
+  runs = _study(tmp_path, np.random.default_rng(5))
+  arms, rows = differences.compare(runs, num_samples=100, seed=0)
+  assert {(r["init"], r["baseline"]) for r in rows} == {
+    ("micle", "scratch"),
+    ("simclr", "scratch"),
+    ("micle", "simclr"),
+  }
+  assert all(tuple(r) == differences.COLUMNS for r in rows)
+  assert all(tuple(r) == differences.ARM_COLUMNS for r in arms)
   main = {(r["init"], r["baseline"]): r for r in rows if r["metric"] == "mean_auc"}
   assert main[("micle", "scratch")]["difference"] > main[("simclr", "scratch")]["difference"] > 0
+  d = main[("micle", "simclr")]
+  assert (d["runs"], d["baseline_runs"], d["units"], d["baseline_units"]) == (4, 4, 2, 2)
+  assert d["scope"] == "training runs and cases"
+  assert d["per_seed"].startswith("p0:+") and " p1:+" in d["per_seed"]
+  arm = next(r for r in arms if r["init"] == "micle" and r["metric"] == "mean_auc")
+  assert arm["runs"] == 4 and arm["units"] == 2 and arm["sd_runs"] > 0
+  assert arm["pretrain_steps"] == 64 and arm["train_steps"] == 10
   table = sweep_report.differences_table(rows)
-  assert table.count("*") >= 2 and "micle    simclr" in table
+  assert table.count("*") >= 2 and "micle    simclr" in table and "p0:+" in table
+  assert "conditional" not in table and "conditional" not in sweep_report.table(arms)
 
-  # Runs that scored different images cannot be paired.
-  other = _preds(np.random.default_rng(9), signal=0.5, num_patients=12)
-  broken = [r for r in runs if r["init"] != "scratch" or r["results"]["seed"] != 0]
-  broken.append(_run(tmp_path / "x", "scratch", 0, other))
+
+def test_a_single_pretraining_run_is_said_to_condition_the_interval(tmp_path):
+  runs = _study(tmp_path, np.random.default_rng(6), pretrainings=(0,))
+  arms, rows = differences.compare(runs, num_samples=50)
+  d = next(r for r in rows if r["metric"] == "mean_auc" and r["baseline"] == "simclr")
+  assert d["scope"] == "cases; conditional on the one level-1 run of micle and simclr"
+  table = sweep_report.differences_table(rows)
+  assert "cases; conditional on the one level-1 run of micle and simclr" in table
+  assert "conditional on the one level-1 run of micle" in sweep_report.table(arms)
+
+
+def test_runs_of_another_mode_are_another_cell_and_two_claims_of_one_place_are_refused(tmp_path):
+  rng = np.random.default_rng(7)
+  runs = _study(tmp_path, rng, pretrainings=(0,), seeds=(0,))
+  linear = _study(tmp_path / "linear", rng, pretrainings=(0,), seeds=(0,))
+  for run in linear:
+    run["results"]["mode"] = "linear"
+  arms, _ = differences.compare(runs + linear, num_samples=20)
+  assert {(r["mode"], r["init"]) for r in arms if r["metric"] == "mean_auc"} == {
+    (m, i) for m in ("full", "linear") for i in ("scratch", "simclr", "micle")
+  }
+  twin = _study(tmp_path / "twin", rng, pretrainings=(0,), seeds=(0,))
+  with pytest.raises(ValueError, match=r"both claim scratch p0 seed 0") as error:
+    differences.compare(runs + twin, num_samples=20)
+  assert str(tmp_path / "twin") in str(error.value) and str(tmp_path / "full") in str(error.value)
+
+
+def test_runs_of_one_arm_must_differ_only_in_their_seeds(tmp_path):
+  rng = np.random.default_rng(8)
+  base = _preds(rng, signal=0.5)
+  runs = [
+    _run(tmp_path, "scratch", 0, base, pretraining=0, learning_rate=1.0),
+    _run(tmp_path, "scratch", 1, base, pretraining=0, learning_rate=0.1),
+  ]
+  with pytest.raises(ValueError, match=r"configs differ in \['learning_rate'\]"):
+    differences.compare(runs, num_samples=10)
+
+
+def test_runs_that_scored_other_images_cannot_be_compared(tmp_path):
+  rng = np.random.default_rng(9)
+  runs = [_run(tmp_path, "scratch", 0, _preds(rng, signal=0.5), pretraining=0)]
+  runs.append(_run(tmp_path, "simclr", 0, _preds(rng, signal=0.5, num_patients=12), pretraining=0))
   with pytest.raises(ValueError, match="cover different images"):
-    differences.paired_differences(broken, num_samples=10)
+    differences.compare(runs, num_samples=10)
+
+
+def test_identical_predictions_differ_by_exactly_zero(tmp_path):
+  preds = _preds(np.random.default_rng(1), signal=1.0)
+  runs = [_run(tmp_path, init, 0, preds, pretraining=0) for init in ("scratch", "simclr")]
+  _, rows = differences.compare(runs, num_samples=50)
+  for r in rows:
+    if r["metric"] in ("mean_auc", "auc/Edema", "auc/Effusion"):
+      assert (r["difference"], r["ci_low"], r["ci_high"]) == (0.0, 0.0, 0.0)
 
 
 def test_comparisons():

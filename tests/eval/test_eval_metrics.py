@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 
-from micle_jax.eval import eval_metrics
+from micle_jax.eval import bootstrap, eval_metrics
 
 
 def pairwise_auc(scores, labels) -> float:
@@ -131,58 +131,6 @@ def test_aggregate_by_case_multilabel_targets_and_conflicts():
     eval_metrics.aggregate_by_case(["case-7", "case-7"], np.zeros((2, 3)), np.array([0, 2]))
 
 
-def _mean_metric(values):
-  return lambda idx: float(values[idx].mean())
-
-
-def test_bootstrap_deterministic_per_seed_and_covers_estimate():
-  values = np.random.default_rng(0).normal(size=200)
-  fn = _mean_metric(values)
-  ci = eval_metrics.bootstrap_ci(fn, 200, num_samples=300, seed=3)
-  assert ci == eval_metrics.bootstrap_ci(fn, 200, num_samples=300, seed=3)
-  assert ci != eval_metrics.bootstrap_ci(fn, 200, num_samples=300, seed=4)
-  low, high = ci
-  assert low < values.mean() < high
-  # The standard error of the mean is ~1/sqrt(200) = 0.07: the 95% interval is ~0.28 wide.
-  assert 0.15 < high - low < 0.45
-
-
-def test_bootstrap_alpha_nests_intervals():
-  fn = _mean_metric(np.random.default_rng(1).normal(size=50))
-  intervals = [
-    eval_metrics.bootstrap_ci(fn, 50, num_samples=200, alpha=a) for a in (0.01, 0.05, 0.2, 0.5)
-  ]
-  for (wide_lo, wide_hi), (narrow_lo, narrow_hi) in itertools.pairwise(intervals):
-    assert wide_lo <= narrow_lo < narrow_hi <= wide_hi
-    assert (wide_hi - wide_lo) > (narrow_hi - narrow_lo)
-
-
-def test_bootstrap_drops_and_counts_nan_draws():
-  scores = np.array([0.2, 0.6, 0.9])
-  labels = np.array([0, 0, 1])
-  seen = []
-
-  def auc_of_units(idx):
-    seen.append(idx.copy())
-    return eval_metrics.roc_auc(scores[idx], labels[idx])
-
-  out = eval_metrics.metric_with_ci(auc_of_units, 3, num_samples=100, seed=0)
-  draws = seen[1:]  # seen[0] is the full-data value.
-  np.testing.assert_array_equal(seen[0], [0, 1, 2])
-  expected_dropped = sum(2 not in idx or set(idx) == {2} for idx in draws)
-  assert len(draws) == 100 and 0 < expected_dropped < 100
-  assert out["dropped"] == expected_dropped
-  assert out["value"] == 1.0 and out["num_units"] == 3 and out["num_bootstrap"] == 100
-  assert out["ci_low"] == out["ci_high"] == 1.0  # Every defined draw has a perfect AUC.
-
-
-def test_bootstrap_all_nan_draws():
-  out = eval_metrics.metric_with_ci(lambda idx: float("nan"), 4, num_samples=10)
-  assert np.isnan(out["ci_low"]) and np.isnan(out["ci_high"]) and out["dropped"] == 10
-  with pytest.raises(ValueError, match="alpha"):
-    eval_metrics.bootstrap_ci(lambda idx: 0.0, 4, num_samples=10, alpha=1.0)
-
-
 def test_case_level_auc_with_ci_end_to_end():
   rng = np.random.default_rng(2)
   case_of_image = np.repeat(np.arange(40), 3)
@@ -193,9 +141,9 @@ def test_case_level_auc_with_ci_end_to_end():
   )
   assert len(ids) == 40
 
-  def case_auc(idx):
-    return eval_metrics.roc_auc(case_probs[idx, 1], labels[idx])
+  def case_auc(weights):
+    return {"auc": eval_metrics.weighted_auc(case_probs[:, 1], labels, weights)}
 
-  out = eval_metrics.metric_with_ci(case_auc, len(ids), num_samples=200)
-  assert out["value"] == pairwise_auc(case_probs[:, 1], labels)
+  out = bootstrap.metrics_with_ci(case_auc, len(ids), num_samples=200)["auc"]
+  assert out["value"] == pytest.approx(pairwise_auc(case_probs[:, 1], labels), abs=1e-12)
   assert out["ci_low"] <= out["value"] <= out["ci_high"]

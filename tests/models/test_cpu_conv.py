@@ -99,11 +99,9 @@ def test_the_path_is_taken_on_cpu_only():
 # (architecture, whether the native convolution may be used): with the library built, the CPU
 # kernels are oneDNN's convolutions and our BatchNorm; one model also checks the patch path.
 MODELS = [
-  (dict(depth=18, stem="cifar"), True),
-  (dict(depth=18, stem="imagenet", sk_ratio=0.0625), True),
-  (dict(depth=50, stem="cifar", sk_ratio=0.0625), True),
-  (dict(depth=50, stem="imagenet"), True),
-  (dict(depth=18, stem="imagenet", sk_ratio=0.0625), False),
+  (dict(depth=18, stem="cifar"), True),  # basic blocks
+  (dict(depth=50, stem="imagenet"), True),  # bottleneck blocks, the 7×7 stem and max pool
+  (dict(depth=18, stem="imagenet", sk_ratio=0.0625), False),  # selective kernels, patch path
 ]
 
 

@@ -37,6 +37,13 @@ SHAPES = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _uncached(no_compilation_cache):
+  """These tests vary the thread count and the weight-gradient method, which the compilation
+  cache's key does not see in the suite (conftest)."""
+  del no_compilation_cache
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _native():
   if not native_conv.available():

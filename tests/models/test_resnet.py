@@ -108,6 +108,28 @@ def test_supervised_head_input_is_stop_gradient():
   assert float(jnp.abs(grads["head_supervised"]["kernel"]).sum()) > 0
 
 
+def test_a_frozen_backbone_keeps_its_kept_projection_layers_frozen_too():
+  """Linear evaluation: the backbone and the kept projection-head layers run in inference mode
+  in a training step, so their BatchNorm statistics do not move and the features the head sees
+  are those of inference."""
+  model = resnet.create_model(
+    tiny_spec(num_classes=3, proj_layers_kept=1, supervised_input_layer=1, freeze_backbone=True)
+  )
+  x = jax.random.uniform(jax.random.PRNGKey(1), (4, 32, 32, 3))
+  variables = jax.jit(model.init, static_argnames="train")(jax.random.PRNGKey(0), x, train=False)
+  apply = jax.jit(model.apply, static_argnames=("train", "mutable"))
+  trained, updates = apply(variables, x, train=True, mutable=("batch_stats",))
+  inference = apply(variables, x, train=False)
+  assert "bn_0" in variables["batch_stats"]["projection_head"]
+  for a, b in zip(
+    jax.tree_util.tree_leaves(updates["batch_stats"]),
+    jax.tree_util.tree_leaves(variables["batch_stats"]),
+    strict=True,
+  ):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(trained["hiddens"][1], inference["hiddens"][1])
+
+
 @pytest.mark.parametrize(
   "kernel_size,strides,size",
   [(1, 1, 8), (1, 2, 8), (1, 2, 7), (3, 1, 8), (3, 2, 8), (3, 2, 7), (7, 2, 16)],

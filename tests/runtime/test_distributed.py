@@ -71,7 +71,7 @@ def test_the_cpu_is_split_per_core_unless_the_native_convolution_is_built(
   updates = []
   monkeypatch.setenv("XLA_FLAGS", "")
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  monkeypatch.setattr(distributed.os, "cpu_count", lambda: 4)
+  monkeypatch.setattr(distributed.host, "usable_cores", lambda: 4)
   assert distributed.jax.config.jax_num_cpu_devices == -1  # conftest sets XLA_FLAGS instead
   monkeypatch.setattr(distributed.jax.config, "update", lambda *kv: updates.append(kv))
   distributed.split_cpu_into_devices(64, one_device=one_device)

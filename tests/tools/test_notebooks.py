@@ -16,12 +16,13 @@ KERNEL = "micle-jax-test"
 
 
 @pytest.fixture(scope="module")
-def results_csv(tmp_path_factory) -> pathlib.Path:
-  """results.csv of a fake sweep (2 inits × 2 fractions × 2 seeds, NIH shift, a null metric)."""
+def arms_csv(tmp_path_factory) -> pathlib.Path:
+  """arms.csv (and results.csv beside it) of a fake sweep (2 inits × 2 fractions × 2 seeds, NIH
+  shift)."""
   root = tmp_path_factory.mktemp("sweep")
   write_fake_sweep(root)
-  sweep.write_csv(sweep.collect(root), root / "results.csv")
-  return root / "results.csv"
+  sweep.report(root, num_samples=30, plot=False)
+  return root / sweep.ARMS_FILE
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def kernel_env(tmp_path_factory):
 def _with_parameters(nb: nbformat.NotebookNode, **params) -> nbformat.NotebookNode:
   """Inserts a cell setting `params` after the cell tagged "parameters" (as papermill does)."""
   index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
-  assert "RESULTS = " in nb.cells[index].source
+  assert "ARMS = " in nb.cells[index].source
   source = "\n".join(f"{k} = {v!r}" for k, v in params.items())
   nb.cells.insert(index + 1, nbformat.v4.new_code_cell(source, id="injected-parameters"))
   return nb
@@ -54,20 +55,20 @@ def _with_parameters(nb: nbformat.NotebookNode, **params) -> nbformat.NotebookNo
 @pytest.mark.parametrize(
   "name, png, expected",
   [
-    ("label_efficiency", "label_efficiency.png", ["scratch", "micle", "10.00%"]),
-    ("distribution_shift", "distribution_shift.png", ["in_distribution", "nih", "-0.1000"]),
+    ("label_efficiency", "label_efficiency.png", ["scratch", "micle", "10.00%", "runs 2 in"]),
+    ("distribution_shift", "distribution_shift.png", ["in_distribution", "nih", "runs 2"]),
   ],
 )
-def test_notebook_runs_and_saves_its_figure(kernel_env, results_csv, tmp_path, name, png, expected):
+def test_notebook_runs_and_saves_its_figure(kernel_env, arms_csv, tmp_path, name, png, expected):
   nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
   colab = nb.cells[1].source.splitlines()
   assert all(line.startswith("#") for line in colab if line.strip())  # Installs nothing here.
-  nb = _with_parameters(nb, RESULTS=str(results_csv))
+  nb = _with_parameters(nb, ARMS=str(arms_csv))
   client = NotebookClient(
     nb, kernel_name=KERNEL, timeout=60, resources={"metadata": {"path": str(tmp_path)}}
   )
   client.execute()
-  out = results_csv.parent / png
+  out = arms_csv.parent / png
   assert out.stat().st_size > 1000
   assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)

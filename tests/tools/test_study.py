@@ -1,5 +1,6 @@
-"""The study command: equal pretraining budgets, the planned runs and commands, and a tiny study
-end to end (pretraining both methods, three inits fine-tuned, the paired-differences table)."""
+"""The study command: equal pretraining budgets, the planned runs and commands over pretraining
+seeds, and a tiny study end to end (two pretraining seeds of both methods, three arms fine-tuned,
+the tables with intervals over runs; a rerun trains nothing)."""
 
 import json
 import shlex
@@ -8,7 +9,8 @@ import pytest
 from ml_collections import config_dict
 
 from configs import study_cxr
-from micle_jax.tools import study, sweep_report
+from micle_jax import specs
+from micle_jax.tools import study
 
 
 def _study(root, cxr_dir, nih_dir, **overrides):
@@ -43,26 +45,41 @@ def _study(root, cxr_dir, nih_dir, **overrides):
   return s
 
 
-def test_the_demo_plan_has_equal_budgets_three_inits_and_the_scratch_override(
+def test_the_plan_pretrains_every_seed_and_fine_tunes_every_network_as_often(
   cxr_data_dir, nih_data_dir, tmp_path
 ):
-  s = _study(tmp_path, cxr_data_dir, nih_data_dir, fractions=(0.05, 1.0), seeds=(0, 1))
+  s = _study(
+    tmp_path, cxr_data_dir, nih_data_dir, fractions=(0.05, 1.0), seeds=(0, 1), pretrain_seeds=(3, 4)
+  )
   pretrainings = study.plan_pretraining(s)
-  assert [p.method for p in pretrainings] == ["simclr", "micle"]
+  assert [(p.method, p.seed) for p in pretrainings] == [
+    ("simclr", 3),
+    ("simclr", 4),
+    ("micle", 3),
+    ("micle", 4),
+  ]
+  assert [p.config.seed for p in pretrainings] == [3, 4, 3, 4]
+  assert pretrainings[3].workdir == str(tmp_path / "pretrain/micle/p4")
   assert study.check_equal_budgets(pretrainings) == {"simclr": 4, "micle": 4}
   finetunings = study.plan_finetuning(s, pretrainings)
-  assert [(r.init, r.label_fraction, r.seed) for r in finetunings][:2] == [
-    ("scratch", 0.05, 0),
-    ("scratch", 0.05, 1),
+  # Every arm: 2 level-1 units (pretrainings, or scratch's initialisation seeds) × 2 × 2.
+  assert len(finetunings) == 3 * 2 * 2 * 2
+  assert [(r.init, r.init_seed, r.label_fraction, r.seed) for r in finetunings][:3] == [
+    ("scratch", 3, 0.05, 0),
+    ("scratch", 3, 0.05, 1),
+    ("scratch", 3, 1.0, 0),
   ]
-  assert len(finetunings) == 3 * 2 * 2
+  assert finetunings[0].workdir == str(tmp_path / "finetune/scratch/p3/f0.05/s0")
+  assert {r.config.init_seed for r in finetunings if r.init == "scratch"} == {3, 4}
+  assert {r.config.init_seed for r in finetunings if r.init != "scratch"} == {-1}
   lr = {r.init: r.config.optimizer.base_learning_rate for r in finetunings}
   assert lr["scratch"] == 1.0 and lr["micle"] == lr["simclr"] == 0.01
   assert {r.init_from for r in finetunings if r.init == "micle"} == {
-    str(tmp_path / "pretrain/micle")
+    str(tmp_path / "pretrain/micle/p3"),
+    str(tmp_path / "pretrain/micle/p4"),
   }
   lines = study.commands(s, pretrainings, finetunings)
-  assert len(lines) == 2 + 12 + 1
+  assert len(lines) == 4 + 24 + 1
   assert shlex.split(lines[0])[:4] == [
     "python",
     "-m",
@@ -70,10 +87,15 @@ def test_the_demo_plan_has_equal_budgets_three_inits_and_the_scratch_override(
     "--config=configs/cxr.py:demo,method=simclr",
   ]
   assert "--config.num_steps=4" in shlex.split(lines[1])
-  scratch = shlex.split(lines[2])
+  assert "--config.seed=4" in shlex.split(lines[1])
+  scratch = shlex.split(lines[4])
   assert "--config.optimizer.base_learning_rate=1.0" in scratch
-  assert "--config.init_from=scratch" in scratch
+  assert "--config.init_from=scratch" in scratch and "--config.init_seed=3" in scratch
   assert lines[-1].endswith("collect --root=" + str(tmp_path / "finetune") + " --plot")
+  with s.unlocked():
+    s.pretrain_seeds = (1, 1)
+  with pytest.raises(specs.ConfigError, match="none twice"):
+    study.plan_pretraining(s)
 
 
 def test_unequal_pretraining_budgets_stop_the_study_before_any_work(
@@ -101,36 +123,55 @@ def test_unequal_pretraining_budgets_stop_the_study_before_any_work(
   assert not (tmp_path / "pretrain").exists() and not (tmp_path / "finetune").exists()
 
 
-def test_a_tiny_study_end_to_end(cxr_data_dir, nih_data_dir, tmp_path, capsys):
-  s = _study(tmp_path, cxr_data_dir, nih_data_dir)
-  rows, diffs = study.run_study(s)
+def test_a_tiny_study_end_to_end(cxr_data_dir, nih_data_dir, tmp_path, capsys, monkeypatch):
+  """Two pretraining seeds of one method and scratch: every level of the study, in little time
+  (both methods' planning is tested above, and MICLe's pretraining in test_pretrain)."""
+  s = _study(tmp_path, cxr_data_dir, nih_data_dir, pretrain_seeds=(0, 1), methods=("simclr",))
+  rows, arms, diffs = study.run_study(s)
   out = capsys.readouterr().out
-  for stage in ("pretrain simclr (4 steps)", "pretrain micle (4 steps)", "fine-tune (3 runs)"):
+  for stage in (
+    "pretrain simclr seed 0 (4 steps)",
+    "pretrain simclr seed 1 (4 steps)",
+    "fine-tune (4 runs)",
+  ):
     assert f"[study] {stage}:" in out
-  assert "[study] total:" in out and "Paired differences" in out
-  for method in ("simclr", "micle"):
-    summary = json.loads((tmp_path / "pretrain" / method / "pretraining.json").read_text())
+  assert "[study] total:" in out and "Differences, init − baseline" in out
+  for seed in (0, 1):
+    summary = json.loads((tmp_path / f"pretrain/simclr/p{seed}/pretraining.json").read_text())
     assert summary["step"] == 4 and summary["views_seen"] == 2 * 4 * 8
+    assert summary["seed"] == seed and summary["provenance"]["device_count"] == 8
     assert sorted(summary["probe"], key=int) == ["0", "2", "4"]
-  pairs = {(d["eval"], d["init"], d["baseline"]) for d in diffs if d["metric"] == "mean_auc"}
-  assert pairs == {
-    (e, i, b)
-    for e in ("in_distribution", "nih")
-    for i, b in (("simclr", "scratch"), ("micle", "scratch"), ("micle", "simclr"))
+  main = [d for d in diffs if d["metric"] == "mean_auc"]
+  assert {(d["eval"], d["init"], d["baseline"]) for d in main} == {
+    (e, "simclr", "scratch") for e in ("in_distribution", "nih")
   }
-  assert {r["init"] for r in rows} == {"scratch", "simclr", "micle"}
-  assert (tmp_path / "finetune" / "differences.csv").exists()
-  scratch = json.loads((tmp_path / "finetune/scratch/f0.5/s0/config.json").read_text())
-  assert scratch["optimizer"]["base_learning_rate"] == 1.0
-  # A second study in another folder prints the same tables: the study is deterministic.
-  other = _study(tmp_path / "again", cxr_data_dir, nih_data_dir)
-  rows_b, diffs_b = study.run_study(other)
-  assert sweep_report.table(rows_b) == sweep_report.table(rows)
-  assert sweep_report.differences_table(diffs_b) == sweep_report.differences_table(diffs)
-  assert diffs_b == diffs
-  # Rerun: every stage is found finished; the same table comes back.
-  rows_again, diffs_again = study.run_study(s)
-  assert rows_again == rows and diffs_again == diffs
+  assert all(d["runs"] == d["baseline_runs"] == 2 and d["units"] == 2 for d in main)
+  assert all(d["scope"] == "training runs and cases" for d in main)
+  assert all(d["per_seed"].startswith("p0:") and " p1:" in d["per_seed"] for d in main)
+  assert {r["init"] for r in rows} == {"scratch", "simclr"}
+  assert {(a["init"], a["runs"], a["units"]) for a in arms} == {
+    (i, 2, 2) for i in ("scratch", "simclr")
+  }
+  for name in ("results.csv", "arms.csv", "differences.csv"):
+    assert (tmp_path / "finetune" / name).exists()
+  scratch = json.loads((tmp_path / "finetune/scratch/p1/f0.5/s0/config.json").read_text())
+  assert scratch["optimizer"]["base_learning_rate"] == 1.0 and scratch["init_seed"] == 1
+  results = json.loads((tmp_path / "finetune/simclr/p1/f0.5/s0/results.json").read_text())
+  assert results["pretraining"]["seed"] == 1 and results["init"]["step"] == 4
+  assert results["provenance"]["convolution"]["convolution"] in ("native", "xla")
+  # Rerun: every stage is found finished, nothing trains, the same tables come back.
+  monkeypatch.setattr(
+    study.sweep.finetune, "train_and_evaluate", lambda *a: pytest.fail("fine-tuned again")
+  )
+  loop_run = study.pretrain.loop.run
+
+  def no_step(**kwargs):
+    assert int(kwargs["state"].step) == kwargs["total_steps"], "pretrained again"
+    return loop_run(**kwargs)
+
+  monkeypatch.setattr(study.pretrain.loop, "run", no_step)
+  rows_again, arms_again, diffs_again = study.run_study(s)
+  assert (rows_again, arms_again, diffs_again) == (rows, arms, diffs)
 
 
 def test_print_only_prints_every_command_and_runs_nothing(tmp_path):
@@ -150,6 +191,6 @@ def test_print_only_prints_every_command_and_runs_nothing(tmp_path):
   assert [shlex.split(line)[2] for line in lines] == (
     ["micle_jax.main"] * 2 + ["micle_jax.finetune"] * 6 + ["micle_jax.sweep"]
   )
-  assert f"--workdir={tmp_path}/study/pretrain/micle" in lines[1]
+  assert f"--workdir={tmp_path}/study/pretrain/micle/p0" in lines[1]
   assert "--config.label_fraction=0.05" in lines[2] and "base_learning_rate=1.0" in lines[2]
   assert not (tmp_path / "study").exists()

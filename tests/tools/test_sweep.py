@@ -239,7 +239,16 @@ def test_main_print_only_prints_one_command_per_run(monkeypatch, capsys, tmp_pat
   assert not list(tmp_path.iterdir())  # Nothing trained, nothing written.
 
 
-def test_run_skips_runs_with_results(monkeypatch, config, tmp_path):
+DATA = {"train": {"name": "chexpert_micle", "content_sha256": "ab", "data_dir": "/d"}}
+
+
+@pytest.fixture
+def fake_data(monkeypatch):
+  """The data a planned run would read, as `finetune.data_fingerprints` describes it."""
+  monkeypatch.setattr(finetune, "data_fingerprints", lambda spec: copy.deepcopy(DATA))
+
+
+def test_run_skips_runs_with_results(monkeypatch, config, tmp_path, fake_data):
   calls = []
 
   def fake_train_and_evaluate(cfg, workdir):
@@ -248,6 +257,8 @@ def test_run_skips_runs_with_results(monkeypatch, config, tmp_path):
     results["init"]["step"] = None  # (no checkpoint at the fake gs:// init to compare with)
     pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
     (pathlib.Path(workdir) / finetune.RESULTS_FILE).write_text(json.dumps(results))
+    run_files.write_config(workdir, cfg)
+    run_files.write_json(pathlib.Path(workdir) / run_files.DATA_FILE, DATA)
     return results
 
   monkeypatch.setattr(finetune, "train_and_evaluate", fake_train_and_evaluate)
@@ -302,17 +313,31 @@ def test_write_csv_round_trips_with_empty_cells_for_null(tmp_path):
   assert sum(r["value"] == "" for r in read) == 8
 
 
-def test_run_refuses_to_skip_results_of_another_config_or_init(monkeypatch, config, tmp_path):
+def test_run_refuses_to_skip_results_of_another_config_data_or_init(
+  monkeypatch, config, tmp_path, fake_data
+):
   (run_,) = sweep.plan(config, tmp_path, inits={"scratch": "scratch"}, fractions=[0.5], seeds=[0])
   workdir = pathlib.Path(run_.workdir)
   other = copy.deepcopy(run_.config)
   other.optimizer.base_learning_rate = 0.7
   run_files.write_config(workdir, other)
+  run_files.write_json(workdir / run_files.DATA_FILE, DATA)
   (workdir / finetune.RESULTS_FILE).write_text(json.dumps(fake_results("scratch", 0.5, 0)))
   with pytest.raises(ValueError, match="cannot skip it.*optimizer.base_learning_rate"):
     sweep.run([run_])
   run_files.write_config(workdir, run_.config)
-  assert sweep.run([run_]) == []  # The same config: skipped.
+  assert sweep.run([run_]) == []  # The same config and data: skipped.
+  # The same data elsewhere is the same data; other data under the same names is not.
+  moved = copy.deepcopy(DATA)
+  moved["train"]["data_dir"] = "/elsewhere"
+  run_files.write_json(workdir / run_files.DATA_FILE, moved)
+  assert sweep.run([run_]) == []
+  other_data = copy.deepcopy(DATA)
+  other_data["train"]["content_sha256"] = "cd"
+  run_files.write_json(workdir / run_files.DATA_FILE, other_data)
+  with pytest.raises(ValueError, match=r"other data .*train.content_sha256"):
+    sweep.run([run_])
+  run_files.write_json(workdir / run_files.DATA_FILE, DATA)
 
   # A pretrained init whose checkpoint moved on since the run started from it.
   from micle_jax.runtime import checkpoint
@@ -345,24 +370,31 @@ def test_main_collect_writes_the_csv_and_the_differences(monkeypatch, capsys, tm
     diffs = list(csv.DictReader(f))
   # evals × fractions × metrics (mean_auc, auc/Edema) × one comparison (micle − scratch)
   assert len(diffs) == 2 * 2 * 2 and tuple(diffs[0]) == sweep.differences.COLUMNS
-  assert {(d["init"], d["baseline"], d["seeds"]) for d in diffs} == {("micle", "scratch", "2")}
+  assert {(d["init"], d["baseline"], d["runs"], d["baseline_runs"]) for d in diffs} == {
+    ("micle", "scratch", "2", "2")
+  }
+  # Written before runs recorded their seeds: scratch's initialisation was seeded by `seed` (two
+  # level-1 units), micle's runs share one pretraining (one unit: the interval is conditional).
+  assert {(d["units"], d["baseline_units"]) for d in diffs} == {("1", "2")}
+  with open(tmp_path / sweep.ARMS_FILE, newline="") as f:
+    arms = list(csv.DictReader(f))
+  assert len(arms) == 2 * 2 * 2 * 2 and tuple(arms[0]) == sweep.differences.ARM_COLUMNS
   out = capsys.readouterr().out
-  assert "pretrain views" in out and "Paired differences" in out
-  assert "micle    scratch" in out
+  assert "pretrain views" in out and "Differences, init − baseline" in out
+  assert "micle    scratch" in out and "conditional on the one level-1 run of micle" in out
   with pytest.raises(FileNotFoundError):
     sweep.collect(tmp_path / "missing")
 
 
 def test_report_table_and_plot(tmp_path):
+  from micle_jax.eval import differences
   from micle_jax.tools import sweep_report
 
   root = tmp_path / "sweep"
   write_fake_sweep(root)
-  rows = sweep.collect(root)
-  text = sweep_report.table(rows)
+  arms, _ = differences.compare(sweep.collect_runs(root), num_samples=30)
+  text = sweep_report.table(arms)
   assert "in_distribution" in text and "mean_auc" in text and "95% CI" in text
-  summary = sweep_report.summarize(rows)
-  inits = {key[0] for key in summary}
-  assert len(inits) == 2
-  sweep_report.plot_label_efficiency(rows, tmp_path / "le.png")
+  assert {r["init"] for r in arms} == {"micle", "scratch"}
+  sweep_report.plot_label_efficiency(arms, tmp_path / "le.png")
   assert (tmp_path / "le.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

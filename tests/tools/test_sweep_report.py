@@ -1,4 +1,4 @@
-"""The notebooks' helpers: reading the sweep CSV (empty cells -> NaN) and seed statistics."""
+"""The notebooks' readers: the per-run results CSV and the arms CSV (empty cells -> NaN)."""
 
 import math
 import re
@@ -10,11 +10,6 @@ from test_sweep import write_fake_sweep
 from micle_jax.tools import sweep, sweep_report
 
 HEADER = "init,mode,task,label_fraction,seed,eval,dataset,metric,value,ci_low,ci_high,workdir\n"
-
-
-def _row(seed, value, ci_low, ci_high):
-  """A `read_results` row (only the fields `seed_stats` reads)."""
-  return {"seed": seed, "value": value, "ci_low": ci_low, "ci_high": ci_high}
 
 
 def test_nan_mean_leaves_out_nan():
@@ -65,22 +60,6 @@ def test_read_results_of_an_empty_csv_names_the_path(tmp_path, text):
     sweep_report.read_results(path)
 
 
-def test_seed_stats():
-  group = [
-    _row(2, 0.75, 0.5, 1.0),
-    _row(0, 0.25, math.nan, 0.5),
-    _row(1, math.nan, math.nan, math.nan),
-  ]
-  s = sweep_report.seed_stats(group)
-  assert set(s) == {"mean", "ci_low", "ci_high", "values", "seeds"}
-  assert (s["mean"], s["ci_low"], s["ci_high"]) == (0.5, 0.5, 0.75)
-  assert s["values"][:2] == [0.75, 0.25] and math.isnan(s["values"][2])  # In row order.
-  assert s["seeds"] == [0, 1, 2]  # Sorted.
-  one = sweep_report.seed_stats([_row(0, math.nan, math.nan, math.nan)])
-  assert all(math.isnan(one[k]) for k in ("mean", "ci_low", "ci_high"))
-  assert one["seeds"] == [0]
-
-
 def test_default_metric_is_a_main_metric():
   assert sweep_report.DEFAULT_METRIC == {
     "chexpert": "mean_auc",
@@ -90,23 +69,21 @@ def test_default_metric_is_a_main_metric():
   assert set(sweep_report.DEFAULT_METRIC.values()) <= set(sweep_report.MAIN_METRICS)
 
 
-def test_read_results_of_a_collected_sweep_agrees_with_summarize(tmp_path):
+def test_the_arms_csv_reads_back_what_collect_wrote(tmp_path):
   root = tmp_path / "sweep"
   write_fake_sweep(root)
-  collected = sweep.collect(root)
-  sweep.write_csv(collected, root / "results.csv")
-  rows = sweep_report.read_results(root / "results.csv")
-  assert len(rows) == len(collected)
-  undefined = [r for r in rows if math.isnan(r["value"])]
-  assert undefined and len(undefined) == sum(r["value"] is None for r in collected)
-  for (init, eval_name, fraction), summary in sweep_report.summarize(collected).items():
-    group = [
-      r
-      for r in rows
-      if (r["init"], r["eval"], r["metric"]) == (init, eval_name, summary["metric"])
-      and r["label_fraction"] == fraction
-    ]
-    s = sweep_report.seed_stats(group)
-    assert s["seeds"] == [0, 1] and summary["seeds"] == 2
-    for key, ours in (("value", "mean"), ("ci_low", "ci_low"), ("ci_high", "ci_high")):
-      assert s[ours] == pytest.approx(summary[key], abs=1e-12)
+  _, arms, _ = sweep.report(root, num_samples=30, plot=False)
+  rows = sweep_report.read_arms(root / sweep.ARMS_FILE)
+  assert len(rows) == len(arms)
+  for got, want in zip(rows, arms, strict=True):
+    assert (got["init"], got["eval"], got["metric"]) == (want["init"], want["eval"], want["metric"])
+    assert got["fraction"] == want["fraction"] and got["runs"] == want["runs"] == 2
+    for key in ("value", "ci_low", "ci_high"):
+      if want[key] is None:
+        assert math.isnan(got[key])
+      else:
+        assert got[key] == pytest.approx(want[key], abs=1e-12)
+  empty = tmp_path / "empty.csv"
+  empty.write_text(",".join(sweep.differences.ARM_COLUMNS) + "\n")
+  with pytest.raises(ValueError, match="has no rows"):
+    sweep_report.read_arms(empty)

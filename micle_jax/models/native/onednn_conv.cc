@@ -38,6 +38,13 @@
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
 
+// build.py names the oneDNN release it fetched; headers of another one are a build error, and
+// native_conv.py refuses a library whose version differs from these headers' at load time.
+#if defined(MICLE_ONEDNN_MAJOR) && defined(MICLE_ONEDNN_MINOR)
+static_assert(DNNL_VERSION_MAJOR == MICLE_ONEDNN_MAJOR && DNNL_VERSION_MINOR == MICLE_ONEDNN_MINOR,
+              "oneDNN headers of another release than the library build.py fetched");
+#endif
+
 namespace ffi = xla::ffi;
 using dnnl::memory;
 using Tag = memory::format_tag;
@@ -390,4 +397,36 @@ extern "C" int micle_onednn_conv_impl(int kind, const int64_t* dims, int64_t thr
     return 1;
   }
   return 0;
+}
+
+// oneDNN's version in the headers this was compiled with, then in the library loaded at run time
+// (major, minor, patch each).
+extern "C" void micle_onednn_versions(int64_t* out) {
+  const dnnl_version_t* loaded = dnnl_version();
+  out[0] = DNNL_VERSION_MAJOR;
+  out[1] = DNNL_VERSION_MINOR;
+  out[2] = DNNL_VERSION_PATCH;
+  out[3] = loaded->major;
+  out[4] = loaded->minor;
+  out[5] = loaded->patch;
+}
+
+// The instruction set oneDNN's kernels use on this CPU, by oneDNN's name for it.
+extern "C" void micle_onednn_isa(char* out, int out_len) {
+  const char* name = "other";
+  switch (dnnl::get_effective_cpu_isa()) {
+    case dnnl::cpu_isa::sse41: name = "sse41"; break;
+    case dnnl::cpu_isa::avx: name = "avx"; break;
+    case dnnl::cpu_isa::avx2: name = "avx2"; break;
+    case dnnl::cpu_isa::avx2_vnni: name = "avx2_vnni"; break;
+    case dnnl::cpu_isa::avx2_vnni_2: name = "avx2_vnni_2"; break;
+    case dnnl::cpu_isa::avx512_core: name = "avx512_core"; break;
+    case dnnl::cpu_isa::avx512_core_vnni: name = "avx512_core_vnni"; break;
+    case dnnl::cpu_isa::avx512_core_bf16: name = "avx512_core_bf16"; break;
+    case dnnl::cpu_isa::avx512_core_fp16: name = "avx512_core_fp16"; break;
+    case dnnl::cpu_isa::avx512_core_amx: name = "avx512_core_amx"; break;
+    case dnnl::cpu_isa::avx512_core_amx_fp16: name = "avx512_core_amx_fp16"; break;
+    default: break;
+  }
+  snprintf(out, out_len, "%s", name);
 }
