@@ -40,6 +40,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     dict(config="configs/cxr.py", arg="", overrides=ml_collections.ConfigDict())
   )
   c.init_from = ""  # e.g. converted SimCLRv2 ImageNet weights, for both pretrainings
+  # The TFDS data dir of every dataset the study reads ("": each config's own), e.g. another draw
+  # of the synthetic data (python -m data_builders.synthetic.demo --data=D --seed=N; D/tensorflow_datasets).
+  c.data_dir = ""
   c.finetune = ml_collections.ConfigDict(
     dict(config="configs/finetune_cxr.py", arg="", overrides=ml_collections.ConfigDict())
   )

@@ -38,7 +38,11 @@ INIT_FILE = "init.json"
 
 def validate(config: ml_collections.ConfigDict) -> specs.FinetuneSpec:
   """The config's spec, with the checks that need the task registry; fails naming the key."""
-  spec = specs.from_config(specs.FinetuneSpec, config)
+  return check(specs.from_config(specs.FinetuneSpec, config))
+
+
+def check(spec: specs.FinetuneSpec) -> specs.FinetuneSpec:
+  """`spec`, after the checks that need the task registry (fails naming the key)."""
   loss = tasks.get(spec.labels.task).loss
   try:
     evaluation.check_aggregation(loss, spec.eval_aggregation)
@@ -85,14 +89,17 @@ def plan(
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Fine-tunes and evaluates as `config` says; returns the results written to results.json."""
-  spec = validate(config)
+  spec = specs.from_config(specs.FinetuneSpec, config)
+  check(spec)
   workdir = epath.Path(workdir)
   mesh = sharding.create_mesh()
   sharding.check_batch_size(spec.batch_size, mesh, key="config.batch_size")
   sharding.check_batch_size(spec.eval_batch_size, mesh, key="config.eval_batch_size")
   data = finetune_input.training_data(spec)
-  fingerprints = data_fingerprints(spec)
-  init_step = check_init(spec)
+  fingerprints = fingerprint.finetune_data(spec)
+  init_step = checkpoint.init_step_to_restore(
+    spec.init_from, spec.init_step, run_files.PRETRAINING_FILE
+  )
   # Steps per epoch for the schedule and the step count come from the whole subset, so that every
   # process runs the same number of steps; each process's shard holds a different number of the
   # subset's images, so its own stream of batches has its own epoch length.
@@ -141,33 +148,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def init_seed(spec: specs.FinetuneSpec) -> int:
   """The seed of the random initialisation: `init_seed`, or `seed` when it is -1."""
   return spec.seed if spec.init_seed < 0 else spec.init_seed
-
-
-def data_fingerprints(spec: specs.FinetuneSpec) -> dict[str, Any]:
-  """{"train": ..., "eval/<key>": ...}: the fingerprints of every dataset the run reads."""
-  out = {"train": fingerprint.of_dataset(spec.dataset.name, spec.dataset.data_dir)}
-  for target in finetune_eval.eval_targets(spec):
-    out[f"eval/{target.key}"] = fingerprint.of_dataset(target.name, target.data_dir)
-  return out
-
-
-def check_init(spec: specs.FinetuneSpec) -> int | None:
-  """The init_from step to restore: `init_step`, or None for the latest, which must then be the
-  last step its pretraining planned (a pretraining workdir records it in pretraining.json)."""
-  if spec.init_step >= 0:
-    return spec.init_step
-  if spec.init_from in ("", "scratch"):
-    return None
-  record = epath.Path(spec.init_from) / run_files.PRETRAINING_FILE
-  if record.exists():
-    planned = run_files.read_json(record).get("total_steps")
-    latest = checkpoint.latest_step(spec.init_from)
-    if planned is not None and latest < planned:
-      raise ValueError(
-        f"init_from={spec.init_from}: its pretraining reached step {latest} of the {planned} it "
-        "planned; finish it (run it again), or name a step with --config.init_step=N"
-      )
-  return None
 
 
 def _train(

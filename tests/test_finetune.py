@@ -249,6 +249,11 @@ def test_linear_mode_moves_only_the_supervised_head(optimizer):
   assert all(np.all(u < 0) for u in jax.tree_util.tree_leaves(updates[optim.SUPERVISED_HEAD]))
 
 
+def _init_step(config):
+  spec = finetune.validate(config)
+  return checkpoint.init_step_to_restore(spec.init_from, spec.init_step, "pretraining.json")
+
+
 def test_an_unfinished_pretraining_is_refused_unless_a_step_is_named(tmp_path):
   from micle_jax.runtime import run_files
 
@@ -257,15 +262,15 @@ def test_an_unfinished_pretraining_is_refused_unless_a_step_is_named(tmp_path):
   config = finetune_cxr.get_config("demo")
   config.init_from = str(tmp_path)
   with pytest.raises(ValueError, match="reached step 2 of the 6 it planned.*init_step=N"):
-    finetune.check_init(finetune.validate(config))
+    _init_step(config)
   config.init_step = 2  # named: taken as it is, and recorded (results.json's init_step)
-  assert finetune.check_init(finetune.validate(config)) == 2
+  assert _init_step(config) == 2
   config.init_step = -1
   run_files.write_json(tmp_path / run_files.PRETRAINING_FILE, {"total_steps": 2, "step": 2})
-  assert finetune.check_init(finetune.validate(config)) is None  # finished: its latest step
+  assert _init_step(config) is None  # finished: its latest step
   config.init_step = 5
   with pytest.raises(FileNotFoundError, match="no checkpoint step 5"):
-    checkpoint.load_weights(tmp_path, finetune.check_init(finetune.validate(config)))
+    checkpoint.load_weights(tmp_path, _init_step(config))
 
 
 def test_every_projection_layer_kept_must_be_counted():

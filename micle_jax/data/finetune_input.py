@@ -234,3 +234,31 @@ def training_data(spec: specs.FinetuneSpec) -> TrainingData:
       "a larger label_fraction"
     )
   return TrainingData(info, tuple(names), label_fn, subset, examples, local_examples)
+
+
+class EvalTarget(NamedTuple):
+  """One evaluation: its results key, dataset and split, labels task and view filter."""
+
+  key: str
+  name: str
+  split: str
+  data_dir: str
+  task: str
+  views: str
+
+  @property
+  def views_key(self) -> str:
+    return "dataset.views" if self.key == "in_distribution" else f"shift.{self.key}.views"
+
+
+def eval_targets(spec: specs.FinetuneSpec) -> list[EvalTarget]:
+  """The in-distribution evaluation, then every shift dataset of the config."""
+  d = spec.dataset
+  targets = [
+    EvalTarget("in_distribution", d.name, d.eval_split, d.data_dir, spec.labels.task, d.views)
+  ]
+  for key, shift in spec.shift.items():
+    targets.append(
+      EvalTarget(key, shift.name, shift.split, shift.data_dir, shift.task, shift.views)
+    )
+  return targets

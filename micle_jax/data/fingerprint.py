@@ -18,7 +18,8 @@ from typing import Any
 
 from etils import epath
 
-from micle_jax.data import input_pipeline
+from micle_jax import specs
+from micle_jax.data import finetune_input, input_pipeline
 
 STAMP = "SYNTHETIC.json"
 _EDGE = 1 << 16
@@ -79,3 +80,11 @@ def identity(fingerprints: Mapping[str, Any]) -> dict[str, Any]:
 def of_dataset(name: str, data_dir: str | None) -> dict[str, Any]:
   """`fingerprint` of the prepared dataset `name` ("builder/config") in `data_dir`."""
   return fingerprint(input_pipeline.builder(name, data_dir))
+
+
+def finetune_data(spec: specs.FinetuneSpec) -> dict[str, Any]:
+  """{"train": ..., "eval/<key>": ...}: the fingerprints of every dataset a fine-tuning reads."""
+  out = {"train": of_dataset(spec.dataset.name, spec.dataset.data_dir)}
+  for target in finetune_input.eval_targets(spec):
+    out[f"eval/{target.key}"] = of_dataset(target.name, target.data_dir)
+  return out

@@ -7,7 +7,7 @@ bootstrap CIs over patients (`evaluation.metrics_fn`, `bootstrap.metrics_with_ci
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import numpy as np
@@ -20,34 +20,6 @@ from micle_jax.runtime import sharding
 
 # (state, global images) -> per-image probabilities: the compiled predict step.
 PredictFn = Callable[[Any, jax.Array], jax.Array]
-
-
-class EvalTarget(NamedTuple):
-  """One evaluation: its results key, dataset and split, labels task and view filter."""
-
-  key: str
-  name: str
-  split: str
-  data_dir: str
-  task: str
-  views: str
-
-  @property
-  def views_key(self) -> str:
-    return "dataset.views" if self.key == "in_distribution" else f"shift.{self.key}.views"
-
-
-def eval_targets(spec: specs.FinetuneSpec) -> list[EvalTarget]:
-  """The in-distribution evaluation, then every shift dataset of the config."""
-  d = spec.dataset
-  targets = [
-    EvalTarget("in_distribution", d.name, d.eval_split, d.data_dir, spec.labels.task, d.views)
-  ]
-  for key, shift in spec.shift.items():
-    targets.append(
-      EvalTarget(key, shift.name, shift.split, shift.data_dir, shift.task, shift.views)
-    )
-  return targets
 
 
 def predict(
@@ -87,7 +59,7 @@ def evaluate(
   state: Any,
   mesh: jax.sharding.Mesh,
   workdir: epath.Path,
-  target: EvalTarget,
+  target: finetune_input.EvalTarget,
   names: tuple[str, ...],
   predict_fn: PredictFn,
 ) -> dict[str, Any]:
@@ -135,5 +107,5 @@ def evaluate_all(
   """{target key: `evaluate`'s result} for every target of the config, in order."""
   return {
     target.key: evaluate(spec, state, mesh, workdir, target, names, predict_fn)
-    for target in eval_targets(spec)
+    for target in finetune_input.eval_targets(spec)
   }

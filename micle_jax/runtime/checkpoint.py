@@ -15,6 +15,7 @@ it, never a silent fall-back to another one.
 
 import dataclasses
 import gc
+import json
 import logging as python_logging
 import sys
 import threading
@@ -284,6 +285,30 @@ def _resolve(path: epath.PathLike, step: int | None = None) -> tuple[epath.Path,
 def latest_step(path: epath.PathLike) -> int:
   """The step `load_weights(path)` would read (raises FileNotFoundError like it)."""
   return _resolve(path)[1]
+
+
+def init_step_to_restore(init_from: str, init_step: int, record_name: str) -> int | None:
+  """The step of `init_from` to restore: `init_step` when it names one (>= 0), else None for
+  the latest, which must then be the last step its run planned where the run recorded it
+  (`record_name`, e.g. a pretraining workdir's pretraining.json, holds `total_steps`).
+
+  Raises:
+    ValueError: naming init_from and both steps, when its run stopped before its last step.
+  """
+  if init_step >= 0:
+    return init_step
+  if init_from in ("", "scratch"):
+    return None
+  record = epath.Path(init_from) / record_name
+  if record.exists():
+    planned = json.loads(record.read_text()).get("total_steps")
+    latest = latest_step(init_from)
+    if planned is not None and latest < planned:
+      raise ValueError(
+        f"init_from={init_from}: its pretraining reached step {latest} of the {planned} it "
+        "planned; finish it (run it again), or name a step with --config.init_step=N"
+      )
+  return None
 
 
 def load_weights(

@@ -99,6 +99,8 @@ def plan_pretraining(study: ml_collections.ConfigDict) -> list[Pretraining]:
           )
       for key, value in overrides.items():
         sweep_plan.set_key(config, key, value, where=f"pretrain override {key}")
+      if study.data_dir:
+        overrides["dataset.data_dir"] = config.dataset.data_dir = study.data_dir
       # Set here, not by `set_key` (which keeps them for the sweep); in the printed commands too.
       overrides["seed"] = config.seed = int(seed)
       if study.init_from:
@@ -128,7 +130,7 @@ def check_equal_budgets(runs: list[Pretraining]) -> dict[str, int]:
 
 def plan_finetuning(study, pretrainings: list[Pretraining]) -> list[sweep.Run]:
   config = load_config(study.finetune.config, study.finetune.arg)
-  for key, value in run_files.flatten(study.finetune.overrides).items():
+  for key, value in finetune_overrides(study, config).items():
     sweep_plan.set_key(config, key, value, where=f"finetune override {key}")
   inits: dict[str, list[sweep_plan.Start]] = {}
   if study.scratch:
@@ -153,6 +155,17 @@ def plan_finetuning(study, pretrainings: list[Pretraining]) -> list[sweep.Run]:
   )
 
 
+def finetune_overrides(study, config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The study's fine-tuning overrides, with `data_dir` (when set) for the training data and
+  every shift dataset."""
+  overrides = run_files.flatten(study.finetune.overrides)
+  if study.data_dir:
+    overrides["dataset.data_dir"] = study.data_dir
+    for key in config.shift:
+      overrides[f"shift.{key}.data_dir"] = study.data_dir
+  return overrides
+
+
 def commands(study, pretrainings, finetunings, python: str = "python") -> list[str]:
   """Every command of the study, in order: pretrainings, fine-tunings, collection."""
   lines = []
@@ -161,7 +174,7 @@ def commands(study, pretrainings, finetunings, python: str = "python") -> list[s
     args += [f"--config.{k}={sweep_plan.flag_value(v)}" for k, v in p.overrides.items()]
     lines.append(shlex.join(args))
   finetune_arg = f"{study.finetune.config}:{study.finetune.arg}".rstrip(":")
-  overrides = run_files.flatten(study.finetune.overrides)
+  overrides = finetune_overrides(study, load_config(study.finetune.config, study.finetune.arg))
   lines += [sweep.command(run, finetune_arg, overrides, python=python) for run in finetunings]
   root = epath.Path(study.root) / FINETUNE_DIR
   lines.append(shlex.join([python, "-m", "micle_jax.sweep", "collect", f"--root={root}", "--plot"]))

@@ -39,6 +39,7 @@ from etils import epath
 from ml_collections import config_flags
 
 from micle_jax import app, finetune
+from micle_jax.data import fingerprint
 from micle_jax.eval import differences
 from micle_jax.runtime import checkpoint, provenance, run_files
 from micle_jax.tools import sweep_report
@@ -107,7 +108,7 @@ def check_results_current(run_: Run) -> None:
     run_.config,
     what="skip it (results exist)",
     allow_length_change=False,
-    data=finetune.data_fingerprints(finetune.validate(run_.config)),
+    data=fingerprint.finetune_data(finetune.validate(run_.config)),
   )
   results = run_files.read_json(workdir / finetune.RESULTS_FILE)
   recorded = (results.get("init") or {}).get("step")

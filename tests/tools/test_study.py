@@ -93,6 +93,12 @@ def test_the_plan_pretrains_every_seed_and_fine_tunes_every_network_as_often(
   assert "--config.init_from=scratch" in scratch and "--config.init_seed=3" in scratch
   assert lines[-1].endswith("collect --root=" + str(tmp_path / "finetune") + " --plot")
   with s.unlocked():
+    s.data_dir = "/elsewhere/tensorflow_datasets"  # one folder for every dataset of the study
+  assert {p.config.dataset.data_dir for p in study.plan_pretraining(s)} == {s.data_dir}
+  finetunings = study.plan_finetuning(s, pretrainings)
+  assert {r.config.dataset.data_dir for r in finetunings} == {s.data_dir}
+  assert {r.config.shift.nih.data_dir for r in finetunings} == {s.data_dir}
+  with s.unlocked():
     s.pretrain_seeds = (1, 1)
   with pytest.raises(specs.ConfigError, match="none twice"):
     study.plan_pretraining(s)

@@ -244,8 +244,8 @@ DATA = {"train": {"name": "chexpert_micle", "content_sha256": "ab", "data_dir": 
 
 @pytest.fixture
 def fake_data(monkeypatch):
-  """The data a planned run would read, as `finetune.data_fingerprints` describes it."""
-  monkeypatch.setattr(finetune, "data_fingerprints", lambda spec: copy.deepcopy(DATA))
+  """The data a planned run would read, as `fingerprint.finetune_data` describes it."""
+  monkeypatch.setattr(sweep.fingerprint, "finetune_data", lambda spec: copy.deepcopy(DATA))
 
 
 def test_run_skips_runs_with_results(monkeypatch, config, tmp_path, fake_data):
