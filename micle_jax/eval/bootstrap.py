@@ -176,12 +176,15 @@ class _ArmDraws:
     return out
 
 
+ACROSS_RUNS = "training runs and patients"
+GIVEN_ONE_RUN = "patients only; one level-1 run: "
+
+
 def _scope(*arms: Arm) -> str:
-  """What the interval covers: training runs and cases, or cases given a single run."""
+  """What the interval covers: training runs and patients, or patients only, given the single
+  level-1 run of the arms named."""
   single = [a.name for a in arms if len(a.groups) == 1]
-  if not single:
-    return "training runs and cases"
-  return "cases; conditional on the one level-1 run of " + " and ".join(single)
+  return GIVEN_ONE_RUN + ", ".join(single) if single else ACROSS_RUNS
 
 
 def hierarchical(

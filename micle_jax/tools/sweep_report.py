@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from micle_jax.eval import bootstrap
+
 MAIN_METRICS = ("mean_auc", "top1")
 # The metric the notebooks show for each task: the main metric of its kind (multi-label or not).
 DEFAULT_METRIC = {"chexpert": "mean_auc", "nih": "mean_auc", "multiclass": "top1"}
@@ -40,14 +42,27 @@ def _sd(value: Any) -> str:
   return "-" if value in (None, "") else f"{float(value):.3f}"
 
 
+def _conditional(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+  return sorted({r["scope"] for r in rows if r["scope"] != bootstrap.ACROSS_RUNS})
+
+
+def _given(scope: str) -> str:
+  """A conditional scope in words: what the interval holds fixed."""
+  names = scope.removeprefix(bootstrap.GIVEN_ONE_RUN).split(", ")
+  parts = [
+    "scratch's one initialisation" if n == "scratch" else f"the one pretraining run of {n}"
+    for n in names
+  ]
+  return "over patients only, given " + " and ".join(parts)
+
+
 def _scopes(rows: Sequence[Mapping[str, Any]]) -> str:
-  """The footnote saying what the intervals cover, when some are conditional on one run."""
-  conditional = sorted({r["scope"] for r in rows if not str(r["scope"]).startswith("training")})
-  return "".join(f"\n  ({i + 1}) {text}" for i, text in enumerate(conditional))
+  """The footnotes saying what the intervals cover, where some rest on a single run."""
+  return "".join(f"\n  ({i + 1}) {_given(s)}" for i, s in enumerate(_conditional(rows)))
 
 
 def _mark(row: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str:
-  conditional = sorted({r["scope"] for r in rows if not str(r["scope"]).startswith("training")})
+  conditional = _conditional(rows)
   return f"({conditional.index(row['scope']) + 1})" if row["scope"] in conditional else ""
 
 

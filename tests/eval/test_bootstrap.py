@@ -165,9 +165,9 @@ def test_the_hierarchical_interval_equals_a_brute_force_implementation():
   assert got["difference"] == pytest.approx(point, abs=1e-12)
   assert (got["ci_low"], got["ci_high"]) == pytest.approx((low, high), abs=1e-12)
   assert (got["runs"], got["baseline_runs"], got["units"], got["baseline_units"]) == (5, 3, 3, 1)
-  assert got["scope"] == "cases; conditional on the one level-1 run of scratch"
+  assert got["scope"] == "patients only; one level-1 run: scratch"
   assert set(got["per_unit"]) == {"p0"}  # the only level-1 label both arms have
-  assert per_arm["micle"]["mean_auc"]["scope"] == "training runs and cases"
+  assert per_arm["micle"]["mean_auc"]["scope"] == "training runs and patients"
 
 
 def test_when_runs_vary_the_interval_widens_and_when_they_do_not_it_is_the_cases_one():
@@ -191,7 +191,7 @@ def test_one_run_per_arm_is_conditional_on_it_and_equals_the_cases_interval():
   study = _study(rng, {"a": [[1.2]], "b": [[0.4]]})
   per_arm, diffs = _hierarchical(study, ("a", "b"))
   d = diffs[("a", "b")]["mean_auc"]
-  assert d["scope"] == "cases; conditional on the one level-1 run of a and b"
+  assert d["scope"] == "patients only; one level-1 run: a, b"
   assert (d["ci_low"], d["ci_high"]) == (d["ci_low_cases"], d["ci_high_cases"])
   assert per_arm["a"]["mean_auc"]["sd_runs"] is None
 

@@ -76,24 +76,24 @@ def test_compare_reports_every_arm_and_difference_over_runs(tmp_path):
   assert main[("micle", "scratch")]["difference"] > main[("simclr", "scratch")]["difference"] > 0
   d = main[("micle", "simclr")]
   assert (d["runs"], d["baseline_runs"], d["units"], d["baseline_units"]) == (4, 4, 2, 2)
-  assert d["scope"] == "training runs and cases"
+  assert d["scope"] == "training runs and patients"
   assert d["per_seed"].startswith("p0:+") and " p1:+" in d["per_seed"]
   arm = next(r for r in arms if r["init"] == "micle" and r["metric"] == "mean_auc")
   assert arm["runs"] == 4 and arm["units"] == 2 and arm["sd_runs"] > 0
   assert arm["pretrain_steps"] == 64 and arm["train_steps"] == 10
   table = sweep_report.differences_table(rows)
   assert table.count("*") >= 2 and "micle    simclr" in table and "p0:+" in table
-  assert "conditional" not in table and "conditional" not in sweep_report.table(arms)
+  assert "patients only" not in table and "patients only" not in sweep_report.table(arms)
 
 
 def test_a_single_pretraining_run_is_said_to_condition_the_interval(tmp_path):
   runs = _study(tmp_path, np.random.default_rng(6), pretrainings=(0,))
   arms, rows = differences.compare(runs, num_samples=50)
   d = next(r for r in rows if r["metric"] == "mean_auc" and r["baseline"] == "simclr")
-  assert d["scope"] == "cases; conditional on the one level-1 run of micle and simclr"
+  assert d["scope"] == "patients only; one level-1 run: micle, simclr"
   table = sweep_report.differences_table(rows)
-  assert "cases; conditional on the one level-1 run of micle and simclr" in table
-  assert "conditional on the one level-1 run of micle" in sweep_report.table(arms)
+  assert "over patients only, given the one pretraining run of micle and the one" in table
+  assert "given scratch's one initialisation" in sweep_report.table(arms)
 
 
 def test_runs_of_another_mode_are_another_cell_and_two_claims_of_one_place_are_refused(tmp_path):
@@ -144,3 +144,27 @@ def test_comparisons():
   assert differences.comparisons(["scratch", "micle"]) == [("micle", "scratch")]
   assert differences.comparisons(["micle", "simclr"]) == [("micle", "simclr")]
   assert list(itertools.chain(differences.comparisons(["scratch"]))) == []
+
+
+def test_a_patient_with_several_cases_is_one_bootstrap_unit():
+  """PAD-UFES-20: a patient can have several lesions (cases); the bootstrap draws patients."""
+  rng = np.random.default_rng(3)
+  cases = np.asarray([f"c{i}" for i in range(12)])
+  patients = np.asarray([f"p{i // 3}" for i in range(12)])  # 4 patients, 3 cases each
+  probs = rng.dirichlet(np.ones(4), size=12).astype(np.float32)
+  preds = evaluation.Predictions(
+    task="multiclass",
+    names=("a", "b", "c", "d"),
+    image_id=cases,
+    case_id=cases,
+    patient_id=patients,
+    study_id=cases,
+    probs=probs,
+    label=rng.integers(0, 4, 12),
+  )
+  units, fn = evaluation.metrics_fn(preds, "case")
+  assert units == ["p0", "p1", "p2", "p3"]
+  # Drawing patient p1 twice and p0, p2, p3 never: p1's three cases, each counted twice.
+  weights = np.array([[0.0, 2.0, 0.0, 0.0]])
+  hits = np.argmax(probs[3:6], 1) == preds.label[3:6]
+  assert fn(weights)["top1"][0] == pytest.approx(hits.mean())

@@ -152,7 +152,7 @@ def test_a_tiny_study_end_to_end(cxr_data_dir, nih_data_dir, tmp_path, capsys, m
     (e, "simclr", "scratch") for e in ("in_distribution", "nih")
   }
   assert all(d["runs"] == d["baseline_runs"] == 2 and d["units"] == 2 for d in main)
-  assert all(d["scope"] == "training runs and cases" for d in main)
+  assert all(d["scope"] == "training runs and patients" for d in main)
   assert all(d["per_seed"].startswith("p0:") and " p1:" in d["per_seed"] for d in main)
   assert {r["init"] for r in rows} == {"scratch", "simclr"}
   assert {(a["init"], a["runs"], a["units"]) for a in arms} == {

@@ -381,7 +381,7 @@ def test_main_collect_writes_the_csv_and_the_differences(monkeypatch, capsys, tm
   assert len(arms) == 2 * 2 * 2 * 2 and tuple(arms[0]) == sweep.differences.ARM_COLUMNS
   out = capsys.readouterr().out
   assert "pretrain views" in out and "Differences, init − baseline" in out
-  assert "micle    scratch" in out and "conditional on the one level-1 run of micle" in out
+  assert "micle    scratch" in out and "given the one pretraining run of micle" in out
   with pytest.raises(FileNotFoundError):
     sweep.collect(tmp_path / "missing")
 
