@@ -23,7 +23,7 @@ setuptools.setup(
     include=["micle_jax", "micle_jax.*", "data_builders", "data_builders.*", "configs"]
   ),
   package_data={"data_builders": ["*/dummy_data/**/*", "*/README.md", "*/*.txt"]},
-  include_package_data=True,
+  include_package_data=False,  # package_data lists the files (True warns for each data folder)
   install_requires=_requirements("requirements.txt"),
   extras_require={
     "test": _requirements("requirements-test.txt"),

@@ -114,11 +114,15 @@ def _main(argv: list[str]) -> None:
   )
 
 
-if __name__ == "__main__":
-  # Flags are defined only when run as a command, so importing this module defines none.
+def define_flags() -> None:
+  """The command's flags, defined only when it runs, so importing this module defines none."""
   flags.DEFINE_string("manual_dir", None, "Folder holding the manual download.", required=True)
   flags.DEFINE_string(
     "data_dir", None, "TFDS data dir to write the prepared dataset to.", required=True
   )
   flags.DEFINE_bool("skip_unreadable", False, "Skip (log and count) missing/undecodable images.")
+
+
+if __name__ == "__main__":
+  define_flags()
   app.run(_main)

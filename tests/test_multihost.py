@@ -43,7 +43,11 @@ _OVERRIDES = {
   "optimizer.base_learning_rate": 0.01,
   "probe.dataset": "",  # the probe reads and trains nothing; here it would only add compiling
 }
-_RTOL = 5e-3  # summation order across 2 × 4 vs 8 devices: up to 1.1e-3 seen (AVX-512 VM)
+# Summation order across 2 × 4 vs 8 devices: up to 1.1e-3 seen (AVX-512 VM) at XLA's default
+# optimisation; with the suite's unoptimised compilation (conftest), 5.2e-3 on a BatchNorm bias
+# that moved by 2e-4 in all and 1.0e-2 on its momentum. A process's lost gradients would make the
+# change differ by about half of itself.
+_RTOL = 2e-2
 
 
 def _settings(data_dir: str, **overrides) -> dict:

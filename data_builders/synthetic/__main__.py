@@ -59,8 +59,8 @@ def _main(argv: list[str]) -> None:
   print(counts)
 
 
-if __name__ == "__main__":
-  # Flags are defined only when run as a command, so importing this module defines none.
+def define_flags() -> None:
+  """The command's flags, defined only when it runs, so importing this module defines none."""
   flags.DEFINE_enum("layout", None, list(LAYOUTS), "Download layout.", required=True)
   flags.DEFINE_string("out", None, "Folder to write (the builder's manual dir).", required=True)
   flags.DEFINE_integer("seed", 0, "Same seed -> byte-identical files.")
@@ -68,4 +68,8 @@ if __name__ == "__main__":
   flags.DEFINE_integer("image_size", 96, "Typical image height in pixels.")
   flags.DEFINE_integer("num_valid_cases", -1, "chexpert: validation patients (-1: num_cases/10).")
   flags.DEFINE_float("test_fraction", 0.2, "nih: fraction of patients in test_list.txt.")
+
+
+if __name__ == "__main__":
+  define_flags()
   app.run(_main)

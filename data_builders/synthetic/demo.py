@@ -17,12 +17,16 @@ survives it, or to choose hyperparameters on data the reported table does not us
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging as python_logging
 import pathlib
 import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import tensorflow_datasets as tfds
 from absl import app, flags, logging
 
 from data_builders import build, synthetic
@@ -106,16 +110,34 @@ def ensure(
   return rewritten
 
 
+_OWN_CODE = str(pathlib.Path(__file__).resolve().parents[1])
+
+
+def _own_info_only(record: python_logging.LogRecord) -> bool:
+  """Warnings and errors from anywhere; INFO lines from the builders' own code only."""
+  return record.levelno >= python_logging.WARNING or record.pathname.startswith(_OWN_CODE)
+
+
 def _main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  result = ensure(flags.FLAGS.data, flags.FLAGS.layouts, seed=flags.FLAGS.seed)
+  # The demo's data takes seconds: TFDS's progress bars, its INFO lines and the banners it prints
+  # for each config would be most of what `make demo` shows. The builders' lines say what was built.
+  tfds.disable_progress_bar()
+  logging.get_absl_handler().addFilter(_own_info_only)
+  with contextlib.redirect_stdout(io.StringIO()):
+    result = ensure(flags.FLAGS.data, flags.FLAGS.layouts, seed=flags.FLAGS.seed)
   for layout, fresh in result.items():
     print(f"{layout}: {'written and built' if fresh else 'up to date'}")
 
 
-if __name__ == "__main__":
+def define_flags() -> None:
+  """The command's flags, defined only when it runs, so importing this module defines none."""
   flags.DEFINE_string("data", "data", "Folder for manual/ and tensorflow_datasets/.")
   flags.DEFINE_list("layouts", ["chexpert", "nih"], "Layouts to ensure (chexpert, nih, ham10000).")
   flags.DEFINE_integer("seed", None, "Generator seed for every layout (default: the demo's, 0).")
+
+
+if __name__ == "__main__":
+  define_flags()
   app.run(_main)

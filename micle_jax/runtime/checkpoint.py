@@ -334,7 +334,21 @@ def load_weights(
   return to_host(tree["params"]), to_host(tree.get("batch_stats", {})), step
 
 
+_READ_ONLY_NOTES = (
+  "CheckpointManagerOptions.read_only=True, setting save_interval_steps=0",
+  "Given directory is read only=",
+)
+
+
+def _not_a_read_only_note(record: python_logging.LogRecord) -> bool:
+  """Orbax's warnings that a manager opened read-only will not save: asked for, not news."""
+  return not record.getMessage().startswith(_READ_ONLY_NOTES)
+
+
 def _read_weights(root: epath.Path, step: int) -> dict[str, Any]:
+  for handler in python_logging.getLogger().handlers + python_logging.getLogger("absl").handlers:
+    if _not_a_read_only_note not in handler.filters:
+      handler.addFilter(_not_a_read_only_note)
   mngr = ocp.CheckpointManager(
     root,
     options=ocp.CheckpointManagerOptions(read_only=True, create=False),

@@ -66,12 +66,27 @@ def _mark(row: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str:
   return f"({conditional.index(row['scope']) + 1})" if row["scope"] in conditional else ""
 
 
+def _with_cells(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+  """`rows` with the init named by its cell too ("micle/linear") where the rows hold several
+  modes, tasks or views, so that no two printed lines look alike."""
+  keys = [k for k in ("mode", "task", "views") if len({r.get(k) for r in rows}) > 1]
+  out = []
+  for r in rows:
+    r = dict(r)
+    r["init"] = "/".join([str(r["init"])] + [str(r[k]) for k in keys])
+    if "baseline" in r:
+      r["baseline"] = "/".join([str(r["baseline"])] + [str(r[k]) for k in keys])
+    out.append(r)
+  return out
+
+
 def table(arm_rows: Sequence[Mapping[str, Any]]) -> str:
   """One line per (init, eval dataset, label fraction) of `differences.compare`'s arm rows: the
   main metric with its hierarchical 95% CI, the runs and level-1 units behind it, the SD between
   runs, the fine-tuning steps, and the init's pretraining steps and views seen."""
   rows = sorted(
-    _main(arm_rows, "value"), key=lambda r: (r["init"], r["eval"], float(r["fraction"]))
+    _with_cells(_main(arm_rows, "value")),
+    key=lambda r: (r["init"], r["eval"], float(r["fraction"])),
   )
   lines = [
     "Each arm: the mean over its pretraining runs (scratch: initialisation seeds) of the mean over"
@@ -107,7 +122,7 @@ def differences_table(diffs: Sequence[Mapping[str, Any]]) -> str:
     f"{'eval':<16} {'fraction':>8}  {'metric':<8} {'init':<8} {'baseline':<8} "
     f"{'difference':>10}  {'95% CI':<17}   {'runs':>7}  per pretraining seed",
   ]
-  main = _main(diffs, "difference")
+  main = _with_cells(_main(diffs, "difference"))
   if not main:
     return "\n".join(lines + ["(no pairs: a difference needs two inits in one cell)"])
   for d in main:

@@ -102,10 +102,13 @@ def test_runs_of_another_mode_are_another_cell_and_two_claims_of_one_place_are_r
   linear = _study(tmp_path / "linear", rng, pretrainings=(0,), seeds=(0,))
   for run in linear:
     run["results"]["mode"] = "linear"
-  arms, _ = differences.compare(runs + linear, num_samples=20)
+  arms, diffs = differences.compare(runs + linear, num_samples=20)
   assert {(r["mode"], r["init"]) for r in arms if r["metric"] == "mean_auc"} == {
     (m, i) for m in ("full", "linear") for i in ("scratch", "simclr", "micle")
   }
+  table = sweep_report.table(arms)  # the two modes' arms told apart
+  assert "micle/linear" in table and "micle/full" in table
+  assert "micle/linear simclr/linear" in sweep_report.differences_table(diffs).replace("  ", " ")
   twin = _study(tmp_path / "twin", rng, pretrainings=(0,), seeds=(0,))
   with pytest.raises(ValueError, match=r"both claim scratch p0 seed 0") as error:
     differences.compare(runs + twin, num_samples=20)

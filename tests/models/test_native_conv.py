@@ -222,6 +222,29 @@ def test_a_library_that_does_not_load_is_named(monkeypatch, tmp_path):
     native_conv.available()
 
 
+def test_a_library_loading_another_onednn_than_its_headers_is_refused():
+  class Library:
+    def __init__(self, versions):
+      self.versions = versions
+
+    def micle_onednn_versions(self, out):
+      out[:] = self.versions
+
+  native_conv._check_versions(Library([3, 2, 0, 3, 2, 1]))  # a patch release apart: the same API
+  with pytest.raises(
+    native_conv.NativeConvError, match=r"oneDNN 3\.2\.0's headers but loads oneDNN 3\.5\.0"
+  ):
+    native_conv._check_versions(Library([3, 2, 0, 3, 5, 0]))
+
+
+def test_the_run_records_which_convolution_it_takes():
+  described = native_conv.describe()
+  assert described["convolution"] == "native" and described["onednn"].startswith("3.2.")
+  assert described["threads"] >= 1 and described["onednn_isa"].startswith(("avx", "sse"))
+  with native_conv.disabled():
+    assert native_conv.describe() == {"convolution": "xla"}
+
+
 def test_the_benchmark_counts_its_flops_as_three_convolutions():
   """Forward, input and weight gradient: 3 × the forward's FLOPs, as XLA's are counted at
   stride 1 (at stride 2 the count of XLA's input gradient includes the dilation's zeros)."""

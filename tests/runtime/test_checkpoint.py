@@ -122,3 +122,12 @@ def test_a_state_checkpoint_with_the_former_rng_restores_without_it(tmp_path):
   mngr.wait_until_finished()
   step, _ = checkpoint.restore_newest_readable(mngr, tree)
   assert step == 4 and (tmp_path / "checkpoints" / "6.damaged").exists()
+
+
+def test_reading_weights_does_not_warn_that_it_will_not_save(tmp_path, caplog):
+  """Orbax warns that a read-only manager will not save; that is what was asked for."""
+  checkpoint.save_weights(tmp_path, {"w": np.zeros(2)}, {}, step=1)
+  with caplog.at_level("WARNING"):
+    params, _, step = checkpoint.load_weights(tmp_path)
+  assert step == 1 and params["w"].shape == (2,)
+  assert not [r for r in caplog.records if "read only" in r.getMessage()]

@@ -11,7 +11,7 @@ from micle_jax.runtime import sharding
 from micle_jax.train import optim, steps, train_state
 
 SIZE = 32
-STEPS = 100
+STEPS = 60
 
 
 def _state(mesh, spec, learning_rate=0.01, opt=None):
