@@ -164,7 +164,12 @@ def eval_batches(
   own_rows[rows] = True
   own_rows = tf.constant(own_rows)
   ds = info.builder.as_dataset(
-    split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
+    split=split,
+    shuffle_files=False,
+    decoders={"image": tfds.decode.SkipDecoding()},
+    # TFDS caches a small split as it is read; a read cut short by `limit` would warn that it
+    # threw a partial cache away (and caching it would serve nothing: the caller keeps the batches).
+    read_config=tfds.ReadConfig(try_autocache=limit is None),
   )
   if info.views != "all":
     ds = ds.filter(lambda f: views.keep_example(f, info.views, case_level=False))

@@ -142,8 +142,17 @@ def test_a_split_smaller_than_max_images_is_read_whole(cxr_data_dir):
   assert the_probe.num_images == split.num_examples > 0
 
 
-def test_the_probe_set_is_the_first_images_that_pass_the_view_filter(cxr_data_dir):
-  """max_images counts images after the view filter, not before it."""
+def test_the_probe_set_is_the_first_images_that_pass_the_view_filter(cxr_data_dir, monkeypatch):
+  """max_images counts images after the view filter, not before it; the read, cut short, does not
+  fill TFDS's automatic cache (which warns, on TensorFlow's C++ log, when it throws a partial one
+  away)."""
+  read_configs = []
+  as_dataset = tfds.core.DatasetBuilder.as_dataset
+
+  def spy(self, *args, read_config=None, **kwargs):
+    read_configs.append(read_config)
+    return as_dataset(self, *args, read_config=read_config, **kwargs)
+
   builder = tfds.builder("chexpert_micle/images", data_dir=cxr_data_dir)
   first = tfds.as_numpy(builder.as_dataset(split="train[:12]", shuffle_files=False))
   frontal_in_first = sum(f["view"].decode().lower().startswith("frontal") for f in first)
@@ -151,8 +160,10 @@ def test_the_probe_set_is_the_first_images_that_pass_the_view_filter(cxr_data_di
   spec = specs.ProbeSpec(
     dataset="chexpert_micle/images", data_dir=cxr_data_dir, max_images=12, views="frontal"
   )
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "as_dataset", spy)
   labels = specs.LabelSpec(label_set="competition5", uncertainty_policy="ones")
   the_probe = probe.Probe(
     spec, preset="cxr_small", image_size=32, labels=labels, mesh=sharding.create_mesh()
   )
   assert the_probe.num_images == 12
+  assert [c is not None and not c.try_autocache for c in read_configs] == [True]
