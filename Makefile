@@ -43,8 +43,9 @@ native: $(STAMP)
 test: native $(TEST_STAMP)
 	$(PY) -m pytest -n 2 --dist=loadfile -q --durations=25
 
-# Real torchvision in a venv of its own, for the export's test against it (the test skips without
-# it; .ci/run builds it). See requirements-torchvision.txt for why it is separate.
+# Real torchvision and timm in a venv of their own, for the export's and the import's tests
+# against them (the tests skip without it; .ci/run builds it). See requirements-torchvision.txt
+# for why it is separate.
 TV_VENV := .venv-torchvision
 torchvision-env: $(TV_VENV)/.installed
 

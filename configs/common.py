@@ -46,6 +46,7 @@ def _model_section(**extra) -> ml_collections.ConfigDict:
       width=1.0,
       sk_ratio=0.0,
       stem="imagenet",
+      variant="simclr",  # "torchvision" for weights imported from torchvision/timm
       dtype="float32",
       num_proj_layers=3,
       proj_out_dim=128,

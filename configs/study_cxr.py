@@ -12,7 +12,9 @@ synthetic data `make demo` writes; its intervals are conditional on its one pret
 method), `cpu` (the demo's models and data, twice the pretraining, pretraining seeds 0, 1 and 2,
 label fractions 5%, 25% and 100%, fine-tuning seeds 0 and 1). `--config.init_from=DIR` starts
 every pretraining from, e.g., converted SimCLRv2 ImageNet weights (the paper's ImageNet → domain
-chain).
+chain). `--config.imagenet=DIR` (torchvision/timm weights imported by `micle_jax.import_torch`)
+runs the paper's comparison: the supervised ImageNet baseline, ImageNet → SimCLR and ImageNet →
+MICLe, beside scratch (docs/import_torch.md).
 
 Every `pretrain`/`finetune` override is a nested dict of config keys. `init_overrides` gives one
 init its own fine-tuning hyperparameters: the demo's (a scratch learning rate of 1.0 against
@@ -40,6 +42,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     dict(config="configs/cxr.py", arg="", overrides=ml_collections.ConfigDict())
   )
   c.init_from = ""  # e.g. converted SimCLRv2 ImageNet weights, for both pretrainings
+  # The paper's design: a folder of supervised ImageNet weights (python -m micle_jax.import_torch)
+  # adds the `supervised` arm (fine-tuned from them), starts both pretrainings from them
+  # (ImageNet → SimCLR/MICLe; imagenet_chain=False: from random weights) and gives every run
+  # their architecture (docs/import_torch.md).
+  c.imagenet = ""
+  c.imagenet_chain = True
   # The TFDS data dir of every dataset the study reads ("": each config's own), e.g. another draw
   # of the synthetic data (python -m data_builders.synthetic.demo --data=D --seed=N; D/tensorflow_datasets).
   c.data_dir = ""

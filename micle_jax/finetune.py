@@ -125,7 +125,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   run = build.build(run_plan, mesh)
   rule = checkpoint.finetune_rule(spec.model.proj_layers_kept)
   state, init = loop.resume_or_initialize(
-    run.state, mngr, spec.init_from, mesh, rule=rule, init_step=init_step
+    run.state,
+    mngr,
+    spec.init_from,
+    mesh,
+    rule=rule,
+    variant=spec.model.variant,
+    init_step=init_step,
   )
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if jax.process_index() == 0:

@@ -126,7 +126,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   )
   run = build.build(run_plan, mesh)
   rule = checkpoint.pretrain_init_rule(spec.init_projection_head)
-  state, init = loop.resume_or_initialize(run.state, mngr, spec.init_from, mesh, rule=rule)
+  state, init = loop.resume_or_initialize(
+    run.state, mngr, spec.init_from, mesh, rule=rule, variant=spec.model.variant
+  )
   start_step = int(state.step)
   summary = functools.partial(_summary, spec, budget, init=init)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)

@@ -31,6 +31,8 @@ UNCERTAINTY_POLICIES = ("ones", "zeros", "ignore")
 PRESETS = ("simclr", "cxr", "cxr_small", "derm")
 DEPTHS = (18, 34, 50, 101, 152, 200)
 STEMS = ("imagenet", "cifar")
+# How the ResNet computes where SimCLR's and torchvision's differ (`models.resnet.ResNet`).
+VARIANTS = ("simclr", "torchvision")
 DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("lars", "sgd", "adamw")
 LR_SCALINGS = ("linear", "sqrt", "none")
@@ -160,6 +162,8 @@ class ModelSpec:
   width: float = 1.0
   sk_ratio: float = 0.0
   stem: str = "imagenet"
+  # "simclr": SimCLR's ResNet; "torchvision": computes as torchvision's (for imported weights)
+  variant: str = "simclr"
   dtype: str = "float32"
   num_proj_layers: int = 3
   proj_out_dim: int = 128
@@ -173,6 +177,12 @@ class ModelSpec:
   def __post_init__(self):
     _one_of("model.depth", self.depth, DEPTHS)
     _one_of("model.stem", self.stem, STEMS)
+    _one_of("model.variant", self.variant, VARIANTS)
+    if self.variant == "torchvision" and (self.stem != "imagenet" or self.sk_ratio > 0):
+      raise ConfigError(
+        f"config.model.variant='torchvision' needs stem='imagenet' and sk_ratio=0 (torchvision's "
+        f"ResNet); got stem={self.stem!r}, sk_ratio={self.sk_ratio}"
+      )
     _one_of("model.dtype", self.dtype, DTYPES)
     _positive("model.width", self.width)
     _positive("model.sk_ratio", self.sk_ratio, strict=False)

@@ -1,4 +1,5 @@
-"""Every `python -m` command in the shell blocks of the README and docs/usage.md parses as its
+"""Every `python -m` command in the shell blocks of the README, docs/usage.md and
+docs/import_torch.md parses as its
 command would parse it: the module exists and defines each flag, the config file loads with its `:arg`, and each
 `--config.key=value` names a key of that config with a value of its type.
 
@@ -16,7 +17,7 @@ import pytest
 from absl import flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-DOCS = ("README.md", "docs/usage.md")
+DOCS = ("README.md", "docs/usage.md", "docs/import_torch.md")
 # Where a command keeps its flags when its module only forwards to another (micle_jax/sweep.py).
 _FORWARDED = {
   "micle_jax.sweep": "micle_jax.tools.sweep",
@@ -25,6 +26,7 @@ _FORWARDED = {
   "micle_jax.benchmark": "micle_jax.tools.benchmark",
   "micle_jax.convert_simclr": "micle_jax.tools.convert_simclr",
   "micle_jax.export_torch": "micle_jax.tools.export_torch",
+  "micle_jax.import_torch": "micle_jax.tools.import_torch",
   "data_builders.synthetic": "data_builders.synthetic.__main__",
 }
 

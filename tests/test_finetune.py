@@ -149,7 +149,12 @@ def test_a_pretraining_monitor_head_never_reaches_finetuning(
   mesh = sharding.create_mesh()
   rule = checkpoint.finetune_rule(max(spec.model.proj_layers_kept, 0))
   state, init = loop.resume_or_initialize(
-    build.build(plan, mesh).state, checkpoint.manager(tmp_path), spec.init_from, mesh, rule=rule
+    build.build(plan, mesh).state,
+    checkpoint.manager(tmp_path),
+    spec.init_from,
+    mesh,
+    rule=rule,
+    variant=spec.model.variant,
   )
   state = jax.device_get(state)
   np.testing.assert_array_equal(state.params["head_supervised"]["kernel"], 0.0)

@@ -17,7 +17,15 @@ PACKAGE = REPO / "micle_jax"
 
 DRIVERS = {"main", "pretrain", "finetune", "app"}
 # Command paths kept for the README's commands; each only runs its tool.
-ALIASES = {"benchmark", "convert_simclr", "sweep", "predict", "study", "export_torch"}
+ALIASES = {
+  "benchmark",
+  "convert_simclr",
+  "sweep",
+  "predict",
+  "study",
+  "export_torch",
+  "import_torch",
+}
 # What each part of the package may import from the package (besides itself).
 ALLOWED = {
   "package": {"runtime"},  # micle_jax/__init__.py: the allocator's restart (runtime/allocator.py)

@@ -12,7 +12,11 @@ mean over the first level of the mean over the second, and its interval (and a d
 resamples both levels and the evaluation units (patients), the units shared by both arms of a
 comparison.
 
-Every init is compared with `scratch`, and `micle` with `simclr`, when both exist in a cell.
+Every init is compared with `scratch`, `micle` with `simclr`, and, where the study has the
+paper's baseline (`supervised`: fine-tuned from imported supervised ImageNet weights), every
+pretrained init with it, when both exist in a cell. Each arm's `chain` says what its networks
+were trained from (`chain`): "random init", "simclr", "ImageNet supervised resnet50
+(FILE) → micle", ...
 Runs that would claim the same place (cell, init, level-1 unit, seed) are refused, naming both
 workdirs; so are runs of one arm and cell whose configs differ in anything but their seeds and
 init, and runs of one cell that scored different images.
@@ -29,6 +33,7 @@ from micle_jax.eval import bootstrap, evaluation
 from micle_jax.runtime import run_files
 
 BASELINE = "scratch"
+SUPERVISED = "supervised"  # the paper's baseline: imported supervised ImageNet weights
 CELL = ("eval", "dataset", "eval_views", "fraction", "mode", "task", "views", "aggregation")
 _INTERVALS = ("ci_low", "ci_high", "ci_low_cases", "ci_high_cases", "scope")
 _DESCRIPTION = ("dataset", "mode", "task", "views")
@@ -37,6 +42,7 @@ ARM_COLUMNS = (
   + _INTERVALS
   + ("runs", "units", "sd_runs", "sd_units", "train_steps", "pretrain_steps", "pretrain_views_seen")
   + _DESCRIPTION
+  + ("chain",)
 )
 COLUMNS = (
   ("eval", "fraction", "metric", "init", "baseline", "difference")
@@ -49,12 +55,52 @@ _REPLICATE_KEYS = ("init_from", "seed", "init_seed", "init_step")
 
 
 def comparisons(inits: Sequence[str]) -> list[tuple[str, str]]:
-  """(init, baseline) pairs: every init against scratch, and micle against simclr."""
+  """(init, baseline) pairs: every init against scratch, micle against simclr, and every
+  pretrained init against the supervised ImageNet baseline."""
   names = set(inits)
   pairs = [(i, BASELINE) for i in sorted(names) if i != BASELINE and BASELINE in names]
   if {"micle", "simclr"} <= names:
     pairs.append(("micle", "simclr"))
+  if SUPERVISED in names:
+    pairs += [(i, SUPERVISED) for i in sorted(names - {BASELINE, SUPERVISED})]
   return pairs
+
+
+def _record(folder: str, name: str) -> dict[str, Any] | None:
+  """A run file of a checkpoint's folder, or None where it is absent or cannot be reached (a
+  table is still written when a remote init is out of reach: the chain then names the folder)."""
+  try:
+    path = run_files.run_dir(folder) / name
+    return run_files.read_json(path) if path.exists() else None
+  except Exception:  # noqa: BLE001 -- e.g. gs:// without credentials
+    return None
+
+
+def describe_weights(path: str) -> str:
+  """Imported or converted weights in words (their conversion.json), else the folder's name."""
+  report = _record(path, run_files.CONVERSION_FILE)
+  if report is not None and report.get("converter") == "import_torch":
+    file = epath.Path(report["source"]["file"]).name
+    return f"ImageNet supervised {report['architecture']} ({file})"
+  if report is not None and "depth" in report:  # SimCLRv2, in its folders' naming (r50_1x_sk0)
+    width = report.get("width", 1)
+    width = int(width) if float(width).is_integer() else width
+    return f"SimCLRv2 r{report['depth']}_{width}x_sk{int(report.get('sk_ratio', 0) > 0)}"
+  return epath.Path(path).name
+
+
+def chain(results: Mapping[str, Any]) -> str:
+  """What a fine-tuning run's network was trained from, in order: "random init", the weights it
+  was fine-tuned from, or its pretraining's method after that pretraining's own `init_from`."""
+  init = results["init_from"]
+  if init in ("", "scratch"):
+    return "random init"
+  method = (results.get("pretraining") or {}).get("method")
+  config = _record(init, run_files.CONFIG_FILE) if method else None
+  if config is None:
+    return method or describe_weights(init)
+  upstream = config.get("init_from") or ""
+  return f"{describe_weights(upstream)} → {method}" if upstream else method
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +235,8 @@ def _arms(cell: tuple, inits: Mapping[str, Mapping[str, Mapping[int, Any]]], loa
 
 
 def _budget(inits: Mapping[str, Mapping[str, Mapping[int, Any]]], init: str) -> dict[str, Any]:
-  """The arm's fine-tuning steps and its pretraining's steps and views (the mean over runs)."""
+  """The arm's chain, its fine-tuning steps and its pretraining's steps and views (the mean over
+  runs)."""
   runs = [run["results"] for seeds in inits[init].values() for run in seeds.values()]
 
   def mean(values):
@@ -198,6 +245,7 @@ def _budget(inits: Mapping[str, Mapping[str, Mapping[int, Any]]], init: str) -> 
 
   pretraining = [r.get("pretraining") or {} for r in runs]
   return {
+    "chain": " | ".join(sorted({chain(r) for r in runs})),
     "train_steps": mean([r.get("step") for r in runs]),
     "pretrain_steps": mean([p.get("step") for p in pretraining]),
     "pretrain_views_seen": mean([p.get("views_seen") for p in pretraining]),

@@ -120,17 +120,23 @@ class Conv(nn.Module):
     )
 
 
-def _same_pool_geometry(side: int, window: int, strides: int) -> tuple[int, int, int]:
-  """Padding before, after and output side of 'SAME' pooling (as `lax.padtype_to_pads`)."""
+def _pool_geometry(side: int, window: int, strides: int, symmetric: bool) -> tuple[int, int, int]:
+  """Padding before, after and output side of one axis of max pooling: TensorFlow's 'SAME' (as
+  `lax.padtype_to_pads`), or PyTorch's `padding=window // 2` on both ends (`symmetric`), of which
+  only the part the last window reaches is returned as `after`."""
+  if symmetric:
+    before = window // 2
+    out = (side + 2 * before - window) // strides + 1
+    return before, max((out - 1) * strides + window - side - before, 0), out
   out = -(-side // strides)
   total = max((out - 1) * strides + window - side, 0)
   return total // 2, total - total // 2, out
 
 
-def _pool_taps(x: jax.Array, window: int, strides: int) -> list[jax.Array]:
+def _pool_taps(x: jax.Array, window: int, strides: int, symmetric: bool) -> list[jax.Array]:
   """The window's taps of the -inf-padded NHWC input, each [N, Ho, Wo, C], in row-major order."""
-  lo_h, hi_h, ho = _same_pool_geometry(x.shape[1], window, strides)
-  lo_w, hi_w, wo = _same_pool_geometry(x.shape[2], window, strides)
+  lo_h, hi_h, ho = _pool_geometry(x.shape[1], window, strides, symmetric)
+  lo_w, hi_w, wo = _pool_geometry(x.shape[2], window, strides, symmetric)
   padded = jnp.pad(x, ((0, 0), (lo_h, hi_h), (lo_w, hi_w), (0, 0)), constant_values=-jnp.inf)
   return [
     padded[:, i : i + strides * (ho - 1) + 1 : strides, j : j + strides * (wo - 1) + 1 : strides]
@@ -139,22 +145,22 @@ def _pool_taps(x: jax.Array, window: int, strides: int) -> list[jax.Array]:
   ]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _max_pool_taps(x: jax.Array, window: int, strides: int) -> jax.Array:
-  """'SAME' max pooling as the maximum of its taps; the gradient goes to each window's first
-  maximum in row-major order, as XLA's select-and-scatter gradient of `nn.max_pool` does."""
-  return functools.reduce(jnp.maximum, _pool_taps(x, window, strides))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool_taps(x: jax.Array, window: int, strides: int, symmetric: bool) -> jax.Array:
+  """Max pooling as the maximum of its taps; the gradient goes to each window's first maximum
+  in row-major order, as XLA's select-and-scatter gradient of `nn.max_pool` does."""
+  return functools.reduce(jnp.maximum, _pool_taps(x, window, strides, symmetric))
 
 
-def _max_pool_forward(x, window, strides):
-  return _max_pool_taps(x, window, strides), x
+def _max_pool_forward(x, window, strides, symmetric):
+  return _max_pool_taps(x, window, strides, symmetric), x
 
 
-def _max_pool_backward(window, strides, x, dy):
-  taps = _pool_taps(x, window, strides)
+def _max_pool_backward(window, strides, symmetric, x, dy):
+  taps = _pool_taps(x, window, strides, symmetric)
   y = functools.reduce(jnp.maximum, taps)
-  lo_h, hi_h, ho = _same_pool_geometry(x.shape[1], window, strides)
-  lo_w, hi_w, wo = _same_pool_geometry(x.shape[2], window, strides)
+  lo_h, hi_h, ho = _pool_geometry(x.shape[1], window, strides, symmetric)
+  lo_w, hi_w, wo = _pool_geometry(x.shape[2], window, strides, symmetric)
   side_h, side_w = x.shape[1] + lo_h + hi_h, x.shape[2] + lo_w + hi_w
   zero = jnp.zeros((), dy.dtype)
   taken = jnp.zeros(y.shape, bool)
@@ -178,8 +184,10 @@ def _max_pool_backward(window, strides, x, dy):
 _max_pool_taps.defvjp(_max_pool_forward, _max_pool_backward)
 
 
-def max_pool(x: jax.Array, window: int, strides: int) -> jax.Array:
-  """`nn.max_pool(x, (window,) * 2, (strides,) * 2, padding="SAME")` on NHWC input.
+def max_pool(x: jax.Array, window: int, strides: int, *, symmetric: bool = False) -> jax.Array:
+  """`nn.max_pool(x, (window,) * 2, (strides,) * 2, padding="SAME")` on NHWC input, or with
+  `symmetric` PyTorch's `nn.MaxPool2d(window, strides, padding=window // 2)` (torchvision's stem),
+  which pads both ends where 'SAME' pads an even side only at the end.
 
   On the CPU it is the maximum of the window's strided slices, with a gradient of slices and
   pads (`_max_pool_taps`): XLA's CPU gradient of `nn.max_pool` builds index arrays the size of
@@ -187,7 +195,10 @@ def max_pool(x: jax.Array, window: int, strides: int) -> jax.Array:
   values and gradients are the same, ties included (tests/models/test_layers.py).
   """
   if kernel_platform() == "cpu":
-    return _max_pool_taps(x, window, strides)
+    return _max_pool_taps(x, window, strides, symmetric)
+  if symmetric:
+    pads = [_pool_geometry(side, window, strides, True)[:2] for side in x.shape[1:3]]
+    return nn.max_pool(x, (window, window), (strides, strides), padding=pads)
   return nn.max_pool(x, (window, window), (strides, strides), padding="SAME")
 
 

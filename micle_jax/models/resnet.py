@@ -6,6 +6,14 @@ fixed padding; the last BatchNorm of each block starts with γ = 0; optional sel
 (`sk_ratio > 0`, which also switch on the ResNet-D stem and avg-pool shortcut). A `cifar` stem
 (3×3 conv, stride 1, no max-pool) serves low-resolution inputs (32–64 px).
 
+The `torchvision` variant computes as torchvision's ResNet does, for weights imported from it
+(`tools/import_torch.py`): the [0, 1] input is normalised with ImageNet's mean and std inside the
+model, the stem's 3×3/2 max-pool pads both ends (PyTorch's `padding=1`; SimCLR's TF 'SAME' pads
+an even side only at the end), and a block's shortcut is projected only where its shape changes
+(SimCLR projects every group's first block, so also ResNet-18/34's first). Everything else is
+the same in both: the strided convolutions' padding, the stride on the bottleneck's 3×3 conv,
+BatchNorm's ε.
+
 Module names are stable and structural (`block_group_1_block_0/conv_1`), because checkpoint
 conversion from the published TensorFlow weights matches on them.
 """
@@ -37,6 +45,9 @@ RESNET_LAYERS: dict[int, tuple[str, tuple[int, ...]]] = {
   200: ("bottleneck", (3, 24, 36, 3)),
 }
 SK_MIN_DIM = 32
+# torchvision's input normalisation (its ImageNet weights were trained on inputs normalised so).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 assert tuple(RESNET_LAYERS) == specs.DEPTHS, "the schema's depths are the ones built here"
 
 
@@ -161,6 +172,7 @@ class ResNet(nn.Module):
     stem: "imagenet" (7×7/2 conv + 3×3/2 max-pool, or ResNet-D's three 3×3 convs with SK) or
       "cifar" (one 3×3/1 conv, no pooling) for 32–64 px inputs.
     dtype: compute dtype (float32 or bfloat16); parameters stay float32.
+    variant: "simclr", or "torchvision" to compute as torchvision's ResNet (module docstring).
   """
 
   depth: int = 50
@@ -168,6 +180,7 @@ class ResNet(nn.Module):
   sk_ratio: float = 0.0
   stem: str = "imagenet"
   dtype: Dtype = jnp.float32
+  variant: str = "simclr"
 
   def _channels(self, base: int) -> int:
     return max(1, int(round(base * self.width)))
@@ -175,15 +188,20 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     kind, layers = RESNET_LAYERS[self.depth]
+    torchvision = self.variant == "torchvision"
+    if torchvision:
+      x = (x - jnp.asarray(IMAGENET_MEAN, x.dtype)) / jnp.asarray(IMAGENET_STD, x.dtype)
     x = self._stem(x, train)
     block_cls = BasicBlock if kind == "basic" else BottleneckBlock
+    expansion = 1 if kind == "basic" else 4
     for g, (num_blocks, group_stride) in enumerate(zip(layers, (1, 2, 2, 2), strict=True)):
       filters = self._channels(64 * 2**g)
       for b in range(num_blocks):
+        reshapes = group_stride > 1 or x.shape[-1] != expansion * filters
         x = block_cls(
           filters,
           group_stride if b == 0 else 1,
-          use_projection=b == 0,
+          use_projection=b == 0 and (reshapes or not torchvision),
           sk_ratio=self.sk_ratio,
           dtype=self.dtype,
           name=f"block_group_{g}_block_{b}",
@@ -205,7 +223,7 @@ class ResNet(nn.Module):
     else:
       x = Conv(width, 7, 2, dtype=self.dtype, name="stem_conv_0")(x)
       x = _bn_relu(x, train, self.dtype, "stem_bn_0")
-    return max_pool(x, 3, 2)
+    return max_pool(x, 3, 2, symmetric=self.variant == "torchvision")
 
 
 class ProjectionHead(nn.Module):
@@ -303,7 +321,9 @@ class ContrastiveModel(nn.Module):
 
 def create_model(spec: specs.ModelSpec) -> ContrastiveModel:
   """Builds the model of a (validated) spec."""
-  backbone = ResNet(spec.depth, spec.width, spec.sk_ratio, spec.stem, jnp.dtype(spec.dtype))
+  backbone = ResNet(
+    spec.depth, spec.width, spec.sk_ratio, spec.stem, jnp.dtype(spec.dtype), spec.variant
+  )
   return ContrastiveModel(
     backbone,
     num_proj_layers=spec.num_proj_layers,

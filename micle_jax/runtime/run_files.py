@@ -39,14 +39,20 @@ LENGTH_KEYS = ("num_steps", "num_epochs")
 # Keys that moved since workdirs were first written: such a config.json still describes its run.
 # (Fine-tuning's top-level `task` joined the `labels` section that pretraining already had.)
 MOVED_KEYS = {"task": ("labels", "task")}
+# Keys added since workdirs were first written, with the value every earlier run computed with.
+ADDED_KEYS = {("model", "variant"): "simclr"}
 
 
 def upgrade(stored: Mapping[str, Any]) -> dict[str, Any]:
-  """A stored config with its moved keys (`MOVED_KEYS`) where the current schema has them."""
+  """A stored config with its moved keys (`MOVED_KEYS`) where the current schema has them, and
+  the keys added since (`ADDED_KEYS`) at the value the run used."""
   out = json.loads(json.dumps(stored))
   for old, (section, key) in MOVED_KEYS.items():
     if old in out and isinstance(out.get(section), dict) and key not in out[section]:
       out[section][key] = out.pop(old)
+  for (section, key), value in ADDED_KEYS.items():
+    if isinstance(out.get(section), dict):
+      out[section].setdefault(key, value)
   return out
 
 
@@ -187,3 +193,48 @@ def short(path: epath.PathLike) -> str:
   text = str(path)
   cwd = os.getcwd().rstrip("/") + "/"
   return text[len(cwd) :] if text.startswith(cwd) else text
+
+
+def run_dir(path: epath.PathLike) -> epath.Path:
+  """The folder holding config.json/conversion.json for a workdir, its `checkpoints/` folder or
+  a step folder in it."""
+  path = epath.Path(path)
+  if path.name == "checkpoints":
+    return path.parent
+  if path.name.isdigit() and path.parent.name == "checkpoints":
+    return path.parent.parent
+  return path
+
+
+def recorded_model(path: epath.PathLike) -> tuple[epath.Path, dict[str, Any]] | None:
+  """(file, `model` section) that a checkpoint's folder records: a conversion's or import's
+  conversion.json, else a run's config.json (upgraded); None where neither is there."""
+  folder = run_dir(path)
+  for name in (CONVERSION_FILE, CONFIG_FILE):
+    file = folder / name
+    if file.exists():
+      stored = read_json(file)
+      model = upgrade(stored).get("model") if name == CONFIG_FILE else stored.get("model")
+      return file, dict(model or {})
+  return None
+
+
+def check_init_variant(init_from: str, variant: str) -> None:
+  """Raises ValueError when `init_from` records a model variant other than `variant`.
+
+  Weights imported from torchvision compute what they were trained to compute only in the
+  `torchvision` variant, and ResNet-50 and deeper have the same parameters in both, so a wrong
+  `model.variant` would otherwise load silently and compute something else.
+  """
+  if not init_from or init_from == "scratch":
+    return
+  found = recorded_model(init_from)
+  if found is None:
+    return
+  file, model = found
+  recorded = model.get("variant", "simclr")
+  if recorded != variant:
+    raise ValueError(
+      f"init_from={init_from}: its weights compute as model.variant={recorded!r} ({file}), "
+      f"but this config has model.variant={variant!r}; set --config.model.variant={recorded}"
+    )

@@ -83,15 +83,6 @@ class Source:
   preset: str | None = None
 
 
-def _run_dir(path: epath.Path) -> epath.Path:
-  """The folder holding config.json/conversion.json for a workdir, checkpoints/ or step path."""
-  if path.name == checkpoint_lib.CHECKPOINT_DIR:
-    return path.parent
-  if path.name.isdigit() and path.parent.name == checkpoint_lib.CHECKPOINT_DIR:
-    return path.parent.parent
-  return path
-
-
 def _read_json(path: epath.Path) -> dict[str, Any]:
   try:
     value = json.loads(path.read_text())
@@ -123,12 +114,13 @@ def locate(checkpoint: epath.PathLike) -> Source:
   path = checkpoint_lib.absolute(checkpoint)
   if not path.exists():
     raise FileNotFoundError(f"--checkpoint={path}: no such file or directory")
-  run_dir = _run_dir(path)
+  run_dir = run_files.run_dir(path)
   conversion, config_path = run_dir / run_files.CONVERSION_FILE, run_dir / run_files.CONFIG_FILE
   if conversion.exists():
     report = _read_json(conversion)
     spec = _model_spec(report.get("model"), conversion)
-    return Source(path, "simclr_conversion", conversion, spec, None, None, 224)
+    kind = "torch_import" if report.get("converter") == "import_torch" else "simclr_conversion"
+    return Source(path, kind, conversion, spec, None, None, 224)
   if not config_path.exists():
     raise FileNotFoundError(
       f"--checkpoint={path}: no {run_files.CONFIG_FILE} or {run_files.CONVERSION_FILE} in {run_dir}, so "
@@ -219,6 +211,7 @@ def architecture(spec: specs.ModelSpec) -> dict[str, Any]:
     "proj_layers_kept": spec.proj_layers_kept,
     "supervised_input_layer": spec.supervised_input_layer,
     "num_classes": spec.num_classes,
+    "variant": spec.variant,
     "block": kind,
     "num_features": features,
     "projection_layers_built": built,
@@ -255,6 +248,12 @@ def sidecar(
     )
   if spec.dtype != "float32":
     notes.append(f"Trained with compute dtype {spec.dtype}; the weights are float32.")
+  if spec.variant == "torchvision":
+    notes.append(
+      "variant 'torchvision': the backbone loads into stock torchvision as it is (no "
+      "make_torchvision_exact), which expects inputs normalised with ImageNet's mean and std; "
+      "SimCLRResNet normalises its [0, 1] input itself."
+    )
   return {
     "format": EXPORT_FORMAT,
     "weights": out.name,

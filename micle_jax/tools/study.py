@@ -9,6 +9,12 @@ Stages, each resumable (a finished stage is found and skipped, an unfinished one
 2. **Fine-tune** every pretrained network, and scratch from as many initialisation seeds, at
    every label fraction and fine-tuning seed (`sweep.plan` / `sweep.run`, with
    `config.init_overrides` for inits that need their own hyperparameters).
+
+`config.imagenet` (a folder `python -m micle_jax.import_torch` wrote from torchvision/timm
+weights) runs the paper's design with that one key: the `supervised` arm fine-tunes from the
+imported weights (the supervised ImageNet baseline), every pretraining starts from them
+(ImageNet → SimCLR, ImageNet → MICLe; `config.imagenet_chain`), and every run, scratch's
+included, takes the architecture they need (their conversion.json's `model` keys).
 3. **Collect** `results.csv`, `arms.csv`, `differences.csv` (every arm and every difference with an
    interval over training runs and patients, `eval/differences.py`) and `label_efficiency.png`
    under `ROOT/finetune`, and print the tables.
@@ -35,10 +41,11 @@ from etils import epath
 
 from micle_jax import app, pretrain, specs
 from micle_jax.runtime import run_files, sharding
-from micle_jax.tools import sweep, sweep_plan
+from micle_jax.tools import import_torch, sweep, sweep_plan
 
 PRETRAIN_DIR = "pretrain"
 FINETUNE_DIR = "finetune"
+SUPERVISED = "supervised"  # the arm fine-tuned from `config.imagenet`
 
 
 _REPO = epath.Path(__file__).parent.parent
@@ -79,6 +86,35 @@ def unit_label(seed: int) -> str:
   return f"p{int(seed)}"
 
 
+def imagenet_keys(study: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The `model.*` keys that `config.imagenet`'s weights need ({} when it is not set)."""
+  if not study.imagenet:
+    return {}
+  if study.init_from:
+    raise specs.ConfigError(
+      f"config.init_from={study.init_from} and config.imagenet={study.imagenet}: set one "
+      "(config.imagenet already starts every pretraining from its weights)"
+    )
+  found = run_files.recorded_model(study.imagenet)
+  if found is None or found[0].name != run_files.CONVERSION_FILE:
+    raise specs.ConfigError(
+      f"config.imagenet={study.imagenet}: no {run_files.CONVERSION_FILE} there; write the folder "
+      "with python -m micle_jax.import_torch"
+    )
+  return {f"model.{k}": found[1][k] for k in import_torch.MODEL_KEYS if k in found[1]}
+
+
+def _with_imagenet(overrides: dict[str, Any], keys: dict[str, Any], where: str) -> dict[str, Any]:
+  """`overrides` and the imported weights' model keys, which they may not contradict."""
+  for key, value in keys.items():
+    if key in overrides and overrides[key] != value:
+      raise specs.ConfigError(
+        f"config.{where}.overrides.{key}={overrides[key]!r}, but config.imagenet's weights need "
+        f"{value!r}"
+      )
+  return {**overrides, **keys}
+
+
 def plan_pretraining(study: ml_collections.ConfigDict) -> list[Pretraining]:
   """One pretraining per method and seed: the shared config, its overrides, the method, the seed
   and init_from."""
@@ -87,6 +123,7 @@ def plan_pretraining(study: ml_collections.ConfigDict) -> list[Pretraining]:
       f"config.pretrain_seeds={tuple(study.pretrain_seeds)}: need at least one, none twice"
     )
   runs = []
+  imagenet = imagenet_keys(study)
   for method in study.methods:
     arg = _with_arg(study.pretrain.arg, f"method={method}")
     for seed in study.pretrain_seeds:
@@ -97,14 +134,19 @@ def plan_pretraining(study: ml_collections.ConfigDict) -> list[Pretraining]:
           raise specs.ConfigError(
             f"config.pretrain.overrides.{key}: use config.{'pretrain_seeds' if key == 'seed' else key}"
           )
+      overrides = _with_imagenet(overrides, imagenet, "pretrain")
+      if imagenet and study.imagenet_chain:
+        # The imported weights have no projection head: pretraining starts a new one.
+        overrides["init_projection_head"] = False
       for key, value in overrides.items():
         sweep_plan.set_key(config, key, value, where=f"pretrain override {key}")
       if study.data_dir:
         overrides["dataset.data_dir"] = config.dataset.data_dir = study.data_dir
       # Set here, not by `set_key` (which keeps them for the sweep); in the printed commands too.
       overrides["seed"] = config.seed = int(seed)
-      if study.init_from:
-        overrides["init_from"] = config.init_from = study.init_from
+      init_from = study.imagenet if imagenet and study.imagenet_chain else study.init_from
+      if init_from:
+        overrides["init_from"] = config.init_from = init_from
       specs.from_config(specs.PretrainSpec, config)  # fails now, naming the key
       workdir = str(epath.Path(study.root) / PRETRAIN_DIR / method / unit_label(seed))
       runs.append(
@@ -138,6 +180,8 @@ def plan_finetuning(study, pretrainings: list[Pretraining]) -> list[sweep.Run]:
       sweep_plan.Start(sweep.SCRATCH, unit_label(seed), init_seed=int(seed))
       for seed in study.pretrain_seeds
     ]
+  if study.imagenet:
+    inits[SUPERVISED] = [sweep_plan.Start(study.imagenet, "imagenet")]
   for p in pretrainings:
     inits.setdefault(p.method, []).append(sweep_plan.Start(p.workdir, unit_label(p.seed)))
   init_overrides = {
@@ -157,8 +201,10 @@ def plan_finetuning(study, pretrainings: list[Pretraining]) -> list[sweep.Run]:
 
 def finetune_overrides(study, config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The study's fine-tuning overrides, with `data_dir` (when set) for the training data and
-  every shift dataset."""
-  overrides = run_files.flatten(study.finetune.overrides)
+  every shift dataset, and the model keys of `config.imagenet`'s weights."""
+  overrides = _with_imagenet(
+    run_files.flatten(study.finetune.overrides), imagenet_keys(study), "finetune"
+  )
   if study.data_dir:
     overrides["dataset.data_dir"] = study.data_dir
     for key in config.shift:

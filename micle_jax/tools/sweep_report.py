@@ -49,10 +49,11 @@ def _conditional(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 def _given(scope: str) -> str:
   """A conditional scope in words: what the interval holds fixed."""
   names = scope.removeprefix(bootstrap.GIVEN_ONE_RUN).split(", ")
-  parts = [
-    "scratch's one initialisation" if n == "scratch" else f"the one pretraining run of {n}"
-    for n in names
-  ]
+  special = {
+    "scratch": "scratch's one initialisation",
+    "supervised": "the one set of imported ImageNet weights",
+  }
+  parts = [special.get(n, f"the one pretraining run of {n}") for n in names]
   return "over patients only, given " + " and ".join(parts)
 
 
@@ -102,7 +103,17 @@ def table(arm_rows: Sequence[Mapping[str, Any]]) -> str:
       f" {_sd(r['sd_runs']):>7} {_count(r['train_steps']):>8} {_count(r['pretrain_steps']):>14}"
       f" {_count(r['pretrain_views_seen']):>14} {_mark(r, rows)}".rstrip()
     )
-  return "\n".join(lines) + _scopes(rows)
+  return "\n".join(lines) + _scopes(rows) + _chains(rows)
+
+
+def _chains(rows: Sequence[Mapping[str, Any]]) -> str:
+  """What each arm was trained from, where that is more than its name says (imported or
+  converted weights)."""
+  chains = {str(r["init"]).split("/")[0]: r.get("chain") or "" for r in rows}
+  plain = {"scratch": "random init"}
+  if all(c in ("", plain.get(i, i)) for i, c in chains.items()):
+    return ""
+  return "\nChains:" + "".join(f"\n  {i}: {c}" for i, c in sorted(chains.items()) if c)
 
 
 def significant(row: Mapping[str, Any]) -> bool:

@@ -55,6 +55,9 @@ RESNET_LAYERS: dict[int, tuple[str, tuple[int, ...]]] = {
   200: ("bottleneck", (3, 24, 36, 3)),
 }
 STEMS = ("imagenet", "cifar")
+VARIANTS = ("simclr", "torchvision")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 TORCHVISION_DEPTHS = (18, 34, 50, 101, 152)
 
 
@@ -73,6 +76,9 @@ class Architecture:
     proj_layers_kept: how many of them the export holds (-1 = all).
     supervised_input_layer: which `hiddens[k]` feeds the supervised head (0 = the features).
     num_classes: supervised head outputs (0 = none).
+    variant: "simclr", or "torchvision" (weights imported from torchvision/timm): the model
+      normalises its [0, 1] input with ImageNet's mean and std, the stem's max-pool pads both
+      ends, and only shape-changing blocks project their shortcut, as in torchvision.
   """
 
   depth: int = 50
@@ -84,8 +90,13 @@ class Architecture:
   proj_layers_kept: int = -1
   supervised_input_layer: int = 0
   num_classes: int = 0
+  variant: str = "simclr"
 
   def __post_init__(self):
+    if self.variant not in VARIANTS:
+      raise ValueError(f"variant={self.variant!r} not in {list(VARIANTS)}")
+    if self.variant == "torchvision" and (self.stem != "imagenet" or self.sk_ratio > 0):
+      raise ValueError(f"variant='torchvision' needs stem='imagenet' and sk_ratio=0: {self}")
     if self.depth not in RESNET_LAYERS:
       raise ValueError(f"depth={self.depth!r} not in {list(RESNET_LAYERS)}")
     if self.stem not in STEMS:
@@ -311,7 +322,14 @@ class SimCLRResNet(nn.Module):
     else:
       self.conv1 = _conv(3, width, 7, 2)
     self.bn1 = _bn2d(width)
-    self.maxpool = MaxPool2dSame() if arch.stem == "imagenet" else nn.Identity()
+    torchvision = arch.variant == "torchvision"
+    if arch.stem == "cifar":
+      self.maxpool = nn.Identity()
+    else:
+      self.maxpool = nn.MaxPool2d(3, 2, padding=1) if torchvision else MaxPool2dSame()
+    if torchvision:
+      self.register_buffer("input_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), False)
+      self.register_buffer("input_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), False)
     _, layers = RESNET_LAYERS[arch.depth]
     cin = width
     for g, (num_blocks, stride) in enumerate(zip(layers, (1, 2, 2, 2), strict=True)):
@@ -321,7 +339,9 @@ class SimCLRResNet(nn.Module):
         s = stride if b == 0 else 1
         # SimCLR projects the shortcut of every group's first block (torchvision: only when the
         # shape changes, so not in ResNet-18/34's layer1.0).
-        down = _downsample(cin, arch.expansion * filters, s, arch.sk_ratio > 0) if b == 0 else None
+        reshapes = s > 1 or cin != arch.expansion * filters
+        project = b == 0 and (reshapes or not torchvision)
+        down = _downsample(cin, arch.expansion * filters, s, arch.sk_ratio > 0) if project else None
         if arch.block == "basic":
           blocks.append(BasicBlock(cin, filters, s, down))
         else:
@@ -355,6 +375,8 @@ class SimCLRResNet(nn.Module):
 
   def forward_features(self, x: torch.Tensor) -> torch.Tensor:
     """The backbone's pooled features [N, C] of images [N, 3, H, W] (RGB in [0, 1])."""
+    if self.arch.variant == "torchvision":
+      x = (x - self.input_mean) / self.input_std
     x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
     for g in range(1, 5):
       x = getattr(self, f"layer{g}")(x)

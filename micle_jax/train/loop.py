@@ -12,7 +12,7 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 
 from micle_jax import specs
-from micle_jax.runtime import checkpoint, preemption, sharding
+from micle_jax.runtime import checkpoint, preemption, run_files, sharding
 from micle_jax.train import metrics, progress
 
 
@@ -39,6 +39,7 @@ def resume_or_initialize(
   mesh: jax.sharding.Mesh,
   *,
   rule: checkpoint.RestoreRule,
+  variant: str,
   init_step: int | None = None,
 ) -> tuple[Any, InitInfo]:
   """Resume order: the workdir's newest readable checkpoint → `init_from` (its latest step, or
@@ -49,7 +50,8 @@ def resume_or_initialize(
   A workdir's own checkpoint is the run itself and restores whole. From `init_from` (a workdir or
   Orbax checkpoint) only the parameters and BatchNorm statistics that `rule` allows are taken
   (see `checkpoint.restore_allowed`); everything else, the supervised head included, keeps its
-  initial value, and step and optimizer state start fresh.
+  initial value, and step and optimizer state start fresh. `init_from` must record the model
+  `variant` of this run where it records one (`run_files.check_init_variant`).
   """
   found = checkpoint.restore_newest_readable(mngr, checkpoint.state_to_tree(state))
   if found is not None:
@@ -59,6 +61,7 @@ def resume_or_initialize(
   if not init_from or init_from == "scratch":
     logging.info("Training from scratch.")
     return state, InitInfo("scratch")
+  run_files.check_init_variant(init_from, variant)
   params, batch_stats, step = checkpoint.load_weights(init_from, init_step)
   source = f"init_from={init_from}"
   params, report = checkpoint.restore_allowed(

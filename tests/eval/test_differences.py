@@ -147,6 +147,45 @@ def test_comparisons():
   assert differences.comparisons(["scratch", "micle"]) == [("micle", "scratch")]
   assert differences.comparisons(["micle", "simclr"]) == [("micle", "simclr")]
   assert list(itertools.chain(differences.comparisons(["scratch"]))) == []
+  # The paper's baseline: every pretrained init against it too (scratch already faces it).
+  assert differences.comparisons(["scratch", "supervised", "simclr", "micle"]) == [
+    ("micle", "scratch"),
+    ("simclr", "scratch"),
+    ("supervised", "scratch"),
+    ("micle", "simclr"),
+    ("micle", "supervised"),
+    ("simclr", "supervised"),
+  ]
+
+
+def test_an_arms_chain_says_what_its_networks_were_trained_from(tmp_path):
+  imported = tmp_path / "imagenet"
+  imported.mkdir()
+  report = {
+    "converter": "import_torch",
+    "source": {"file": "/weights/resnet50-11ad3fa6.pth"},
+    "architecture": "resnet50",
+    "model": {"variant": "torchvision"},
+  }
+  run_files.write_json(imported / run_files.CONVERSION_FILE, report)
+  converted = tmp_path / "simclrv2"
+  converted.mkdir()
+  conversion = {"prefix": "/w/ckpt-1", "depth": 50, "width": 2.0, "sk_ratio": 0.0625}
+  run_files.write_json(converted / run_files.CONVERSION_FILE, conversion)
+  chained, plain = tmp_path / "pretrain" / "micle", tmp_path / "pretrain" / "simclr"
+  run_files.write_json(chained / run_files.CONFIG_FILE, {"init_from": str(imported)})
+  run_files.write_json(plain / run_files.CONFIG_FILE, {"init_from": ""})
+  imagenet = "ImageNet supervised resnet50 (resnet50-11ad3fa6.pth)"
+  for init_from, pretraining, expected in [
+    ("scratch", None, "random init"),
+    (str(imported), None, imagenet),
+    (str(chained / "checkpoints"), {"method": "micle"}, f"{imagenet} → micle"),
+    (str(plain), {"method": "simclr"}, "simclr"),
+    (str(converted), None, "SimCLRv2 r50_2x_sk1"),
+    ("gs://unreachable-bucket/run", None, "run"),  # out of reach: the folder's name
+  ]:
+    results = {"init_from": init_from, "pretraining": pretraining}
+    assert differences.chain(results) == expected, init_from
 
 
 def test_a_patient_with_several_cases_is_one_bootstrap_unit():

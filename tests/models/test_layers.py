@@ -116,10 +116,12 @@ def test_batch_norm_picks_flax_off_cpu():
   assert type(layers.batch_norm(True, dtype=jnp.float32)) is layers.BatchNorm
 
 
+@pytest.mark.parametrize("symmetric", [False, True], ids=["same", "symmetric"])
 @pytest.mark.parametrize("shape", [(2, 16, 16, 4), (2, 9, 9, 3), (1, 8, 8, 2), (2, 7, 10, 2)])
-def test_max_pool_equals_flax_with_ties(shape):
+def test_max_pool_equals_flax_with_ties(shape, symmetric):
   """Values equal; gradients to float rounding (overlapping windows add in another order), and
-  each window's gradient goes to the same one of its tied maxima (ReLU zeros and rounding)."""
+  each window's gradient goes to the same one of its tied maxima (ReLU zeros and rounding).
+  `symmetric` (torchvision's stem) against Flax with padding 1 on both ends, and PyTorch."""
   rng = np.random.default_rng(shape[1])
   x = jnp.asarray(np.maximum(rng.normal(size=shape), 0).round(1), jnp.float32)
   out_shape = (shape[0], -(-shape[1] // 2), -(-shape[2] // 2), shape[3])
@@ -129,12 +131,22 @@ def test_max_pool_equals_flax_with_ties(shape):
     y, vjp = jax.vjp(pool, x)
     return y, vjp(dy)[0]
 
+  padding = ((1, 1), (1, 1)) if symmetric else "SAME"
   with layers.override_kernel_platform("cpu"):
-    y, dx = jax.jit(lambda: value_and_grad(lambda x: layers.max_pool(x, 3, 2)))()
+    y, dx = jax.jit(
+      lambda: value_and_grad(lambda x: layers.max_pool(x, 3, 2, symmetric=symmetric))
+    )()
   y_flax, dx_flax = jax.jit(
-    lambda: value_and_grad(lambda x: nn.max_pool(x, (3, 3), (2, 2), padding="SAME"))
+    lambda: value_and_grad(lambda x: nn.max_pool(x, (3, 3), (2, 2), padding=padding))
   )()
   np.testing.assert_array_equal(y, y_flax)
+  if symmetric:
+    import torch
+
+    pooled = torch.nn.MaxPool2d(3, 2, padding=1)(torch.from_numpy(np.array(x)).permute(0, 3, 1, 2))
+    np.testing.assert_array_equal(y, pooled.permute(0, 2, 3, 1).numpy())
+    with layers.override_kernel_platform("tpu"):
+      np.testing.assert_array_equal(layers.max_pool(x, 3, 2, symmetric=True), y)
   assert float(jnp.mean(x == 0)) > 0.3  # there are ties to break
   np.testing.assert_allclose(dx, dx_flax, rtol=0, atol=1e-6)
   # Which position receives each window's gradient: the same set of non-zero positions.

@@ -26,6 +26,8 @@ import numpy as np
 import pytest
 import torch  # requirements-test.txt installs torch (CPU) and safetensors
 from torch import nn  # noqa: E402
+from torchvision_clone import tv_resnet as _tv_resnet  # noqa: E402
+from torchvision_venv import torchvision_python  # noqa: E402
 
 from micle_jax import specs  # noqa: E402
 from micle_jax.models import layers, resnet  # noqa: E402
@@ -187,83 +189,6 @@ def test_padding_rules_match_flax(side):
 # `test_real_torchvision_loads_an_export` repeats them with real torchvision in its own venv.
 
 
-class _TVBasicBlock(nn.Module):
-  expansion = 1
-
-  def __init__(self, inplanes, planes, stride=1, downsample=None):
-    super().__init__()
-    self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-    self.bn1 = nn.BatchNorm2d(planes)
-    self.relu = nn.ReLU(inplace=True)
-    self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-    self.bn2 = nn.BatchNorm2d(planes)
-    self.downsample = downsample
-
-  def forward(self, x):
-    identity = x if self.downsample is None else self.downsample(x)
-    out = self.relu(self.bn1(self.conv1(x)))
-    return self.relu(self.bn2(self.conv2(out)) + identity)
-
-
-class _TVBottleneck(nn.Module):
-  expansion = 4
-
-  def __init__(self, inplanes, planes, stride=1, downsample=None):
-    super().__init__()
-    self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-    self.bn1 = nn.BatchNorm2d(planes)
-    self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-    self.bn2 = nn.BatchNorm2d(planes)
-    self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-    self.bn3 = nn.BatchNorm2d(planes * 4)
-    self.relu = nn.ReLU(inplace=True)
-    self.downsample = downsample
-
-  def forward(self, x):
-    identity = x if self.downsample is None else self.downsample(x)
-    out = self.relu(self.bn1(self.conv1(x)))
-    out = self.relu(self.bn2(self.conv2(out)))
-    return self.relu(self.bn3(self.conv3(out)) + identity)
-
-
-class _TVResNet(nn.Module):
-  def __init__(self, block, layers, num_classes=1000):
-    super().__init__()
-    self.inplanes = 64
-    self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-    self.bn1 = nn.BatchNorm2d(64)
-    self.relu = nn.ReLU(inplace=True)
-    self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-    self.layer1 = self._make_layer(block, 64, layers[0])
-    self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
-    self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
-    self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
-    self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-    self.fc = nn.Linear(512 * block.expansion, num_classes)
-
-  def _make_layer(self, block, planes, blocks, stride=1):
-    downsample = None
-    if stride != 1 or self.inplanes != planes * block.expansion:
-      downsample = nn.Sequential(
-        nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
-        nn.BatchNorm2d(planes * block.expansion),
-      )
-    layers = [block(self.inplanes, planes, stride, downsample)]
-    self.inplanes = planes * block.expansion
-    layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
-    return nn.Sequential(*layers)
-
-  def forward(self, x):
-    x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-    x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-    return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-def _tv_resnet(depth: int, num_classes: int) -> _TVResNet:
-  block = _TVBasicBlock if depth in (18, 34) else _TVBottleneck
-  return _TVResNet(block, list(tr.RESNET_LAYERS[depth][1]), num_classes)
-
-
 # torchvision's state_dicts (1000 classes): entries (parameters and buffers, BatchNorm's
 # num_batches_tracked included) and a few names with their shapes.
 TORCHVISION_KEYS = {
@@ -360,24 +285,28 @@ def test_torchvision_style_resnet_loads_the_backbone(width_one):
   _check_torchvision(functools.partial(_tv_resnet, spec.depth), width_one)
 
 
+@pytest.mark.parametrize("depth", [18, 50])
+def test_a_torchvision_variant_model_exports_into_stock_torchvision(depth):
+  """A model computing as torchvision does (e.g. fine-tuned from imported ImageNet weights):
+  SimCLRResNet reproduces it on [0, 1] images, and stock torchvision loads the backbone and fc
+  with strict=True, without make_torchvision_exact, on images normalised as its transforms do."""
+  spec = specs.ModelSpec(depth=depth, variant="torchvision", **HEADS)
+  variables = random_variables(spec, seed=depth + 7)
+  x = images(72, seed=2)  # max-pool input 36: even, where the two paddings differ
+  expected = flax_outputs(spec, variables, x)
+  model = torch_model(spec, variables)
+  assert_outputs_match(torch_outputs(model, x), expected)
+  assert et.architecture(spec)["variant"] == "torchvision"
+  stock = _tv_resnet(depth, spec.num_classes)
+  stock.load_state_dict(tr.torchvision_state_dict(model.state_dict()), strict=True)
+  mean = torch.tensor(resnet.IMAGENET_MEAN).view(1, 3, 1, 1)
+  std = torch.tensor(resnet.IMAGENET_STD).view(1, 3, 1, 1)
+  with torch.no_grad():
+    logits = stock.eval()((torch.from_numpy(x).permute(0, 3, 1, 2) - mean) / std)
+  assert_close(logits.numpy(), expected["logits"], "stock torchvision logits")
+
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
-TORCHVISION_PYTHON = REPO / ".venv-torchvision" / "bin" / "python"
-
-
-def _torchvision_python() -> pathlib.Path:
-  """The venv with real torchvision: $MICLE_TORCHVISION_PYTHON (CI sets it: a missing one
-  fails), else `make torchvision-env`'s, else the test skips."""
-  named = os.environ.get("MICLE_TORCHVISION_PYTHON")
-  if named:
-    if not pathlib.Path(named).is_file():
-      pytest.fail(f"MICLE_TORCHVISION_PYTHON={named}: no such file; run `make torchvision-env`")
-    return pathlib.Path(named)
-  if not TORCHVISION_PYTHON.is_file():
-    pytest.skip(
-      "real torchvision lives in its own venv (torch 2.14.1 + torchvision 0.29.1, 5.5 GB): "
-      "`make torchvision-env`, or set MICLE_TORCHVISION_PYTHON"
-    )
-  return TORCHVISION_PYTHON
 
 
 @pytest.mark.slow
@@ -385,7 +314,7 @@ def _torchvision_python() -> pathlib.Path:
 def test_real_torchvision_loads_an_export(depth, tmp_path):
   """A width-1 fine-tuning workdir, exported by the command, loaded into
   `torchvision.models.resnet{depth}` the way docs/export_torch.md says, in a venv without JAX."""
-  python = _torchvision_python()
+  python = torchvision_python()
   spec = specs.ModelSpec(depth=depth, **HEADS)
   variables = random_variables(spec, seed=depth + 1)
   workdir = tmp_path / "ft"
@@ -504,6 +433,7 @@ def test_command_line_end_to_end(finetune_workdir, tmp_path):
     "proj_layers_kept": 1,
     "supervised_input_layer": 1,
     "num_classes": 3,
+    "variant": "simclr",
     "block": "basic",
     "num_features": 128,
     "projection_layers_built": 1,
