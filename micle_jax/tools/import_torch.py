@@ -5,8 +5,8 @@ Usage:
   python -m micle_jax.import_torch --weights=resnet50.pth --arch=resnet50 --out=DIR
 
 `--weights` is a state_dict of torchvision's or timm's `resnet{18,34,50,101,152}`: a `.pth`/`.pt`
-written by `torch.save` (also a training checkpoint that nests it under `state_dict` or `model`)
-or a `.safetensors` file. Neither torch nor safetensors is needed to read it
+written by `torch.save` (also a training checkpoint that nests it under `state_dict` or `model`,
+or under the entry `--container` names) or a `.safetensors` file. Neither torch nor safetensors is needed to read it
 (`micle_jax.tools.torch_files`). `--arch` is checked against what the tensors hold (the blocks of
 each layer); leave it out to infer it.
 
@@ -131,10 +131,11 @@ def map_tensors(
   Raises:
     WeightsMismatchError: one line naming the file and every missing, extra, misshapen or non-float key.
   """
-  leaves, mapping, problems = {}, {}, []
+  leaves, mapping, problems, seen = {}, {}, [], set()
   for path, shape in sorted(_target_leaves(spec).items()):
     key = torch_key(path, spec)
     value = tensors.get(key)
+    seen.add(key)
     if value is None:
       problems.append(f"missing {key} (for {'/'.join(path)} {list(shape)})")
       continue
@@ -152,7 +153,7 @@ def map_tensors(
   skipped = {k: SKIP_COUNTER for k in tensors if k.endswith(".num_batches_tracked")}
   problems += [
     f"extra {k} {list(tensors[k].shape)} (no place in {spec_name(spec)})"
-    for k in sorted(set(tensors) - set(mapping) - set(skipped))
+    for k in sorted(set(tensors) - seen - set(skipped))
   ]
   if problems:
     shown = "; ".join(problems[:12]) + (
@@ -174,8 +175,13 @@ def _sha256(path: epath.Path) -> str:
   return digest.hexdigest()
 
 
-def import_weights(weights: str, out: str, *, arch: str | None = None) -> dict[str, Any]:
+def import_weights(
+  weights: str, out: str, *, arch: str | None = None, container: str | None = None
+) -> dict[str, Any]:
   """Imports `weights` into a weights-only Orbax checkpoint in `out`; returns conversion.json.
+
+  `container`: the entry of a training checkpoint that holds the weights (default: the first of
+  `torch_files.CONTAINER_KEYS` found).
 
   Raises:
     WeightsMismatchError: the file is not a torchvision/timm ResNet (of `arch`, when given).
@@ -187,15 +193,13 @@ def import_weights(weights: str, out: str, *, arch: str | None = None) -> dict[s
   if (out_dir / checkpoint_lib.CHECKPOINT_DIR).exists():
     raise FileExistsError(f"--out={out} already holds a checkpoint; choose a new directory")
   source = epath.Path(weights).absolute()
-  tensors, found = torch_files.read_tensors(source)
+  tensors, found = torch_files.read_tensors(source, container)
   depth = infer_depth(tensors, str(source))
   if arch is not None and ARCHS[arch] != depth:
     raise WeightsMismatchError(f"{source}: holds a resnet{depth}, not --arch={arch}")
   fc = tensors.get("fc.weight")
   spec = model_spec(depth, int(fc.shape[0]) if fc is not None and fc.ndim == 2 else 0)
   leaves, mapping, skipped = map_tensors(tensors, spec, str(source))
-  tree = traverse_util.unflatten_dict(leaves)
-  checkpoint_lib.save_weights(out_dir, tree["params"], tree["batch_stats"])
   model = {key: getattr(spec, key) for key in MODEL_KEYS}
   model |= {"num_proj_layers": 0, "proj_out_dim": spec.proj_out_dim}
   report = {
@@ -223,7 +227,11 @@ def import_weights(weights: str, out: str, *, arch: str | None = None) -> dict[s
       "head).",
     ],
   }
+  # The record first: weights without it would load under any model.variant.
+  out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / run_files.CONVERSION_FILE).write_text(json.dumps(report, indent=2) + "\n")
+  tree = traverse_util.unflatten_dict(leaves)
+  checkpoint_lib.save_weights(out_dir, tree["params"], tree["batch_stats"])
   logging.info("Wrote %s: %s from %s", out_dir, spec_name(spec), source)
   return report
 
@@ -236,13 +244,18 @@ def define_flags() -> None:
     "arch", None, list(ARCHS), "Expected architecture (checked; inferred if unset)."
   )
   flags.DEFINE_string("out", None, "New directory for the Orbax checkpoint and conversion.json.")
+  flags.DEFINE_string(
+    "container", None, "Entry of a training checkpoint holding the weights (e.g. state_dict_ema)."
+  )
   flags.mark_flags_as_required(["weights", "out"])
 
 
 def main() -> None:
   values = flags.FLAGS
   try:
-    report = import_weights(values.weights, values.out, arch=values.arch)
+    report = import_weights(
+      values.weights, values.out, arch=values.arch, container=values.container
+    )
   except (WeightsMismatchError, torch_files.WeightsFileError, OSError) as e:
     sys.exit(f"error: {e}")  # the user's file, not the program: one line says it
   print(json.dumps({"architecture": report["architecture"], "model": report["model"]}))

@@ -109,8 +109,8 @@ def _with_imagenet(overrides: dict[str, Any], keys: dict[str, Any], where: str) 
   for key, value in keys.items():
     if key in overrides and overrides[key] != value:
       raise specs.ConfigError(
-        f"config.{where}.overrides.{key}={overrides[key]!r}, but config.imagenet's weights need "
-        f"{value!r}"
+        f"config.{where}{'' if where.startswith('init_overrides') else '.overrides'}.{key}="
+        f"{overrides[key]!r}, but config.imagenet's weights need {value!r}"
       )
   return {**overrides, **keys}
 
@@ -137,7 +137,7 @@ def plan_pretraining(study: ml_collections.ConfigDict) -> list[Pretraining]:
       overrides = _with_imagenet(overrides, imagenet, "pretrain")
       if imagenet and study.imagenet_chain:
         # The imported weights have no projection head: pretraining starts a new one.
-        overrides["init_projection_head"] = False
+        overrides = _with_imagenet(overrides, {"init_projection_head": False}, "pretrain")
       for key, value in overrides.items():
         sweep_plan.set_key(config, key, value, where=f"pretrain override {key}")
       if study.data_dir:
@@ -189,6 +189,13 @@ def plan_finetuning(study, pretrainings: list[Pretraining]) -> list[sweep.Run]:
     for name, values in study.init_overrides.items()
     if name in inits
   }
+  for name, values in init_overrides.items():  # refuses an override contradicting the weights
+    _with_imagenet(values, imagenet_keys(study), f"init_overrides.{name}")
+  if study.imagenet and config.model.proj_layers_kept > 0:
+    raise specs.ConfigError(
+      f"config.finetune model.proj_layers_kept={config.model.proj_layers_kept}: the supervised "
+      f"arm fine-tunes from config.imagenet's weights, which have no projection head; keep 0"
+    )
   return sweep.plan(
     config,
     epath.Path(study.root) / FINETUNE_DIR,

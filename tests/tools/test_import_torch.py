@@ -10,11 +10,14 @@ import argparse
 import collections
 import dataclasses
 import functools
+import io
 import json
 import os
 import pathlib
+import pickle
 import subprocess
 import sys
+import zipfile
 
 import jax
 import ml_dtypes
@@ -197,13 +200,84 @@ def test_torch_save_read_without_torch_equals_torch_load(tmp_path):
     np.testing.assert_array_equal(from_safetensors[key], loaded[key], err_msg=key)
 
 
-def test_files_that_hold_more_than_tensors_are_refused(tmp_path):
-  torch.save({"args": argparse.Namespace(lr=0.1), "state_dict": _state()}, tmp_path / "a.pth")
-  with pytest.raises(torch_files.WeightsFileError, match=r"a.pth: holds a argparse.Namespace"):
+class _Pointer:
+  """Pickles as a tensor over storage "0" with any size, stride and offset (a crafted file)."""
+
+  def __init__(self, size, stride, offset=0):
+    self.args = (offset, tuple(size), tuple(stride), False, collections.OrderedDict())
+
+  def __reduce__(self):
+    return torch._utils._rebuild_tensor_v2, (_STORAGE, *self.args)
+
+
+_STORAGE = object()
+
+
+class _Pickler(pickle.Pickler):
+  def persistent_id(self, obj):
+    return ("storage", torch.FloatStorage, "0", "cpu", 4) if obj is _STORAGE else None
+
+
+def _crafted(path: pathlib.Path, tree, storage: bytes, byteorder: bytes = b"little") -> None:
+  buffer = io.BytesIO()
+  _Pickler(buffer, protocol=2).dump(tree)
+  with zipfile.ZipFile(path, "w") as archive:
+    archive.writestr("archive/data.pkl", buffer.getvalue())
+    archive.writestr("archive/byteorder", byteorder)
+    archive.writestr("archive/data/0", storage)
+
+
+def test_what_a_training_checkpoint_holds_beside_the_weights_is_never_run(tmp_path):
+  """A timm/torchvision-references checkpoint: its `args` and devices stay inert names; the
+  weights load; an object among the weights is refused; another entry is chosen by name."""
+  ema = {k: v + 1 for k, v in _state().items() if v.is_floating_point()}
+  checkpoint_file = tmp_path / "train.pth.tar"
+  torch.save(
+    {"args": argparse.Namespace(lr=0.1), "device": torch.device("cpu"), "epoch": 3,
+     "state_dict": _state(), "state_dict_ema": ema},
+    checkpoint_file,
+  )  # fmt: skip
+  tensors, found = torch_files.read_tensors(checkpoint_file)
+  assert found["container"] == "state_dict" and len(tensors) == len(_state())
+  tensors, found = torch_files.read_tensors(checkpoint_file, container="state_dict_ema")
+  assert found["container"] == "state_dict_ema" and len(tensors) == len(ema)
+  with pytest.raises(torch_files.WeightsFileError, match="no state_dict under 'model'"):
+    torch_files.read_tensors(checkpoint_file, container="model")
+  torch.save(_state() | {"bad": argparse.Namespace()}, tmp_path / "a.pth")
+  with pytest.raises(torch_files.WeightsFileError, match=r"not tensors: bad \(<argparse.Names"):
     torch_files.read_tensors(tmp_path / "a.pth")
   torch.save(_state(), tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
   with pytest.raises(torch_files.WeightsFileError, match=r"legacy.pth: not a zip archive"):
     torch_files.read_tensors(tmp_path / "legacy.pth")
+
+
+def test_crafted_files_cannot_read_outside_their_data(tmp_path):
+  four = np.arange(4, dtype="<f4").tobytes()
+  _crafted(tmp_path / "ok.pth", {"w": _Pointer((2, 2), (1, 2), offset=0)}, four)
+  np.testing.assert_array_equal(
+    torch_files.read_tensors(tmp_path / "ok.pth")[0]["w"], [[0, 2], [1, 3]]
+  )
+  for name, pointer in [
+    ("far", _Pointer((100,), (1000,))),
+    ("offset", _Pointer((2,), (1,), offset=3)),
+    ("negative", _Pointer((2,), (-1,), offset=1)),
+  ]:
+    _crafted(tmp_path / f"{name}.pth", {"w": pointer}, four)
+    with pytest.raises(torch_files.WeightsFileError, match="reaches outside its storage"):
+      torch_files.read_tensors(tmp_path / f"{name}.pth")
+  # A big-endian machine's file: read in its byte order.
+  _crafted(
+    tmp_path / "big.pth", {"w": _Pointer((4,), (1,))}, np.arange(4, dtype=">f4").tobytes(), b"big"
+  )
+  np.testing.assert_array_equal(
+    torch_files.read_tensors(tmp_path / "big.pth")[0]["w"], [0, 1, 2, 3]
+  )
+  # safetensors whose offsets do not fit the shape, or the body.
+  save_file({"w": torch.zeros(2, 3)}, str(tmp_path / "s.safetensors"))
+  data = (tmp_path / "s.safetensors").read_bytes()
+  (tmp_path / "short.safetensors").write_bytes(data[:-4])
+  with pytest.raises(torch_files.WeightsFileError, match=r"short.safetensors: tensor w of shape"):
+    torch_files.read_tensors(tmp_path / "short.safetensors")
 
 
 def test_reading_needs_no_torch(tmp_path):

@@ -64,6 +64,23 @@ def test_imagenet_weights_add_the_supervised_baseline_and_the_chain(
   with pytest.raises(specs.ConfigError, match=r"pretrain.overrides.model.depth=50, but"):
     study.plan_pretraining(s)
   with s.unlocked():
+    del s.pretrain.overrides.model["depth"]
+    s.imagenet_chain = True
+    s.pretrain.overrides.init_projection_head = True  # the weights have no projection head
+  with pytest.raises(specs.ConfigError, match=r"init_projection_head=True, but .* need False"):
+    study.plan_pretraining(s)
+  with s.unlocked():
+    del s.pretrain.overrides["init_projection_head"]
+    s.init_overrides.scratch.model = dict(variant="simclr")
+  pretrainings = study.plan_pretraining(s)
+  with pytest.raises(specs.ConfigError, match=r"init_overrides.scratch.model.variant='simclr'"):
+    study.plan_finetuning(s, pretrainings)
+  with s.unlocked():
+    del s.init_overrides.scratch["model"]
+    s.finetune.overrides.model.proj_layers_kept = 1
+  with pytest.raises(specs.ConfigError, match="proj_layers_kept=1: the supervised arm"):
+    study.plan_finetuning(s, pretrainings)
+  with s.unlocked():
     s.imagenet = str(tmp_path)
   with pytest.raises(specs.ConfigError, match="no conversion.json there"):
     study.plan_pretraining(s)
