@@ -28,7 +28,7 @@ from micle_jax import app, specs
 from micle_jax.data import finetune_input, fingerprint, input_pipeline, tasks
 from micle_jax.eval import evaluation, finetune_eval
 from micle_jax.models import native_conv
-from micle_jax.runtime import checkpoint, provenance, run_files, sharding
+from micle_jax.runtime import checkpoint, provenance, restore_rules, run_files, sharding
 from micle_jax.train import build, loop, steps
 
 RESULTS_FILE = run_files.RESULTS_FILE
@@ -123,7 +123,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       workdir, config, what="resume", allow_length_change=True, data=fingerprints
     )
   run = build.build(run_plan, mesh)
-  rule = checkpoint.finetune_rule(spec.model.proj_layers_kept)
+  rule = restore_rules.finetune_rule(spec.model.proj_layers_kept)
   state, init = loop.resume_or_initialize(
     run.state,
     mngr,

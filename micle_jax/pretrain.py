@@ -30,7 +30,7 @@ from micle_jax import specs
 from micle_jax.data import fingerprint, input_pipeline, tasks
 from micle_jax.eval import probe
 from micle_jax.models import native_conv, resnet
-from micle_jax.runtime import checkpoint, provenance, run_files, sharding
+from micle_jax.runtime import checkpoint, provenance, restore_rules, run_files, sharding
 from micle_jax.train import build, loop, train_state
 
 
@@ -125,7 +125,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     steps_per_epoch=budget.steps_per_epoch,
   )
   run = build.build(run_plan, mesh)
-  rule = checkpoint.pretrain_init_rule(spec.init_projection_head)
+  rule = restore_rules.pretrain_init_rule(spec.init_projection_head)
   state, init = loop.resume_or_initialize(
     run.state, mngr, spec.init_from, mesh, rule=rule, variant=spec.model.variant
   )

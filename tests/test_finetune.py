@@ -16,7 +16,7 @@ from micle_jax import finetune, specs
 from micle_jax.data import finetune_input, input_pipeline, tasks
 from micle_jax.eval import evaluation
 from micle_jax.models import resnet
-from micle_jax.runtime import checkpoint, sharding
+from micle_jax.runtime import checkpoint, restore_rules, sharding
 from micle_jax.train import build, loop, optim, train_state
 
 RESULT_KEYS = {
@@ -147,7 +147,7 @@ def test_a_pretraining_monitor_head_never_reaches_finetuning(
   spec = finetune.validate(config)
   plan = _plan(config)
   mesh = sharding.create_mesh()
-  rule = checkpoint.finetune_rule(max(spec.model.proj_layers_kept, 0))
+  rule = restore_rules.finetune_rule(max(spec.model.proj_layers_kept, 0))
   state, init = loop.resume_or_initialize(
     build.build(plan, mesh).state,
     checkpoint.manager(tmp_path),

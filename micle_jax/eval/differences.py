@@ -234,10 +234,13 @@ def _arms(cell: tuple, inits: Mapping[str, Mapping[str, Mapping[int, Any]]], loa
   return arms, len(reference[2])
 
 
-def _budget(inits: Mapping[str, Mapping[str, Mapping[int, Any]]], init: str) -> dict[str, Any]:
+def _budget(
+  inits: Mapping[str, Mapping[str, Mapping[int, Any]]], init: str, chains: Mapping[str, str]
+) -> dict[str, Any]:
   """The arm's chain, its fine-tuning steps and its pretraining's steps and views (the mean over
   runs)."""
-  runs = [run["results"] for seeds in inits[init].values() for run in seeds.values()]
+  arm = [run for seeds in inits[init].values() for run in seeds.values()]
+  runs = [run["results"] for run in arm]
 
   def mean(values):
     values = [v for v in values if v is not None]
@@ -245,7 +248,7 @@ def _budget(inits: Mapping[str, Mapping[str, Mapping[int, Any]]], init: str) -> 
 
   pretraining = [r.get("pretraining") or {} for r in runs]
   return {
-    "chain": " | ".join(sorted({chain(r) for r in runs})),
+    "chain": " | ".join(sorted({chains[run["workdir"]] for run in arm})),
     "train_steps": mean([r.get("step") for r in runs]),
     "pretrain_steps": mean([p.get("step") for p in pretraining]),
     "pretrain_views_seen": mean([p.get("views_seen") for p in pretraining]),
@@ -280,6 +283,7 @@ def compare(
     FileNotFoundError: naming a run's missing predictions file.
   """
   loaded = _Predictions()
+  chains = {run["workdir"]: chain(run["results"]) for run in runs}  # reads run files once a run
   arm_rows, diff_rows = [], []
   for cell, inits in group_runs(runs).items():
     arms, num_units = _arms(cell, inits, loaded)
@@ -290,7 +294,7 @@ def compare(
     columns = _cell_columns(cell)
     for init, stats in per_arm.items():
       for metric, m in stats.items():
-        row = columns | {"metric": metric, "init": init} | m | _budget(inits, init)
+        row = columns | {"metric": metric, "init": init} | m | _budget(inits, init, chains)
         arm_rows.append({k: row.get(k) for k in ARM_COLUMNS})
     for (init, baseline), stats in diffs.items():
       for metric, m in stats.items():

@@ -104,16 +104,6 @@ def _target_leaves(spec: specs.ModelSpec) -> dict[tuple[str, ...], tuple[int, ..
   return {path: tuple(leaf.shape) for path, leaf in flat.items()}
 
 
-_LEAF_NAMES = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
-
-
-def torch_key(path: tuple[str, ...], spec: specs.ModelSpec) -> str:
-  """The torch key of a Flax leaf path (`('params', 'backbone', 'stem_conv_0', 'kernel')`)."""
-  module = torch_names.torch_module_name(path[1:-1], spec)
-  leaf = path[-1]
-  return f"{module}.{'weight' if leaf == 'kernel' else _LEAF_NAMES[leaf]}"
-
-
 def _to_flax(value: np.ndarray, leaf: str) -> np.ndarray:
   """OIHW conv weight -> HWIO kernel, [out, in] linear weight -> [in, out]; others as they are."""
   if leaf == "kernel" and value.ndim == 4:
@@ -133,7 +123,7 @@ def map_tensors(
   """
   leaves, mapping, problems, seen = {}, {}, [], set()
   for path, shape in sorted(_target_leaves(spec).items()):
-    key = torch_key(path, spec)
+    key = torch_names.torch_key(path, spec)
     value = tensors.get(key)
     seen.add(key)
     if value is None:

@@ -48,7 +48,7 @@ from micle_jax import app, finetune, specs
 from micle_jax.data import augment_presets, tasks
 from micle_jax.eval import eval_metrics
 from micle_jax.models import resnet
-from micle_jax.runtime import checkpoint, run_files, sharding
+from micle_jax.runtime import checkpoint, restore_rules, run_files, sharding
 from micle_jax.train import steps, train_state
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -121,8 +121,8 @@ def load_predictor(workdir: epath.PathLike) -> Predictor:
   )
   variables = {}
   for key, loaded in (("params", params), ("batch_stats", batch_stats)):
-    variables[key], _ = checkpoint.restore_allowed(
-      abstract.get(key, {}), loaded, checkpoint.WHOLE_MODEL, source=f"{ckpt_dir} ({key})"
+    variables[key], _ = restore_rules.restore_allowed(
+      abstract.get(key, {}), loaded, restore_rules.WHOLE_MODEL, source=f"{ckpt_dir} ({key})"
     )
   mesh = sharding.create_mesh()
   # The step's output: softmax for multi-class, a sigmoid per label for chexpert/nih.

@@ -189,8 +189,9 @@ def plan_finetuning(study, pretrainings: list[Pretraining]) -> list[sweep.Run]:
     for name, values in study.init_overrides.items()
     if name in inits
   }
+  imagenet = imagenet_keys(study)
   for name, values in init_overrides.items():  # refuses an override contradicting the weights
-    _with_imagenet(values, imagenet_keys(study), f"init_overrides.{name}")
+    _with_imagenet(values, imagenet, f"init_overrides.{name}")
   if study.imagenet and config.model.proj_layers_kept > 0:
     raise specs.ConfigError(
       f"config.finetune model.proj_layers_kept={config.model.proj_layers_kept}: the supervised "

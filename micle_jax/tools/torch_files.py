@@ -8,8 +8,7 @@ torch or the safetensors package here:
 - **`torch.save`** (PyTorch ≥ 1.6, the default since): a zip archive holding `<name>/data.pkl`,
   a pickle whose tensors point at storages `<name>/data/<key>` by persistent id, in the byte
   order of its `byteorder` record. It is read by an unpickler that builds only what a state_dict
-  holds (dicts, lists, numbers, strings, `OrderedDict`, tensors and parameters, `torch.Size`,
-  dtypes); an object of any other class becomes an inert name (`_Opaque`), its constructor never
+  holds (dicts, lists, numbers, strings, `OrderedDict`, tensors and parameters, `torch.Size`); an object of any other class becomes an inert name (`_Opaque`), its constructor never
   run, and is refused if it sits among the weights. A tensor that would reach outside its storage
   is refused.
 
@@ -42,7 +41,7 @@ SAFETENSORS_DTYPES = {
   "U8": np.uint8,
   "BOOL": np.bool_,
 }
-# torch's storage classes (as `torch.save` pickles them) and dtypes -> NumPy.
+# torch's storage classes (as `torch.save` pickles them) -> NumPy dtypes.
 STORAGE_DTYPES = {
   "DoubleStorage": np.float64,
   "FloatStorage": np.float32,
@@ -54,18 +53,6 @@ STORAGE_DTYPES = {
   "CharStorage": np.int8,
   "ByteStorage": np.uint8,
   "BoolStorage": np.bool_,
-}
-TORCH_DTYPES = {
-  "float64": np.float64,
-  "float32": np.float32,
-  "float16": np.float16,
-  "bfloat16": ml_dtypes.bfloat16,
-  "int64": np.int64,
-  "int32": np.int32,
-  "int16": np.int16,
-  "int8": np.int8,
-  "uint8": np.uint8,
-  "bool": np.bool_,
 }
 # Where a training checkpoint keeps its weights, in the order they are looked for.
 CONTAINER_KEYS = ("state_dict", "model", "model_state_dict", "net")
@@ -114,13 +101,12 @@ def read_safetensors(path: pathlib.Path) -> tuple[dict[str, np.ndarray], dict[st
 class _Tensor:
   """A tensor's place in a storage, until the storage is read."""
 
-  def __init__(self, storage: tuple[str, Any, int | None], offset: int, size, stride, dtype=None):
+  def __init__(self, storage: tuple[str, Any, int | None], offset: int, size, stride):
     self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
-    self.dtype = dtype
 
   def read(self, storages: "_Storages") -> np.ndarray:
     key, storage_dtype, numel = self.storage
-    flat = storages.get(key, np.dtype(self.dtype or storage_dtype), numel)
+    flat = storages.get(key, np.dtype(storage_dtype), numel)
     count = int(np.prod(self.size)) if self.size else 1
     last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride, strict=True))
     if (
@@ -214,10 +200,6 @@ def _rebuild_tensor(storage, offset, size, stride, *_args, **_kwargs) -> _Tensor
   return _Tensor(storage, offset, size, stride)
 
 
-def _rebuild_tensor_v3(storage, offset, size, stride, _grad, _hooks, dtype, *_args) -> _Tensor:
-  return _Tensor(storage, offset, size, stride, dtype)
-
-
 def _rebuild_parameter(data, *_args) -> _Tensor:
   return data
 
@@ -225,7 +207,6 @@ def _rebuild_parameter(data, *_args) -> _Tensor:
 _ALLOWED = {
   ("collections", "OrderedDict"): collections.OrderedDict,
   ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-  ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
   ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
   ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
   ("torch", "Size"): tuple,
@@ -242,8 +223,6 @@ class _Unpickler(pickle.Unpickler):
       return _ALLOWED[(module, name)]
     if module == "torch" and name in STORAGE_DTYPES:
       return STORAGE_DTYPES[name]
-    if module == "torch" and name in TORCH_DTYPES:
-      return TORCH_DTYPES[name]
     return _opaque_class(f"{module}.{name}")
 
   def persistent_load(self, pid: Any) -> tuple[str, Any, int | None]:

@@ -63,6 +63,22 @@ def torch_module_name(path: Path, spec: specs.ModelSpec) -> str:
   raise ExportError(f"{'/'.join(path)}: not a layer of the SimCLR ResNet")
 
 
+# A Flax leaf -> its torch name (a kernel is a conv's or linear layer's `weight`).
+LEAF_NAMES = {
+  "kernel": "weight",
+  "scale": "weight",
+  "bias": "bias",
+  "mean": "running_mean",
+  "var": "running_var",
+}
+
+
+def torch_key(path: Path, spec: specs.ModelSpec) -> str:
+  """The state_dict key of one Flax leaf, `('params', 'backbone', 'stem_conv_0', 'kernel')` ->
+  `conv1.weight` (the import maps every leaf of a model through it)."""
+  return f"{torch_module_name(path[1:-1], spec)}.{LEAF_NAMES[path[-1]]}"
+
+
 def torch_state_dict(
   params: Mapping[str, Any], batch_stats: Mapping[str, Any], spec: specs.ModelSpec
 ) -> dict[str, np.ndarray]:

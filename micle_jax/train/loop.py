@@ -12,7 +12,7 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 
 from micle_jax import specs
-from micle_jax.runtime import checkpoint, preemption, run_files, sharding
+from micle_jax.runtime import checkpoint, preemption, restore_rules, run_files, sharding
 from micle_jax.train import metrics, progress
 
 
@@ -23,7 +23,7 @@ class InitInfo:
   source: str  # "resume", "init_from" or "scratch"
   path: str = ""
   step: int | None = None  # the checkpoint step restored
-  report: checkpoint.RestoreReport | None = None
+  report: restore_rules.RestoreReport | None = None
 
   def summary(self) -> dict[str, Any]:
     out: dict[str, Any] = {"source": self.source, "path": self.path, "step": self.step}
@@ -38,7 +38,7 @@ def resume_or_initialize(
   init_from: str,
   mesh: jax.sharding.Mesh,
   *,
-  rule: checkpoint.RestoreRule,
+  rule: restore_rules.RestoreRule,
   variant: str,
   init_step: int | None = None,
 ) -> tuple[Any, InitInfo]:
@@ -49,7 +49,7 @@ def resume_or_initialize(
 
   A workdir's own checkpoint is the run itself and restores whole. From `init_from` (a workdir or
   Orbax checkpoint) only the parameters and BatchNorm statistics that `rule` allows are taken
-  (see `checkpoint.restore_allowed`); everything else, the supervised head included, keeps its
+  (see `restore_rules.restore_allowed`); everything else, the supervised head included, keeps its
   initial value, and step and optimizer state start fresh. `init_from` must record the model
   `variant` of this run where it records one (`run_files.check_init_variant`).
   """
@@ -64,10 +64,10 @@ def resume_or_initialize(
   run_files.check_init_variant(init_from, variant)
   params, batch_stats, step = checkpoint.load_weights(init_from, init_step)
   source = f"init_from={init_from}"
-  params, report = checkpoint.restore_allowed(
+  params, report = restore_rules.restore_allowed(
     jax.device_get(state.params), params, rule, source=source
   )
-  batch_stats, stats_report = checkpoint.restore_allowed(
+  batch_stats, stats_report = restore_rules.restore_allowed(
     jax.device_get(state.batch_stats), batch_stats, rule, source=f"{source} (batch_stats)"
   )
   logging.info(

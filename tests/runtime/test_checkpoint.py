@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from micle_jax.runtime import checkpoint
+from micle_jax.runtime import checkpoint, restore_rules
 
 
 def _tree(**shapes):
@@ -48,8 +48,8 @@ def test_restore_takes_only_what_the_rule_allows():
   }
   # The checkpoint's supervised head has the target's very shape: it is still not restored.
   loaded = jax_tree_map(lambda x: x * 7, target)
-  merged, report = checkpoint.restore_allowed(
-    target, loaded, checkpoint.finetune_rule(1), source="test"
+  merged, report = restore_rules.restore_allowed(
+    target, loaded, restore_rules.finetune_rule(1), source="test"
   )
   assert merged["backbone"]["a"]["kernel"][0] == 7
   assert merged["projection_head"]["dense_0"]["kernel"][0, 0] == 7
@@ -64,20 +64,22 @@ def test_restore_takes_only_what_the_rule_allows():
 
 
 def test_rule_prefixes_match_whole_path_components():
-  rule = checkpoint.RestoreRule(restore=("projection_head/dense_1",))
+  rule = restore_rules.RestoreRule(restore=("projection_head/dense_1",))
   assert rule.allows("projection_head/dense_1/kernel")
   assert not rule.allows("projection_head/dense_10/kernel")
-  assert checkpoint.WHOLE_MODEL.allows("head_supervised/kernel")
-  pretrain = checkpoint.pretrain_init_rule(init_projection_head=True)
+  assert restore_rules.WHOLE_MODEL.allows("head_supervised/kernel")
+  pretrain = restore_rules.pretrain_init_rule(init_projection_head=True)
   assert pretrain.allows("projection_head/bn_2/scale") and not pretrain.allows("head_supervised/b")
-  assert not checkpoint.pretrain_init_rule(False).allows("projection_head/dense_0/kernel")
+  assert not restore_rules.pretrain_init_rule(False).allows("projection_head/dense_0/kernel")
 
 
 def test_restore_lists_every_mismatch():
   target = {"backbone": _tree(a=(2,), b=(3,))}
   loaded = {"backbone": {**_tree(a=(5,)), **_tree(extra=(1,))}}
   with pytest.raises(ValueError) as error:
-    checkpoint.restore_allowed(target, loaded, checkpoint.finetune_rule(0), source="init_from=x")
+    restore_rules.restore_allowed(
+      target, loaded, restore_rules.finetune_rule(0), source="init_from=x"
+    )
   message = str(error.value)
   assert message.startswith("init_from=x:") and "3 mismatched parameters" in message
   assert "backbone/a/kernel: expected shape (2,), checkpoint has shape (5,)" in message
@@ -89,9 +91,11 @@ def test_a_requested_projection_head_must_match():
   target = {"backbone": _tree(a=(2,)), "projection_head": _tree(dense_0=(2, 4))}
   loaded = {"backbone": _tree(a=(2,)), "projection_head": _tree(dense_0=(2, 8))}
   with pytest.raises(ValueError, match="projection_head/dense_0/kernel: expected shape"):
-    checkpoint.restore_allowed(target, loaded, checkpoint.pretrain_init_rule(True), source="x")
-  merged, report = checkpoint.restore_allowed(
-    target, loaded, checkpoint.pretrain_init_rule(False), source="x"
+    restore_rules.restore_allowed(
+      target, loaded, restore_rules.pretrain_init_rule(True), source="x"
+    )
+  merged, report = restore_rules.restore_allowed(
+    target, loaded, restore_rules.pretrain_init_rule(False), source="x"
   )
   assert report.restored == ["backbone/a/kernel"]
   assert merged["projection_head"]["dense_0"]["kernel"].shape == (2, 4)

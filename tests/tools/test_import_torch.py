@@ -30,7 +30,7 @@ from torchvision_venv import torchvision_python
 
 from micle_jax import specs
 from micle_jax.models import resnet
-from micle_jax.runtime import checkpoint, run_files
+from micle_jax.runtime import checkpoint, restore_rules, run_files
 from micle_jax.tools import import_torch, torch_files
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -341,16 +341,16 @@ def test_imported_weights_start_a_pretraining(tmp_path):
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
     return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes["params"])
 
-  rule = checkpoint.pretrain_init_rule(init_projection_head=False)
-  restored, report = checkpoint.restore_allowed(target("torchvision"), params, rule, source="t")
+  rule = restore_rules.pretrain_init_rule(init_projection_head=False)
+  restored, report = restore_rules.restore_allowed(target("torchvision"), params, rule, source="t")
   assert {p.split("/")[0] for p in report.restored} == {"backbone"}
   assert {p.split("/")[0] for p in report.fresh} == {"projection_head", "head_supervised"}
   np.testing.assert_array_equal(
     restored["backbone"]["stem_conv_0"]["kernel"], params["backbone"]["stem_conv_0"]["kernel"]
   )
   with pytest.raises(ValueError, match="projection_head/dense_0/kernel: expected shape"):
-    checkpoint.restore_allowed(
-      target("torchvision"), params, checkpoint.pretrain_init_rule(True), source="t"
+    restore_rules.restore_allowed(
+      target("torchvision"), params, restore_rules.pretrain_init_rule(True), source="t"
     )
   with pytest.raises(ValueError, match="block_group_0_block_0/shortcut/conv/kernel"):
-    checkpoint.restore_allowed(target("simclr"), params, rule, source="t")
+    restore_rules.restore_allowed(target("simclr"), params, rule, source="t")

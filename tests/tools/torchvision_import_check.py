@@ -25,8 +25,10 @@ import torchvision
 from safetensors.torch import save_file
 from torchvision_clone import randomize_batchnorm
 
-MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
-STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+from micle_jax.tools import torch_resnet  # torch only, as this venv has
+
+MEAN = torch.tensor(torch_resnet.IMAGENET_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(torch_resnet.IMAGENET_STD).view(1, 3, 1, 1)
 
 
 def _outputs(model: torch.nn.Module, inputs: torch.Tensor) -> dict[str, np.ndarray]:
