@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: venv test-venv native test demo demo-data derm-data lint clean torchvision-env
+.PHONY: venv test-venv native test demo demo-data derm-data derm-study lint clean torchvision-env
 
 venv: $(STAMP)
 test-venv: $(TEST_STAMP)
@@ -62,9 +62,14 @@ DATA := data
 demo-data: $(STAMP)
 	$(PY) -m data_builders.synthetic.demo --data=$(DATA) --layouts=chexpert,nih
 
-# HAM10000-style data, for the dermatology and ImageNet-stand-in demo configs.
+# HAM10000-style data, for the dermatology and ImageNet-stand-in demo configs, and synthetic
+# teledermatology cases (a generic case CSV with an external clinic) for the dermatology study.
 derm-data: $(STAMP)
-	$(PY) -m data_builders.synthetic.demo --data=$(DATA) --layouts=ham10000
+	$(PY) -m data_builders.synthetic.demo --data=$(DATA) --layouts=ham10000,teledermatology
+
+# The dermatology study (configs/study_derm.py:demo): MICLe where the paper uses it.
+derm-study: derm-data native
+	$(PY) -m micle_jax.study --config=configs/study_derm.py:demo
 
 # The study on the synthetic data: SimCLR and MICLe pretraining at equal budgets, fine-tuning of
 # scratch, SimCLR and MICLe at 5% and 100% of the labels, evaluation in distribution and on the

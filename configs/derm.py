@@ -47,5 +47,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if a.demo:
     common.make_demo(c)
     c.dataset.data_dir = "data/tensorflow_datasets"  # the probe reads there too
+    c.augment.preset = "derm_small"  # 32 px: larger crops, milder jitter (augment_presets.py)
   c.lock()
   return c

@@ -5,13 +5,14 @@ Paper scale (not timed by us):
       --config.init_from=gs://BUCKET/derm_micle_r50x1 --workdir=gs://BUCKET/ft_derm \
       --config.label_fraction=0.2
 Predictions are averaged over each case's images before accuracy; CIs resample cases.
-A second derm source (e.g. `derm/pad_ufes20_images` — same classes needed) can be added under
-`config.shift` for a zero-shot shift evaluation.
+`external` evaluates, zero-shot, on the cases of another clinic that a generic case CSV marks
+with split `external` (the synthetic teledermatology data has them); any other source with the
+same classes can be added under `config.shift`.
 
 Demo: python -m micle_jax.finetune --config=configs/finetune_derm.py:demo --workdir=DIR
 
 Variants: `demo`, `linear`, `fraction=0.1`, `source=ham10000|pad_ufes20|generic`, `depth=50`,
-`width=2.0`, `sk`, `selector=0`.
+`width=2.0`, `sk`, `selector=0`, `external`.
 """
 
 import ml_collections
@@ -30,6 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     width=1.0,
     sk=False,
     selector=0,
+    external=False,
   )
   c = common.finetune_base()
   c.labels.task = "multiclass"
@@ -46,7 +48,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     proj_layers_kept=a.selector,
     supervised_input_layer=a.selector,
   )
+  if a.external:  # the cases of another clinic, split `external` of the same build
+    c.shift.external = ml_collections.ConfigDict(
+      dict(name=c.dataset.name, split="external", data_dir="", task="multiclass", views="all")
+    )
   if a.demo:
     common.make_finetune_demo(c)
+    if a.external:
+      c.shift.external.data_dir = c.dataset.data_dir
   c.lock()
   return c

@@ -28,7 +28,7 @@ LABEL_LOSSES = ("none", "multiclass", "multilabel")
 LABEL_SETS = ("competition5", "all14")
 UNCERTAINTY_POLICIES = ("ones", "zeros", "ignore")
 # View recipes (implemented by `data.augment_presets`).
-PRESETS = ("simclr", "cxr", "cxr_small", "derm")
+PRESETS = ("simclr", "cxr", "cxr_small", "derm", "derm_small")
 DEPTHS = (18, 34, 50, 101, 152, 200)
 STEMS = ("imagenet", "cifar")
 # How the ResNet computes where SimCLR's and torchvision's differ (`models.resnet.ResNet`).

@@ -34,6 +34,7 @@ def _traced_optimizer_state(model, tx, image_size: int):
     (cxr, "sk"),
     (cxr, "width=2.0"),
     (derm, "demo"),
+    (derm, "demo,source=generic,method=simclr"),
     (imagenet, None),
   ],
 )
@@ -62,6 +63,7 @@ def _check_traces(plan: build.Plan) -> None:
     (finetune_derm, "demo"),
     (finetune_derm, "linear"),
     (finetune_derm, "sk,selector=2"),
+    (finetune_derm, "demo,source=generic,external"),
   ],
 )
 def test_finetuning_variants_build(module, arg):

@@ -11,7 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 from tiny_models import tiny_spec
 
-from configs import finetune_cxr
+from configs import finetune_cxr, finetune_derm
 from micle_jax import finetune, specs
 from micle_jax.data import finetune_input, input_pipeline, tasks
 from micle_jax.eval import evaluation
@@ -134,6 +134,53 @@ def test_finetune_from_a_checkpoint_writes_results_with_shift(
   assert "dense_1" not in restored["projection_head"]  # ft_proj_selector = 1 keeps one layer
   # The supervised head started fresh (zeros) and, at lr = 0, stayed there.
   assert not np.any(restored["head_supervised"]["kernel"])
+
+
+@pytest.fixture(scope="module")
+def teledermatology_data_dir(tmp_path_factory) -> str:
+  """Tiny synthetic teledermatology cases (with an external clinic), built as `derm/generic_*`."""
+  from data_builders import build, synthetic
+
+  root = tmp_path_factory.mktemp("tele")
+  synthetic.write_teledermatology(
+    root / "manual", num_cases=24, num_external_cases=10, seed=0, image_size=32
+  )
+  build.build("derm/generic_images", manual_dir=str(root / "manual"), data_dir=str(root / "tfds"))
+  return str(root / "tfds")
+
+
+def test_dermatology_scores_cases_in_distribution_and_at_the_external_clinic(
+  teledermatology_data_dir, tmp_path
+):
+  """The paper's dermatology metrics: top-1 and top-3 accuracy of the mean prediction over each
+  case's photos, on the test cases and, zero-shot, on the external clinic's."""
+  c = finetune_derm.get_config("demo,source=generic,external")
+  c.dataset.data_dir = c.shift.external.data_dir = teledermatology_data_dir
+  c.update(batch_size=8, eval_batch_size=16, num_steps=2, bootstrap_samples=20)
+  c.model.proj_out_dim = 16
+  results = finetune.train_and_evaluate(c, str(tmp_path))
+  assert set(results["eval"]) == {"in_distribution", "external"}
+  assert results["eval_aggregation"] == "case"
+  builder = tfds.builder("derm/generic_images", data_dir=teledermatology_data_dir)
+  for key, split in (("in_distribution", "test"), ("external", "external")):
+    examples = list(tfds.as_numpy(builder.as_dataset(split=split)))
+    label_of = {ex["case_id"].decode(): ex["label"] for ex in examples}
+    preds = evaluation.load_predictions(evaluation.predictions_path(tmp_path, key))
+    assert len(preds.image_id) == len(examples)
+    metrics = results["eval"][key]["metrics"]
+    assert set(metrics) == {"top1", "top3"}
+    # By hand: average each case's photo probabilities, then rank the classes.
+    by_case = collections.defaultdict(list)
+    case_of = {ex["image_id"].decode(): ex["case_id"].decode() for ex in examples}
+    for image_id, probs in zip(preds.image_id, preds.probs, strict=True):
+      by_case[case_of[str(image_id)]].append(np.asarray(probs, np.float64))
+    ranks = {case: np.argsort(-np.mean(p, axis=0), kind="stable") for case, p in by_case.items()}
+    assert len(by_case) == len(label_of)  # every case scored
+    # The bootstrap draws patients: a patient's two cases are drawn or left out together.
+    assert metrics["top1"]["num_units"] == len({ex["patient_id"] for ex in examples})
+    for k in (1, 3):
+      hits = np.mean([label_of[case] in rank[:k] for case, rank in ranks.items()])
+      assert metrics[f"top{k}"]["value"] == pytest.approx(hits)
 
 
 @pytest.mark.parametrize("mode,fraction", [("full", 0.25), ("full", 1.0), ("linear", 0.25)])

@@ -29,22 +29,22 @@ def env(tmp_path: pathlib.Path) -> dict[str, str]:
   gcloud.write_text("#!/bin/sh\necho 'gcloud must not run under DRY_RUN' >&2\nexit 99\n")
   gcloud.chmod(0o755)
   return {
-      "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}",
-      "HOME": str(tmp_path),
-      "TMPDIR": str(tmp_path),
-      "DRY_RUN": "1",
-      **_SETTINGS,
+    "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}",
+    "HOME": str(tmp_path),
+    "TMPDIR": str(tmp_path),
+    "DRY_RUN": "1",
+    **_SETTINGS,
   }
 
 
 def _launch(env: dict[str, str], *args: str, stdin: str = "", **settings: str):
   return subprocess.run(
-      ["bash", str(_TPU_SH), *args],
-      env={**env, **settings},
-      input=stdin,
-      capture_output=True,
-      text=True,
-      timeout=30,
+    ["bash", str(_TPU_SH), *args],
+    env={**env, **settings},
+    input=stdin,
+    capture_output=True,
+    text=True,
+    timeout=30,
   )
 
 
@@ -97,12 +97,12 @@ def test_create_spot_or_preemptible_tpu_vm(env, setting, flag):
 
 def test_create_queued_spot_resource(env):
   [command] = _commands(
-      env,
-      "create",
-      ACCELERATOR_TYPE="v5litepod-16",
-      QUEUED="1",
-      SPOT="1",
-      VALID_UNTIL_DURATION="6h",
+    env,
+    "create",
+    ACCELERATOR_TYPE="v5litepod-16",
+    QUEUED="1",
+    SPOT="1",
+    VALID_UNTIL_DURATION="6h",
   )
   assert command[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "test-tpu"]
   _assert_located(command)
@@ -114,13 +114,13 @@ def test_create_queued_spot_resource(env):
 
 
 @pytest.mark.parametrize(
-    "accelerator, runtime",
-    [
-        ("v4-8", "tpu-ubuntu2204-base"),
-        ("v5litepod-8", "v2-alpha-tpuv5-lite"),
-        ("v5p-8", "v2-alpha-tpuv5"),
-        ("v6e-8", "v2-alpha-tpuv6e"),
-    ],
+  "accelerator, runtime",
+  [
+    ("v4-8", "tpu-ubuntu2204-base"),
+    ("v5litepod-8", "v2-alpha-tpuv5-lite"),
+    ("v5p-8", "v2-alpha-tpuv5"),
+    ("v6e-8", "v2-alpha-tpuv6e"),
+  ],
 )
 def test_default_runtime_per_generation(env, accelerator, runtime):
   [command] = _commands(env, "create", ACCELERATOR_TYPE=accelerator)
@@ -133,15 +133,15 @@ def test_runtime_version_setting_wins(env):
 
 
 @pytest.mark.parametrize(
-    "settings, message",
-    [
-        ({}, "ACCELERATOR_TYPE"),
-        ({"ACCELERATOR_TYPE": "v9-8"}, "RUNTIME_VERSION"),
-        ({"ACCELERATOR_TYPE": "v4-8", "SPOT": "maybe"}, "SPOT=maybe"),
-        ({"ACCELERATOR_TYPE": "v4-8", "SPOT": "1", "PREEMPTIBLE": "1"}, "PREEMPTIBLE"),
-        ({"ACCELERATOR_TYPE": "v4-8", "QUEUED": "1", "PREEMPTIBLE": "1"}, "QUEUED=1"),
-        ({"ACCELERATOR_TYPE": "v4-8", "VALID_UNTIL_DURATION": "1h"}, "QUEUED=1"),
-    ],
+  "settings, message",
+  [
+    ({}, "ACCELERATOR_TYPE"),
+    ({"ACCELERATOR_TYPE": "v9-8"}, "RUNTIME_VERSION"),
+    ({"ACCELERATOR_TYPE": "v4-8", "SPOT": "maybe"}, "SPOT=maybe"),
+    ({"ACCELERATOR_TYPE": "v4-8", "SPOT": "1", "PREEMPTIBLE": "1"}, "PREEMPTIBLE"),
+    ({"ACCELERATOR_TYPE": "v4-8", "QUEUED": "1", "PREEMPTIBLE": "1"}, "QUEUED=1"),
+    ({"ACCELERATOR_TYPE": "v4-8", "VALID_UNTIL_DURATION": "1h"}, "QUEUED=1"),
+  ],
 )
 def test_create_rejects_bad_settings(env, settings, message):
   result = _launch(env, "create", **settings)
@@ -176,12 +176,12 @@ def test_setup_ships_git_archive_and_installs_on_all_workers(env):
   assert _flag(ssh, "worker") == "all"
   remote = _remote_command(ssh)
   steps = [
-      "tar -xzf micle_jax.tar.gz -C micle_jax",
-      "python3.11 -m venv .venv",
-      ".venv/bin/pip install -q -r requirements.txt",
-      '.venv/bin/pip install -q "jax[tpu]==0.10.2" '
-      "-f https://storage.googleapis.com/jax-releases/libtpu_releases.html",
-      ".venv/bin/pip install -q --no-deps -e .",
+    "tar -xzf micle_jax.tar.gz -C micle_jax",
+    "python3.11 -m venv .venv",
+    ".venv/bin/pip install -q -r requirements.txt",
+    '.venv/bin/pip install -q "jax[tpu]==0.10.2" '
+    "-f https://storage.googleapis.com/jax-releases/libtpu_releases.html",
+    ".venv/bin/pip install -q --no-deps -e .",
   ]
   positions = [remote.index(step) for step in steps]
   assert positions == sorted(positions), remote
@@ -190,9 +190,9 @@ def test_setup_ships_git_archive_and_installs_on_all_workers(env):
 
 def test_setup_jax_tpu_pin_matches_requirements(env):
   pin = next(
-      line.split("==")[1].strip()
-      for line in (_REPO / "requirements.txt").read_text().splitlines()
-      if line.startswith("jax==")
+    line.split("==")[1].strip()
+    for line in (_REPO / "requirements.txt").read_text().splitlines()
+    if line.startswith("jax==")
   )
   *_, ssh = _commands(env, "setup")
   assert f'"jax[tpu]=={pin}"' in _remote_command(ssh)
@@ -210,13 +210,13 @@ def test_setup_from_repo_url_fetches_on_the_workers(env):
 
 def test_run_starts_the_same_command_on_all_workers(env):
   [ssh] = _commands(
-      env,
-      "run",
-      "--",
-      "--config.num_epochs=1",
-      "--config.note=it's a test",
-      GCS_WORKDIR=_WORKDIR,
-      DATA_DIR="gs://test-bucket/tensorflow_datasets",
+    env,
+    "run",
+    "--",
+    "--config.num_epochs=1",
+    "--config.note=it's a test",
+    GCS_WORKDIR=_WORKDIR,
+    DATA_DIR="gs://test-bucket/tensorflow_datasets",
   )
   assert _flag(ssh, "worker") == "all"
   remote = _remote_command(ssh)
@@ -224,30 +224,30 @@ def test_run_starts_the_same_command_on_all_workers(env):
   words = shlex.split(remote)
   start = words.index("nohup")
   assert words[start - 2 : start] == [
-      "MICLE_DISTRIBUTED=auto",
-      "TFDS_DATA_DIR=gs://test-bucket/tensorflow_datasets",
+    "MICLE_DISTRIBUTED=auto",
+    "TFDS_DATA_DIR=gs://test-bucket/tensorflow_datasets",
   ]
   assert words[start + 1 : start + 8] == [
-      ".venv/bin/python",
-      "-m",
-      "micle_jax.main",
-      "--config=configs/cxr.py",
-      f"--workdir={_WORKDIR}",
-      "--config.num_epochs=1",
-      "--config.note=it's a test",
+    ".venv/bin/python",
+    "-m",
+    "micle_jax.main",
+    "--config=configs/cxr.py",
+    f"--workdir={_WORKDIR}",
+    "--config.num_epochs=1",
+    "--config.note=it's a test",
   ]
   assert ">> train.log 2>&1 < /dev/null &" in remote
   assert "echo $! > train.pid" in remote
 
 
 @pytest.mark.parametrize(
-    "settings",
-    [
-        {},
-        {"GCS_WORKDIR": "/tmp/workdir"},
-        {"GCS_WORKDIR": "gs:///no-bucket"},
-        {"GCS_WORKDIR": _WORKDIR, "DATA_DIR": "local/tfds"},
-    ],
+  "settings",
+  [
+    {},
+    {"GCS_WORKDIR": "/tmp/workdir"},
+    {"GCS_WORKDIR": "gs:///no-bucket"},
+    {"GCS_WORKDIR": _WORKDIR, "DATA_DIR": "local/tfds"},
+  ],
 )
 def test_run_needs_gcs_paths(env, settings):
   result = _launch(env, "run", **settings)
@@ -257,16 +257,16 @@ def test_run_needs_gcs_paths(env, settings):
 
 def test_remote_commands_are_valid_shell(env):
   remotes = [
-      _remote_command(command)
-      for args, settings in [
-          (("setup",), {}),
-          (("setup",), {"REPO_URL": "https://example.com/r.git"}),
-          (("run", "--config.note=it's"), {"GCS_WORKDIR": _WORKDIR, "DATA_DIR": _WORKDIR}),
-          (("stop",), {}),
-          (("logs",), {}),
-      ]
-      for command in _commands(env, *args, **settings)
-      if command[4] == "ssh"
+    _remote_command(command)
+    for args, settings in [
+      (("setup",), {}),
+      (("setup",), {"REPO_URL": "https://example.com/r.git"}),
+      (("run", "--config.note=it's"), {"GCS_WORKDIR": _WORKDIR, "DATA_DIR": _WORKDIR}),
+      (("stop",), {}),
+      (("logs",), {}),
+    ]
+    for command in _commands(env, *args, **settings)
+    if command[4] == "ssh"
   ]
   assert len(remotes) == 5
   for remote in remotes:
@@ -280,8 +280,8 @@ def test_run_and_stop_behave_on_a_worker(env, tmp_path):
   venv_bin = worker_home / "micle_jax" / ".venv" / "bin"
   venv_bin.mkdir(parents=True)
   (venv_bin / "python").write_text(
-      '#!/bin/sh\nprintf "%s\\n" "$MICLE_DISTRIBUTED" "$TFDS_DATA_DIR" "$@" > args.tmp\n'
-      "mv args.tmp args.txt\nexec sleep 60\n"
+    '#!/bin/sh\nprintf "%s\\n" "$MICLE_DISTRIBUTED" "$TFDS_DATA_DIR" "$@" > args.tmp\n'
+    "mv args.tmp args.txt\nexec sleep 60\n"
   )
   (venv_bin / "python").chmod(0o755)
   [run] = _commands(env, "run", "--config.note=a b", GCS_WORKDIR=_WORKDIR, DATA_DIR="gs://d/tfds")
@@ -290,7 +290,7 @@ def test_run_and_stop_behave_on_a_worker(env, tmp_path):
   def on_worker(command: list[str]) -> subprocess.CompletedProcess:
     script = _remote_command(command)
     return subprocess.run(
-        ["bash", "-c", script], cwd=worker_home, capture_output=True, text=True, timeout=10
+      ["bash", "-c", script], cwd=worker_home, capture_output=True, text=True, timeout=10
     )
 
   pid_file = worker_home / "micle_jax" / "train.pid"
@@ -302,13 +302,13 @@ def test_run_and_stop_behave_on_a_worker(env, tmp_path):
         break
       time.sleep(0.05)
     assert args_file.read_text().splitlines() == [
-        "auto",
-        "gs://d/tfds",
-        "-m",
-        "micle_jax.main",
-        "--config=configs/cxr.py",
-        f"--workdir={_WORKDIR}",
-        "--config.note=a b",
+      "auto",
+      "gs://d/tfds",
+      "-m",
+      "micle_jax.main",
+      "--config=configs/cxr.py",
+      f"--workdir={_WORKDIR}",
+      "--config.note=a b",
     ]
     second = on_worker(run)
     assert second.returncode != 0 and "already running" in second.stderr
@@ -340,11 +340,11 @@ def test_logs_ssh_status_stop(env):
 
 
 @pytest.mark.parametrize(
-    "queued, expected",
-    [
-        ("0", ["gcloud", "compute", "tpus", "tpu-vm", "delete", "test-tpu"]),
-        ("1", ["gcloud", "compute", "tpus", "queued-resources", "delete", "test-tpu"]),
-    ],
+  "queued, expected",
+  [
+    ("0", ["gcloud", "compute", "tpus", "tpu-vm", "delete", "test-tpu"]),
+    ("1", ["gcloud", "compute", "tpus", "queued-resources", "delete", "test-tpu"]),
+  ],
 )
 def test_delete_asks_unless_yes(env, queued, expected):
   refused = _launch(env, "delete", stdin="n\n", QUEUED=queued)
@@ -361,7 +361,7 @@ def test_delete_asks_unless_yes(env, queued, expected):
 def test_config_file_settings_and_environment_override(env, tmp_path):
   config = tmp_path / "v5e.env"
   config.write_text(
-      "TPU_NAME=${TPU_NAME:-from-file}\nACCELERATOR_TYPE=v5litepod-16\nZONE=us-west4-a\n"
+    "TPU_NAME=${TPU_NAME:-from-file}\nACCELERATOR_TYPE=v5litepod-16\nZONE=us-west4-a\n"
   )
   del env["TPU_NAME"], env["ZONE"]
   [command] = _commands(env, "create", CONFIG=str(config))
@@ -391,16 +391,16 @@ def _shell_files() -> list[pathlib.Path]:
 
 
 @pytest.mark.skipif(
-    shutil.which("shellcheck") is None,
-    reason="shellcheck is not installed (apt-get install -y shellcheck)",
+  shutil.which("shellcheck") is None,
+  reason="shellcheck is not installed (apt-get install -y shellcheck)",
 )
 def test_shellcheck_is_clean():
   result = subprocess.run(
-      ["shellcheck", "--shell=bash", "--external-sources", *map(str, _shell_files())],
-      cwd=_REPO,
-      capture_output=True,
-      text=True,
-      timeout=60,
+    ["shellcheck", "--shell=bash", "--external-sources", *map(str, _shell_files())],
+    cwd=_REPO,
+    capture_output=True,
+    text=True,
+    timeout=60,
   )
   assert result.returncode == 0, result.stdout + result.stderr
 
@@ -413,11 +413,7 @@ def test_local_multihost_finds_the_projects_venv(tmp_path):
   venv_python = repo / ".venv" / "bin" / "python"
   venv_python.parent.mkdir(parents=True)
   calls = tmp_path / "calls.txt"
-  venv_python.write_text(
-    "#!/bin/sh\n"
-    f'echo "$@" >> {calls}\n'
-    'case "$1" in -c) echo 12345 ;; esac\n'
-  )
+  venv_python.write_text(f'#!/bin/sh\necho "$@" >> {calls}\ncase "$1" in -c) echo 12345 ;; esac\n')
   venv_python.chmod(0o755)
   env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
   env["LOG_DIR"] = str(tmp_path / "logs")

@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from data_builders import common, splits
-from data_builders.derm.sources import SPLITS, DermImage
+from data_builders.derm.sources import CSV_SPLITS, DermImage
 
 # Patient-level fractions used when the source has no `split` column.
 SPLIT_FRACTIONS: Mapping[str, float] = {"train": 0.7, "validation": 0.1, "test": 0.2}
@@ -85,7 +85,7 @@ def make_cases(
         f"{first_image.line}; all cases of a patient must share a split",
         case_images[0].line,
       )
-    if split not in SPLITS:
+    if split not in CSV_SPLITS:
       raise ValueError(f"unexpected split {split!r} for patient {patient_id!r}")
     cases.append(Case(case_id, patient_id, label, split, tuple(case_images)))
   return cases

@@ -141,7 +141,7 @@ class Derm(tfds.core.GeneratorBasedBuilder):
         logging.warning("%s: split %r has no cases and is not written", config.name, split)
     return {
       split: self._generate_examples(by_split[split], manual_dir, split)
-      for split in sources.SPLITS
+      for split in sources.CSV_SPLITS
       if split in by_split
     }
 

@@ -25,6 +25,10 @@ HAM10000_CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "
 PAD_UFES20_CLASSES: tuple[str, ...] = ("ACK", "BCC", "MEL", "NEV", "SCC", "SEK")
 HAM10000_IMAGE_DIRS: tuple[str, ...] = ("HAM10000_images_part_1", "HAM10000_images_part_2")
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
+# A generic CSV may also name `external`: cases from another clinic, never trained on, for the
+# evaluation under distribution shift (same classes, one build).
+EXTERNAL = "external"
+CSV_SPLITS: tuple[str, ...] = (*SPLITS, EXTERNAL)
 UNKNOWN = "unknown"
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -141,7 +145,7 @@ def read_generic(manual_dir: epath.PathLike) -> Iterator[DermImage]:
     paths.add(image_id, source=row.source, line=row.line)
     split = None
     if "split" in row.values:
-      split = row.parse("split", {name: name for name in SPLITS})
+      split = row.parse("split", {name: name for name in CSV_SPLITS})
     case_id = _required(row, "case_id")
     site_column = "localization" if "localization" in row.values else "site"
     yield DermImage(

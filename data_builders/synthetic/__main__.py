@@ -12,7 +12,7 @@ from absl import app, flags, logging
 
 from data_builders import synthetic
 
-LAYOUTS = ("chexpert", "ham10000", "nih")
+LAYOUTS = ("chexpert", "ham10000", "nih", "teledermatology")
 
 
 def write(
@@ -25,9 +25,10 @@ def write(
   num_valid_cases: int = -1,
   test_fraction: float = 0.2,
 ):
-  """Writes `layout` ('chexpert', 'ham10000' or 'nih') to `out`; returns the writer's counts.
+  """Writes `layout` (one of `LAYOUTS`) to `out`; returns the writer's counts.
 
-  `num_cases` is the number of patients (chexpert, nih) or lesions (ham10000);
+  `num_cases` is the number of patients (chexpert, nih), lesions (ham10000) or home-clinic cases
+  (teledermatology, with a quarter as many external-clinic cases);
   `num_valid_cases` the CheXpert validation patients (-1: num_cases // 10); `test_fraction` the
   NIH patients in the test list.
   """
@@ -37,6 +38,10 @@ def write(
     return synthetic.write_chexpert(out, num_patients=num_cases, num_valid_patients=valid, **common)
   if layout == "ham10000":
     return synthetic.write_ham10000(out, num_lesions=num_cases, **common)
+  if layout == "teledermatology":
+    return synthetic.write_teledermatology(
+      out, num_cases=num_cases, num_external_cases=num_cases // 4, **common
+    )
   if layout == "nih":
     return synthetic.write_nih(out, num_patients=num_cases, test_fraction=test_fraction, **common)
   raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
@@ -64,7 +69,9 @@ def define_flags() -> None:
   flags.DEFINE_enum("layout", None, list(LAYOUTS), "Download layout.", required=True)
   flags.DEFINE_string("out", None, "Folder to write (the builder's manual dir).", required=True)
   flags.DEFINE_integer("seed", 0, "Same seed -> byte-identical files.")
-  flags.DEFINE_integer("num_cases", 300, "Patients (chexpert, nih) or lesions (ham10000).")
+  flags.DEFINE_integer(
+    "num_cases", 300, "Patients (chexpert, nih), lesions (ham10000) or cases (teledermatology)."
+  )
   flags.DEFINE_integer("image_size", 96, "Typical image height in pixels.")
   flags.DEFINE_integer("num_valid_cases", -1, "chexpert: validation patients (-1: num_cases/10).")
   flags.DEFINE_float("test_fraction", 0.2, "nih: fraction of patients in test_list.txt.")

@@ -1,6 +1,6 @@
 """The demo's synthetic datasets, written and built once per generator version.
 
-  python -m data_builders.synthetic.demo --data=data [--layouts=chexpert,nih]
+  python -m data_builders.synthetic.demo --data=data [--layouts=chexpert,nih,teledermatology]
 
 writes `DATA/manual/<layout>/` at the demo's sizes (`DEMO`) and builds it with the real builders
 into `DATA/tensorflow_datasets`. Each written dataset carries a stamp (`SYNTHETIC.json`: the
@@ -40,16 +40,27 @@ DEMO: dict[str, dict[str, Any]] = {
   "chexpert": {"num_patients": 600, "num_valid_patients": 500, "seed": 0, "image_size": 96},
   "nih": {"num_patients": 700, "test_fraction": 0.5, "seed": 0, "image_size": 96},
   "ham10000": {"num_lesions": 300, "seed": 0, "image_size": 96},
+  # 900 home-clinic cases (about 450 for training, ~1,000 photos; 405 for test, a top-1 CI of
+  # about ±0.045) and 400 cases of the external clinic.
+  "teledermatology": {
+    "num_cases": 900,
+    "num_external_cases": 400,
+    "split_fractions": {"train": 0.5, "validation": 0.05, "test": 0.45},
+    "seed": 0,
+    "image_size": 64,
+  },
 }
 BUILDS = {
   "chexpert": ("chexpert_micle",),
   "nih": ("nih_cxr14/images",),
   "ham10000": ("derm/ham10000_cases", "derm/ham10000_images"),
+  "teledermatology": ("derm/generic_cases", "derm/generic_images"),
 }
 _WRITERS = {
   "chexpert": synthetic.write_chexpert,
   "nih": synthetic.write_nih,
   "ham10000": synthetic.write_ham10000,
+  "teledermatology": synthetic.write_teledermatology,
 }
 
 
@@ -134,7 +145,9 @@ def _main(argv: list[str]) -> None:
 def define_flags() -> None:
   """The command's flags, defined only when it runs, so importing this module defines none."""
   flags.DEFINE_string("data", "data", "Folder for manual/ and tensorflow_datasets/.")
-  flags.DEFINE_list("layouts", ["chexpert", "nih"], "Layouts to ensure (chexpert, nih, ham10000).")
+  flags.DEFINE_list(
+    "layouts", ["chexpert", "nih"], "Layouts to ensure (chexpert, nih, ham10000, teledermatology)."
+  )
   flags.DEFINE_integer("seed", None, "Generator seed for every layout (default: the demo's, 0).")
 
 

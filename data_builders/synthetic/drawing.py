@@ -84,3 +84,35 @@ def encode_jpeg(image: np.ndarray, quality: int = 92) -> bytes:
 def encode_png(image: np.ndarray) -> bytes:
   """Encodes a uint8 [H, W, 1 or 3] image as PNG (deterministic bytes)."""
   return tf.io.encode_png(image).numpy()
+
+
+def plane_noise(
+  seed: int, u: np.ndarray, v: np.ndarray, *, frequency: float, extent: float = 3.0
+) -> np.ndarray:
+  """Smooth noise in [0, 1] defined on a plane, not on a pixel grid.
+
+  A random lattice of `frequency` cells per unit over [-extent, extent]² (seeded by `seed`),
+  bilinearly interpolated at the coordinates (u, v): any grid that samples the same points of the
+  plane gets the same values, so a texture drawn this way moves with whatever (u, v) follow.
+  """
+  cells = int(np.ceil(2 * extent * frequency)) + 2
+  lattice = np.random.default_rng(seed).uniform(size=(cells, cells)).astype(np.float32)
+  fu = np.clip((u + extent) * frequency, 0.0, cells - 1.001)
+  fv = np.clip((v + extent) * frequency, 0.0, cells - 1.001)
+  iu, iv = fu.astype(int), fv.astype(int)
+  wu, wv = fu - iu, fv - iv
+  top = lattice[iu, iv] * (1 - wv) + lattice[iu, iv + 1] * wv
+  bottom = lattice[iu + 1, iv] * (1 - wv) + lattice[iu + 1, iv + 1] * wv
+  return (top * (1 - wu) + bottom * wu).astype(np.float32)
+
+
+def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+  """Blurs a float [H, W, C] image with a separable Gaussian of `sigma` pixels (edges repeated)."""
+  if sigma <= 0.05:
+    return image
+  radius = max(1, int(np.ceil(3 * sigma)))
+  taps = np.exp(-(np.arange(-radius, radius + 1) ** 2) / (2 * sigma**2))
+  taps = (taps / taps.sum()).astype(np.float32)
+  padded = np.pad(image, ((radius, radius), (radius, radius), (0, 0)), mode="edge")
+  rows = sum(t * padded[i : i + image.shape[0]] for i, t in enumerate(taps))
+  return sum(t * rows[:, i : i + image.shape[1]] for i, t in enumerate(taps))

@@ -348,7 +348,7 @@ def test_view_preset_is_frozen_and_validated():
 
 
 def test_unknown_preset_raises_listing_valid_names():
-  with pytest.raises(ValueError, match=r"'cxr', 'cxr_small', 'derm', 'simclr'"):
+  with pytest.raises(ValueError, match=r"'cxr', 'cxr_small', 'derm', 'derm_small', 'simclr'"):
     augment_presets.pretrain_view(_RGB, _seed(), preset="imagenet", size=_SIZE)
   with pytest.raises(ValueError, match="valid"):
     augment_presets.finetune_train(_RGB, _seed(), size=_SIZE, preset="chexpert")
