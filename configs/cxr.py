@@ -13,7 +13,8 @@ Demo (synthetic CheXpert-style data, 2 CPU cores, ~2 minutes after `make demo` p
 
 Variants (comma-separated): `demo`, `method=simclr|micle`, `depth=50`, `width=2.0`, `sk`
 (selective kernels, sk_ratio 0.0625), `batch=4096`, `epochs=100`, `studies` (a case is one study
-instead of one patient), `views=all|frontal|ap|pa`.
+instead of one patient), `views=all|frontal|ap|pa` (the pretraining's view filter, independent of
+fine-tuning's; default all, the demo's frontal).
 """
 
 import ml_collections
@@ -32,7 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     batch=1024,
     epochs=100,
     studies=False,
-    views="all",
+    views="",
   )
   c = common.pretrain_base()
   c.method = a.method
@@ -42,17 +43,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.augment.preset = "cxr"
   c.labels.task = "chexpert"
   c.labels.uncertainty_policy = "ones"
-  c.dataset.views = a.views
-  c.probe.update(dataset="chexpert_micle/images", split="train", task="chexpert", views=a.views)
+  c.dataset.views = a.views or "all"
+  c.probe.update(
+    dataset="chexpert_micle/images", split="train", task="chexpert", views=a.views or "all"
+  )
   c.model.update(depth=a.depth, width=a.width, sk_ratio=0.0625 if a.sk else 0.0)
   c.batch_size = a.batch
   c.num_epochs = a.epochs
   if a.demo:
     common.make_demo(c)
     c.dataset.data_dir = "data/tensorflow_datasets"  # the probe reads there too
-    # Frontal images only, as the fine-tuning and the NIH shift set read; no supervised monitor
-    # (the kNN probe measures the representation without training anything on labels).
-    c.dataset.views = c.probe.views = "frontal"
+    # Frontal images only, as the fine-tuning and the NIH shift set read (unless `views=` says
+    # otherwise: pairs within a study need the lateral), and so does the probe; no supervised
+    # monitor (the kNN probe measures the representation without training anything on labels).
+    c.dataset.views = a.views or "frontal"
+    c.probe.views = "frontal"
     c.augment.preset = "cxr_small"
     c.labels.task = "none"
   c.lock()

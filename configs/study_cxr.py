@@ -4,13 +4,17 @@ seeds, and compare with intervals over training runs and patients.
 
   python -m micle_jax.study --config=configs/study_cxr.py:demo   # `make demo`: one pretraining seed
   python -m micle_jax.study --config=configs/study_cxr.py:cpu    # 3 pretraining seeds (docs/study.md)
+  python -m micle_jax.study --config=configs/study_cxr.py:demo,pairs   # positive-pair policies
   python -m micle_jax.study --config=configs/study_cxr.py --print_only --config.root=gs://B/study
       # paper scale: prints one command per pretraining and fine-tuning run, for a TPU fleet
 
 Variants: `demo` (one pretraining seed, one fine-tuning seed, label fractions 5% and 100%, on the
 synthetic data `make demo` writes; its intervals are conditional on its one pretraining run per
 method), `cpu` (the demo's models and data, twice the pretraining, pretraining seeds 0, 1 and 2,
-label fractions 5%, 25% and 100%, fine-tuning seeds 0 and 1). `--config.init_from=DIR` starts
+label fractions 5%, 25% and 100%, fine-tuning seeds 0 and 1), and `pairs` with either or neither
+(the positive-pair policies of MedAug, Vu et al. 2021: two views of one image, two images of one
+study across views, two images of one patient; every arm pretrains on frontal and lateral images,
+fine-tuning and evaluation read frontal ones). `--config.init_from=DIR` starts
 every pretraining from, e.g., converted SimCLRv2 ImageNet weights (the paper's ImageNet → domain
 chain). `--config.imagenet=DIR` (torchvision/timm weights imported by `micle_jax.import_torch`)
 runs the paper's comparison: the supervised ImageNet baseline, ImageNet → SimCLR and ImageNet →
@@ -28,10 +32,13 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  a = common.parse_arg(arg, demo=False, cpu=False)
+  a = common.parse_arg(arg, demo=False, cpu=False, pairs=False)
   c = ml_collections.ConfigDict()
   c.root = "workdirs/study_cxr"
   c.methods = ("simclr", "micle")
+  # An arm's pretraining config argument ("method=<arm>" unless named here): `pairs` compares
+  # positive-pair policies, MedAug-style.
+  c.method_args = ml_collections.ConfigDict()
   # Each method is pretrained once per seed; a study's intervals include the variance between
   # these runs only when there are at least two (one run: they are conditional on it).
   c.pretrain_seeds = (0, 1, 2)
@@ -67,6 +74,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.seeds = (0,)
     c.pretrain_seeds = (0,)
     c.init_overrides.scratch = dict(optimizer=dict(base_learning_rate=1.0))
+  if a.pairs:
+    # What a positive pair is: two views of one image (simclr), two images of one study
+    # (micle_study: a frontal and its lateral, or two frontals) or two images of one patient
+    # (micle). Every arm pretrains on all views, the same images at the same budget; fine-tuning
+    # and evaluation stay frontal.
+    c.root = (
+      c.root.replace("study_", "study_pairs_") if (a.demo or a.cpu) else "workdirs/study_pairs"
+    )
+    c.methods = ("simclr", "micle_study", "micle")
+    c.method_args = ml_collections.ConfigDict(
+      dict(
+        simclr="method=simclr,views=all",
+        micle_study="method=micle,studies,views=all",
+        micle="method=micle,views=all",
+      )
+    )
   if a.cpu:
     c.pretrain.overrides.num_epochs = 32
     c.pretrain_seeds = (0, 1, 2)

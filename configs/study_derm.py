@@ -34,6 +34,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.root = "workdirs/study_derm"
   c.methods = ("simclr", "micle")
+  c.method_args = (
+    ml_collections.ConfigDict()
+  )  # arm -> pretraining config argument (default method=<arm>)
   c.pretrain_seeds = (0, 1, 2)
   c.scratch = True
   # Both methods share every key but the method, so they run the same number of steps (checked).

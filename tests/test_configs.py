@@ -45,6 +45,16 @@ def test_pretraining_variants_build(module, arg):
   _check_traces(plan)
 
 
+def test_pretraining_views_are_independent_of_fine_tunings():
+  """The CXR demo pretrains on frontal images unless told otherwise (pairs within a study need
+  the lateral); its probe scores frontal images either way, as fine-tuning does."""
+  assert cxr.get_config("demo").dataset.views == "frontal"
+  assert cxr.get_config("").dataset.views == "all"
+  both = cxr.get_config("demo,studies,views=all")
+  assert (both.dataset.views, both.probe.views) == ("all", "frontal")
+  assert both.dataset.name == "chexpert_micle/studies"
+
+
 def _check_traces(plan: build.Plan) -> None:
   """The plan's model and optimizer state trace, as `build.build` would make them."""
   tx = build.optimizer(plan, optax.constant_schedule(0.1))

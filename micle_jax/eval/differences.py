@@ -55,12 +55,16 @@ _REPLICATE_KEYS = ("init_from", "seed", "init_seed", "init_step")
 
 
 def comparisons(inits: Sequence[str]) -> list[tuple[str, str]]:
-  """(init, baseline) pairs: every init against scratch, micle against simclr, and every
-  pretrained init against the supervised ImageNet baseline."""
+  """(init, baseline) pairs: every init against scratch; every MICLe arm (`micle`, or a pair
+  policy named `micle_<policy>`, e.g. `micle_study`) against simclr, and each policy against
+  `micle`; every pretrained init against the supervised ImageNet baseline."""
   names = set(inits)
   pairs = [(i, BASELINE) for i in sorted(names) if i != BASELINE and BASELINE in names]
-  if {"micle", "simclr"} <= names:
-    pairs.append(("micle", "simclr"))
+  micle = sorted(n for n in names if n == "micle" or n.startswith("micle_"))
+  if "simclr" in names:
+    pairs += [(m, "simclr") for m in micle]
+  if "micle" in names:
+    pairs += [(m, "micle") for m in micle if m != "micle"]
   if SUPERVISED in names:
     pairs += [(i, SUPERVISED) for i in sorted(names - {BASELINE, SUPERVISED})]
   return pairs

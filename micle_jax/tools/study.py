@@ -115,6 +115,12 @@ def _with_imagenet(overrides: dict[str, Any], keys: dict[str, Any], where: str) 
   return {**overrides, **keys}
 
 
+def method_arg(study: ml_collections.ConfigDict, name: str) -> str:
+  """The pretraining config argument of the arm `name`: `config.method_args[name]` (e.g. a pair
+  policy, "method=micle,studies"), else "method=<name>"."""
+  return (study.get("method_args") or {}).get(name, f"method={name}")
+
+
 def plan_pretraining(study: ml_collections.ConfigDict) -> list[Pretraining]:
   """One pretraining per method and seed: the shared config, its overrides, the method, the seed
   and init_from."""
@@ -122,10 +128,15 @@ def plan_pretraining(study: ml_collections.ConfigDict) -> list[Pretraining]:
     raise specs.ConfigError(
       f"config.pretrain_seeds={tuple(study.pretrain_seeds)}: need at least one, none twice"
     )
+  unknown = sorted(set(study.get("method_args") or {}) - set(study.methods))
+  if unknown:
+    raise specs.ConfigError(
+      f"config.method_args names {unknown}, not among config.methods={tuple(study.methods)}"
+    )
   runs = []
   imagenet = imagenet_keys(study)
   for method in study.methods:
-    arg = _with_arg(study.pretrain.arg, f"method={method}")
+    arg = _with_arg(study.pretrain.arg, method_arg(study, method))
     for seed in study.pretrain_seeds:
       config = load_config(study.pretrain.config, arg)
       overrides = run_files.flatten(study.pretrain.overrides)

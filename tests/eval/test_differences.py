@@ -146,6 +146,15 @@ def test_identical_predictions_differ_by_exactly_zero(tmp_path):
 def test_comparisons():
   assert differences.comparisons(["scratch", "micle"]) == [("micle", "scratch")]
   assert differences.comparisons(["micle", "simclr"]) == [("micle", "simclr")]
+  # Pair policies: each against SimCLR, and against patient pairs (`micle`).
+  assert differences.comparisons(["simclr", "micle", "micle_study", "scratch"]) == [
+    ("micle", "scratch"),
+    ("micle_study", "scratch"),
+    ("simclr", "scratch"),
+    ("micle", "simclr"),
+    ("micle_study", "simclr"),
+    ("micle_study", "micle"),
+  ]
   assert list(itertools.chain(differences.comparisons(["scratch"]))) == []
   # The paper's baseline: every pretrained init against it too (scratch already faces it).
   assert differences.comparisons(["scratch", "supervised", "simclr", "micle"]) == [

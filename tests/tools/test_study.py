@@ -10,11 +10,12 @@ from ml_collections import config_dict
 
 from configs import study_cxr
 from micle_jax import specs
+from micle_jax.eval import differences
 from micle_jax.tools import study
 
 
-def _study(root, cxr_dir, nih_dir, **overrides):
-  s = study_cxr.get_config("demo")
+def _study(root, cxr_dir, nih_dir, arg="demo", **overrides):
+  s = study_cxr.get_config(arg)
   with s.unlocked():
     s.root = str(root)
     s.fractions = (0.5,)
@@ -178,6 +179,50 @@ def test_a_tiny_study_end_to_end(cxr_data_dir, nih_data_dir, tmp_path, capsys, m
   monkeypatch.setattr(study.pretrain.loop, "run", no_step)
   rows_again, arms_again, diffs_again = study.run_study(s)
   assert (rows_again, arms_again, diffs_again) == (rows, arms, diffs)
+
+
+def test_pair_policies_pretrain_on_every_view_at_one_budget_and_fine_tune_on_frontals(
+  cxr_data_dir, nih_data_dir, tmp_path
+):
+  """MedAug-style: two views of one image, two images of one study, two images of one patient;
+  all three on the same images (frontal and lateral), fine-tuning and evaluation frontal."""
+  s = _study(tmp_path, cxr_data_dir, nih_data_dir, arg="demo,pairs")
+  with s.unlocked():
+    del s.pretrain.overrides["num_steps"]
+    s.pretrain.overrides.num_epochs = 2
+  pretrainings = study.plan_pretraining(s)
+  assert [p.method for p in pretrainings] == ["simclr", "micle_study", "micle"]
+  datasets = {p.method: p.config.dataset.name for p in pretrainings}
+  assert datasets == {
+    "simclr": "chexpert_micle/images",
+    "micle_study": "chexpert_micle/studies",
+    "micle": "chexpert_micle/patients",
+  }
+  assert {p.config.method for p in pretrainings} == {"simclr", "micle"}
+  assert {p.config.dataset.views for p in pretrainings} == {"all"}
+  assert {p.config.probe.views for p in pretrainings} == {"frontal"}  # scored as fine-tuning is
+  assert f"{tmp_path}/pretrain/micle_study/p0" == pretrainings[1].workdir
+  steps = study.check_equal_budgets(pretrainings)
+  assert len(set(steps.values())) == 1
+  frontal = _study(tmp_path, cxr_data_dir, nih_data_dir)
+  with frontal.unlocked():
+    del frontal.pretrain.overrides["num_steps"]
+    frontal.pretrain.overrides.num_epochs = 2
+  # The laterals are pretrained on: more images, more steps at the same epochs.
+  assert steps["micle"] > study.check_equal_budgets(study.plan_pretraining(frontal))["micle"]
+  runs = study.plan_finetuning(s, pretrainings)
+  assert {r.init for r in runs} == {"scratch", "simclr", "micle_study", "micle"}
+  config = study.load_config(s.finetune.config, s.finetune.arg)
+  assert config.dataset.views == "frontal" and config.shift.nih.views == "frontal"
+  assert differences.comparisons([r.init for r in runs])[-3:] == [
+    ("micle", "simclr"),
+    ("micle_study", "simclr"),
+    ("micle_study", "micle"),
+  ]
+  with s.unlocked():
+    s.method_args.micle_patient = "method=micle"
+  with pytest.raises(specs.ConfigError, match="micle_patient"):
+    study.plan_pretraining(s)
 
 
 def test_print_only_prints_every_command_and_runs_nothing(tmp_path):
