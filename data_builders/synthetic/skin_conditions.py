@@ -75,6 +75,9 @@ OTHER_LOOKS: dict[str, Look] = {
                ("arm", "leg", "chest", "back")),
 }
 # fmt: on
+# Papules: (count range, radius range in units of the lesion's radius). Textured papules (acne's
+# pustules, a wart's dots) come many and small; smooth ones (urticaria's wheals) few and large.
+PAPULES = {False: ((5, 12), (0.12, 0.22)), True: ((2, 4), (0.3, 0.5))}
 OTHER = "other"
 CONDITIONS: tuple[str, ...] = (*LOOKS, OTHER)
 # Per body site: hair density (hairs per unit area of skin) and a tint of the skin.
@@ -122,15 +125,14 @@ def sample_lesion(look: Look, site: str, rng: np.random.Generator) -> Lesion:
   """Draws one lesion with `look` on `site`."""
   papules = ()
   if look.morphology == "papules":
-    count = int(rng.integers(5, 13)) if look.texture != "smooth" else int(rng.integers(2, 5))
-    small = look.texture != "smooth"
+    (low, high), (small, large) = PAPULES[look.texture == "smooth"]
     papules = tuple(
       (
         float(rng.uniform(-0.9, 0.9)),
         float(rng.uniform(-0.9, 0.9)),
-        float(rng.uniform(0.12, 0.22) if small else rng.uniform(0.3, 0.5)),
+        float(rng.uniform(small, large)),
       )
-      for _ in range(count)
+      for _ in range(int(rng.integers(low, high + 1)))
     )
   return Lesion(
     look=look,
