@@ -213,3 +213,49 @@ def make_finetune_demo(c: ml_collections.ConfigDict) -> None:
   c.dataset.shuffle_buffer = 1000
   c.log_every_steps = 10
   c.checkpoint_every_steps = 1000  # only at the end: a save blocks for ~1.5 s on this CPU
+
+
+def study_base(
+  *,
+  root: str,
+  pretrain_config: str,
+  finetune_config: str,
+  pretrain_arg: str = "",
+  finetune_arg: str = "",
+) -> ml_collections.ConfigDict:
+  """Keys every study config (`python -m micle_jax.study`) has, at paper scale."""
+  c = ml_collections.ConfigDict()
+  c.root = root
+  c.methods = ("simclr", "micle")
+  # An arm's pretraining config argument ("method=<arm>" unless named here, e.g. a positive-pair
+  # policy "method=micle,studies"); set in a config file.
+  c.method_args = ml_collections.ConfigDict()
+  # Each method is pretrained once per seed; a study's intervals include the variance between
+  # these runs only when there are at least two (one run: they are conditional on it).
+  c.pretrain_seeds = (0, 1, 2)
+  c.scratch = True  # also fine-tune from random weights (one init seed per pretraining seed)
+  # Pretraining: `config` with `arg` (and the arm's method argument), then `overrides`. All arms
+  # share every other key, so they run the same number of steps (checked).
+  c.pretrain = ml_collections.ConfigDict(
+    dict(config=pretrain_config, arg=pretrain_arg, overrides=ml_collections.ConfigDict())
+  )
+  c.init_from = ""  # e.g. converted SimCLRv2 ImageNet weights, for every pretraining
+  # The paper's design: a folder of supervised ImageNet weights (python -m micle_jax.import_torch)
+  # adds the `supervised` arm (fine-tuned from them), starts every pretraining from them
+  # (ImageNet → SimCLR/MICLe; imagenet_chain=False: from random weights) and gives every run
+  # their architecture (docs/import_torch.md).
+  c.imagenet = ""
+  c.imagenet_chain = True
+  # The TFDS data dir of every dataset the study reads ("": each config's own), e.g. another draw
+  # of the synthetic data (python -m data_builders.synthetic.demo --data=D --seed=N; D/tensorflow_datasets).
+  c.data_dir = ""
+  c.finetune = ml_collections.ConfigDict(
+    dict(config=finetune_config, arg=finetune_arg, overrides=ml_collections.ConfigDict())
+  )
+  c.init_overrides = ml_collections.ConfigDict()  # init name -> nested config overrides
+  c.fractions = (0.1, 0.2, 0.5, 1.0)
+  c.seeds = (0, 1, 2)
+  c.bootstrap_samples = 1000
+  # JAX's persistent compilation cache under ROOT/jax_cache: runs of one shape compile once.
+  c.compilation_cache = True
+  return c

@@ -44,9 +44,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.labels.task = "chexpert"
   c.labels.uncertainty_policy = "ones"
   c.dataset.views = a.views or "all"
-  c.probe.update(
-    dataset="chexpert_micle/images", split="train", task="chexpert", views=a.views or "all"
-  )
+  # The probe scores frontal images, as fine-tuning and the NIH shift set do, whatever the
+  # pretraining reads (pairs within a study need the lateral).
+  c.probe.update(dataset="chexpert_micle/images", split="train", task="chexpert", views="frontal")
   c.model.update(depth=a.depth, width=a.width, sk_ratio=0.0625 if a.sk else 0.0)
   c.batch_size = a.batch
   c.num_epochs = a.epochs
@@ -54,10 +54,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     common.make_demo(c)
     c.dataset.data_dir = "data/tensorflow_datasets"  # the probe reads there too
     # Frontal images only, as the fine-tuning and the NIH shift set read (unless `views=` says
-    # otherwise: pairs within a study need the lateral), and so does the probe; no supervised
-    # monitor (the kNN probe measures the representation without training anything on labels).
+    # otherwise: pairs within a study need the lateral); no supervised monitor (the kNN probe
+    # measures the representation without training anything on labels).
     c.dataset.views = a.views or "frontal"
-    c.probe.views = "frontal"
     c.augment.preset = "cxr_small"
     c.labels.task = "none"
   c.lock()

@@ -4,7 +4,7 @@ Paper scale (not timed by us):
   python -m micle_jax.finetune --config=configs/finetune_derm.py \
       --config.init_from=gs://BUCKET/derm_micle_r50x1 --workdir=gs://BUCKET/ft_derm \
       --config.label_fraction=0.2
-Predictions are averaged over each case's images before accuracy; CIs resample cases.
+Predictions are averaged over each case's images before accuracy; CIs resample patients.
 `external` evaluates, zero-shot, on the cases of another clinic that a generic case CSV marks
 with split `external` (the synthetic teledermatology data has them); any other source with the
 same classes can be added under `config.shift`.
@@ -48,6 +48,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     proj_layers_kept=a.selector,
     supervised_input_layer=a.selector,
   )
+  if a.external and a.source != "generic":
+    raise ValueError(
+      f"config argument external: only a generic case CSV has an external split, not {a.source}"
+    )
   if a.external:  # the cases of another clinic, split `external` of the same build
     c.shift.external = ml_collections.ConfigDict(
       dict(name=c.dataset.name, split="external", data_dir="", task="multiclass", views="all")

@@ -33,40 +33,11 @@ from configs import common
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, demo=False, cpu=False, pairs=False)
-  c = ml_collections.ConfigDict()
-  c.root = "workdirs/study_cxr"
-  c.methods = ("simclr", "micle")
-  # An arm's pretraining config argument ("method=<arm>" unless named here): `pairs` compares
-  # positive-pair policies, MedAug-style.
-  c.method_args = ml_collections.ConfigDict()
-  # Each method is pretrained once per seed; a study's intervals include the variance between
-  # these runs only when there are at least two (one run: they are conditional on it).
-  c.pretrain_seeds = (0, 1, 2)
-  c.scratch = True  # also fine-tune from random weights (one init seed per pretraining seed)
-  # Pretraining: `config` with `arg` (and `method=` per method), then `overrides`. Both methods
-  # share every key but the method, so they run the same number of steps (checked).
-  c.pretrain = ml_collections.ConfigDict(
-    dict(config="configs/cxr.py", arg="", overrides=ml_collections.ConfigDict())
+  c = common.study_base(
+    root="workdirs/study_cxr",
+    pretrain_config="configs/cxr.py",
+    finetune_config="configs/finetune_cxr.py",
   )
-  c.init_from = ""  # e.g. converted SimCLRv2 ImageNet weights, for both pretrainings
-  # The paper's design: a folder of supervised ImageNet weights (python -m micle_jax.import_torch)
-  # adds the `supervised` arm (fine-tuned from them), starts both pretrainings from them
-  # (ImageNet → SimCLR/MICLe; imagenet_chain=False: from random weights) and gives every run
-  # their architecture (docs/import_torch.md).
-  c.imagenet = ""
-  c.imagenet_chain = True
-  # The TFDS data dir of every dataset the study reads ("": each config's own), e.g. another draw
-  # of the synthetic data (python -m data_builders.synthetic.demo --data=D --seed=N; D/tensorflow_datasets).
-  c.data_dir = ""
-  c.finetune = ml_collections.ConfigDict(
-    dict(config="configs/finetune_cxr.py", arg="", overrides=ml_collections.ConfigDict())
-  )
-  c.init_overrides = ml_collections.ConfigDict()  # init name -> nested config overrides
-  c.fractions = (0.1, 0.2, 0.5, 1.0)
-  c.seeds = (0, 1, 2)
-  c.bootstrap_samples = 1000
-  # JAX's persistent compilation cache under ROOT/jax_cache: runs of one shape compile once.
-  c.compilation_cache = True
   if a.demo or a.cpu:
     c.root = "workdirs/study_demo" if a.demo else "workdirs/study_cpu"
     c.pretrain.arg = c.finetune.arg = "demo"

@@ -3,7 +3,7 @@ one to six camera photos of one skin condition.
 
   python -m data_builders.synthetic.demo --data=data --layouts=teledermatology   # or make derm-data
   python -m micle_jax.study --config=configs/study_derm.py:demo   # one pretraining seed (make derm-study)
-  python -m micle_jax.study --config=configs/study_derm.py:cpu    # 3 pretraining seeds (docs/study.md)
+  python -m micle_jax.study --config=configs/study_derm.py:cpu    # 3 pretraining seeds (docs/study_derm.md)
   python -m micle_jax.study --config=configs/study_derm.py --print_only --config.root=gs://B/derm
       # paper scale, on your own case CSV (derm/generic_*): one command per run, for a TPU fleet
 
@@ -18,7 +18,7 @@ chain (docs/import_torch.md).
 Variants: `demo` (one pretraining seed, one fine-tuning seed, label fractions 10% and 100%;
 intervals conditional on its one pretraining run per method), `cpu` (twice the pretraining,
 pretraining seeds 0, 1 and 2, label fractions 10%, 30% and 100%, fine-tuning seeds 0 and 1).
-Chosen on synthetic data of generator seed 1, which no reported table uses (docs/study.md): the
+Chosen on synthetic data of generator seed 1, which no reported table uses (docs/study_derm.md): the
 `derm_small` pretraining augmentation (configs/derm.py:demo), the fine-tuning learning rate of
 the pretrained inits (0.01, as for chest X-rays) and scratch's (0.3); the rest is the chest X-ray
 demo's.
@@ -31,34 +31,13 @@ from configs import common
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, demo=False, cpu=False)
-  c = ml_collections.ConfigDict()
-  c.root = "workdirs/study_derm"
-  c.methods = ("simclr", "micle")
-  c.method_args = (
-    ml_collections.ConfigDict()
-  )  # arm -> pretraining config argument (default method=<arm>)
-  c.pretrain_seeds = (0, 1, 2)
-  c.scratch = True
-  # Both methods share every key but the method, so they run the same number of steps (checked).
-  c.pretrain = ml_collections.ConfigDict(
-    dict(config="configs/derm.py", arg="source=generic", overrides=ml_collections.ConfigDict())
+  c = common.study_base(
+    root="workdirs/study_derm",
+    pretrain_config="configs/derm.py",
+    pretrain_arg="source=generic",
+    finetune_config="configs/finetune_derm.py",
+    finetune_arg="source=generic,external",
   )
-  c.init_from = ""
-  c.imagenet = ""  # supervised ImageNet weights (python -m micle_jax.import_torch)
-  c.imagenet_chain = True
-  c.data_dir = ""  # e.g. another draw of the synthetic data
-  c.finetune = ml_collections.ConfigDict(
-    dict(
-      config="configs/finetune_derm.py",
-      arg="source=generic,external",
-      overrides=ml_collections.ConfigDict(),
-    )
-  )
-  c.init_overrides = ml_collections.ConfigDict()
-  c.fractions = (0.1, 0.2, 0.5, 1.0)
-  c.seeds = (0, 1, 2)
-  c.bootstrap_samples = 1000
-  c.compilation_cache = True
   if a.demo or a.cpu:
     c.root = "workdirs/study_derm_demo" if a.demo else "workdirs/study_derm_cpu"
     c.pretrain.arg = "demo,source=generic"

@@ -96,6 +96,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   sharding.check_batch_size(spec.batch_size, mesh, key="config.batch_size")
   sharding.check_batch_size(spec.eval_batch_size, mesh, key="config.eval_batch_size")
   data = finetune_input.training_data(spec)
+  finetune_input.check_eval_splits(spec)
   fingerprints = fingerprint.finetune_data(spec)
   init_step = checkpoint.init_step_to_restore(
     spec.init_from, spec.init_step, run_files.PRETRAINING_FILE

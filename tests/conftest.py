@@ -92,3 +92,16 @@ def nih_data_dir(tmp_path_factory) -> str:
   synthetic.write_nih(root / "manual", num_patients=16, seed=0, image_size=48)
   build.build("nih_cxr14/images", manual_dir=str(root / "manual"), data_dir=str(root / "tfds"))
   return str(root / "tfds")
+
+
+@pytest.fixture(scope="session")
+def teledermatology_data_dir(tmp_path_factory) -> str:
+  """Tiny synthetic teledermatology cases (an external clinic included), built as `derm/generic_*`."""
+  from data_builders import build, synthetic
+
+  root = tmp_path_factory.mktemp("tele")
+  synthetic.write_teledermatology(
+    root / "manual", num_cases=24, num_external_cases=10, seed=0, image_size=32
+  )
+  build.build("derm/generic_images", manual_dir=str(root / "manual"), data_dir=str(root / "tfds"))
+  return str(root / "tfds")

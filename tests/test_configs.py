@@ -45,11 +45,12 @@ def test_pretraining_variants_build(module, arg):
   _check_traces(plan)
 
 
-def test_pretraining_views_are_independent_of_fine_tunings():
+def test_cxr_pretraining_views_are_set_apart_from_the_probes():
   """The CXR demo pretrains on frontal images unless told otherwise (pairs within a study need
-  the lateral); its probe scores frontal images either way, as fine-tuning does."""
+  the lateral); the probe scores frontal images either way, as fine-tuning does."""
   assert cxr.get_config("demo").dataset.views == "frontal"
-  assert cxr.get_config("").dataset.views == "all"
+  paper = cxr.get_config("")
+  assert (paper.dataset.views, paper.probe.views) == ("all", "frontal")
   both = cxr.get_config("demo,studies,views=all")
   assert (both.dataset.views, both.probe.views) == ("all", "frontal")
   assert both.dataset.name == "chexpert_micle/studies"

@@ -136,19 +136,6 @@ def test_finetune_from_a_checkpoint_writes_results_with_shift(
   assert not np.any(restored["head_supervised"]["kernel"])
 
 
-@pytest.fixture(scope="module")
-def teledermatology_data_dir(tmp_path_factory) -> str:
-  """Tiny synthetic teledermatology cases (with an external clinic), built as `derm/generic_*`."""
-  from data_builders import build, synthetic
-
-  root = tmp_path_factory.mktemp("tele")
-  synthetic.write_teledermatology(
-    root / "manual", num_cases=24, num_external_cases=10, seed=0, image_size=32
-  )
-  build.build("derm/generic_images", manual_dir=str(root / "manual"), data_dir=str(root / "tfds"))
-  return str(root / "tfds")
-
-
 def test_dermatology_scores_cases_in_distribution_and_at_the_external_clinic(
   teledermatology_data_dir, tmp_path
 ):
@@ -158,6 +145,11 @@ def test_dermatology_scores_cases_in_distribution_and_at_the_external_clinic(
   c.dataset.data_dir = c.shift.external.data_dir = teledermatology_data_dir
   c.update(batch_size=8, eval_batch_size=16, num_steps=2, bootstrap_samples=20)
   c.model.proj_out_dim = 16
+  wrong = c.copy_and_resolve_references()
+  wrong.shift.external.split = "valid"
+  with pytest.raises(specs.ConfigError, match=r"shift.external.split='valid'.*'external'"):
+    finetune.train_and_evaluate(wrong, str(tmp_path / "refused"))  # before any training
+  assert not (tmp_path / "refused" / "checkpoints").exists()
   results = finetune.train_and_evaluate(c, str(tmp_path))
   assert set(results["eval"]) == {"in_distribution", "external"}
   assert results["eval_aggregation"] == "case"

@@ -107,6 +107,13 @@ def ensure(
       continue
     if manual.exists() and any(manual.iterdir()) and not stamp.exists():
       raise ValueError(f"{manual} holds files this tool did not write; move them away first")
+    for name in BUILDS[layout]:
+      for folder in _build_dirs(tfds_dir, name):
+        if folder.exists() and any(folder.iterdir()) and not (folder / STAMP).exists():
+          raise ValueError(
+            f"{folder} holds a build this tool did not make (e.g. your own {name}); "
+            "move it away or pick another --data"
+          )
     if not current:
       shutil.rmtree(manual, ignore_errors=True)
       _WRITERS[layout](manual, **sizes[layout])

@@ -11,12 +11,14 @@ The generative model, stated so that tests can check it and a study can be read 
 - **Per lesion** (`skin_conditions.sample_lesion`): the condition's colour, morphology and
   texture, and the lesion's own size, shape, orientation, body site, hairs and texture pattern,
   all drawn on the skin plane in the lesion's own coordinates.
-- **Per photo**: another view of a lesion of the case or, with probability `ANOTHER_LESION`,
-  another lesion of the same condition at another body site. And what a camera and a room add,
+- **Per photo**: another view of a lesion of the case or, with probability `ANOTHER_LESION` for
+  each further photo, another lesion of the same condition at a body site other than the previous
+  lesion's. And what a camera and a room add,
   none of which SimCLR's augmentation produces: perspective tilt, distance and rotation of the
   camera; directional light, ambient level and a flash highlight; the device's white balance,
   focus blur, sensor noise and JPEG quality; background objects (a clothing edge, a ruler).
-  A case's photos usually come from one device (`SAME_DEVICE`), each with its own exposure.
+  A photo comes from the case's device with probability `SAME_DEVICE`, else from a device drawn
+  at random among the clinic's (the case's own included), each shot with its own exposure.
 - **Per clinic** (`make_clinic`): its devices, lighting and the skin tones of its patients. The
   `external` clinic has other devices (cooler white balance, more blur and noise, lower JPEG
   quality), dimmer and more directional light and darker skin tones: a distribution shift of
@@ -24,11 +26,15 @@ The generative model, stated so that tests can check it and a study can be read 
 
 Prediction for SimCLR vs MICLe. SimCLR's two views of a photo share everything above that
 augmentation does not change, so instance discrimination can tell photos apart by their
-perspective, light, background and device; MICLe's two photos of a case differ in all of them,
-and in `ANOTHER_LESION` of the pairs even in the lesion, sharing only the condition. MICLe should
-therefore learn features that depend more on the condition and less on the photo: a higher
-top-1 accuracy after fine-tuning with few labels, and a smaller drop on the external clinic.
-The effect is bounded by the cases with several photos (about 58% of cases).
+perspective, light, background and device. MICLe's two photos of a case share the condition, the
+patient's skin tone and, usually, the device (white balance, noise, blur range), and differ in
+the per-photo camera, light and background and, often, in the lesion itself (a new lesion for
+30% of further photos, so more than 30% of a case's pairs once it has three photos or more).
+MICLe should therefore learn features that depend more on the condition and less on the photo: a
+higher top-1 accuracy after fine-tuning with few labels, and a smaller drop at the external
+clinic, as far as that drop comes from camera and light (its darker skin tones are a shift that
+MICLe's pairs, sharing a patient's tone, do not teach). The effect is bounded by the cases with
+several photos (about 58% of cases).
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ CONDITION_PROBS: dict[str, float] = {
 assert tuple(CONDITION_PROBS) == skin_conditions.CONDITIONS
 PHOTO_COUNTS = np.array([0.42, 0.26, 0.14, 0.09, 0.06, 0.03])  # P(1..6 photos in a case)
 ANOTHER_LESION = 0.3  # a further photo shows another lesion of the condition
-SAME_DEVICE = 0.8  # a photo comes from the case's device (else another of the clinic's)
+SAME_DEVICE = 0.8  # a photo comes from the case's device (else any of the clinic's, at random)
 SECOND_CASE = 0.1  # a patient has a second case
 LIGHT_SKIN = np.array([0.93, 0.78, 0.68], np.float32)
 DARK_SKIN = np.array([0.36, 0.24, 0.17], np.float32)

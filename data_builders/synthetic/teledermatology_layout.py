@@ -93,7 +93,8 @@ def write_teledermatology(
     out_dir: the manual dir to write into.
     num_cases: cases of the home clinic, split by patient with `split_fractions`.
     num_external_cases: cases of the external clinic (split `external`; 0: none).
-    seed: picks everything; the same seed writes byte-identical files.
+    seed: picks everything; the same seed writes byte-identical files. The external clinic is
+      drawn after the home clinic from the same stream, so `num_cases` changes its cases too.
     image_size: photo height in pixels (a device's aspect ratio sets the width).
     split_fractions: train/validation/test fractions of the home clinic's patients.
 
@@ -117,9 +118,10 @@ def write_teledermatology(
     writer = csv.writer(f, lineterminator="\n")
     writer.writerow(HEADER)
     writer.writerows(rows)
+  split, case = HEADER.index("split"), HEADER.index("case_id")
   cases: dict[str, set[str]] = {}
   images: dict[str, int] = {}
   for row in rows:
-    cases.setdefault(row[3], set()).add(row[0])
-    images[row[3]] = images.get(row[3], 0) + 1
+    cases.setdefault(row[split], set()).add(row[case])
+    images[row[split]] = images.get(row[split], 0) + 1
   return Counts({k: len(v) for k, v in cases.items()}, images)

@@ -79,7 +79,7 @@ PRESETS: dict[str, ViewPreset] = {
   # Skin photos at 32–64 px (the CPU dermatology study): crops of at least 30% of the photo, jitter
   # s = 0.5, no grayscale, ±20°. At that size 8% crops mostly miss the lesion, and full-strength
   # jitter with grayscale erases the colour that tells the conditions apart. Chosen on synthetic
-  # data of another generator seed than the study reports (docs/study.md).
+  # data of another generator seed than the study reports (docs/study_derm.md).
   "derm_small": ViewPreset(
     crop_area_range=(0.3, 1.0),
     jitter_strength=0.5,

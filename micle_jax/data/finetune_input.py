@@ -267,3 +267,16 @@ def eval_targets(spec: specs.FinetuneSpec) -> list[EvalTarget]:
       EvalTarget(key, shift.name, shift.split, shift.data_dir, shift.task, shift.views)
     )
   return targets
+
+
+def check_eval_splits(spec: specs.FinetuneSpec) -> None:
+  """Fails, naming the config key, if an evaluation's split is not in its prepared dataset (so a
+  run stops before training, not after it)."""
+  for target in eval_targets(spec):
+    found = sorted(input_pipeline.builder(target.name, target.data_dir).info.splits)
+    if target.split not in found:
+      key = "dataset.eval_split" if target.key == "in_distribution" else f"shift.{target.key}.split"
+      raise specs.ConfigError(
+        f"config.{key}={target.split!r}: {target.name} has no such split (it has {found}); a "
+        "generic case CSV names cases of another clinic with split `external`"
+      )

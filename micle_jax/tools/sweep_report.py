@@ -92,16 +92,17 @@ def table(arm_rows: Sequence[Mapping[str, Any]]) -> str:
     _with_cells(_main(arm_rows, "value")),
     key=lambda r: (r["init"], r["eval"], float(r["fraction"])),
   )
+  w = max([10] + [len(str(r["init"])) for r in rows])  # the init column fits every name
   lines = [
     "Each arm: the mean over its pretraining runs (scratch: initialisation seeds) of the mean over"
     " their fine-tuning seeds; 95% CI resampling runs and patients:",
-    f"{'init':<10} {'eval':<16} {'fraction':>8}  {'metric':<8} {'value':>6}  {'95% CI':<16}"
+    f"{'init':<{w}} {'eval':<16} {'fraction':>8}  {'metric':<8} {'value':>6}  {'95% CI':<16}"
     f" {'runs':>4} {'units':>5} {'sd runs':>7} {'ft steps':>8} {'pretrain steps':>14}"
     f" {'pretrain views':>14}",
   ]
   for r in rows:
     lines.append(
-      f"{r['init']:<10} {r['eval']:<16} {float(r['fraction']):>8.2f}  {r['metric']:<8} "
+      f"{r['init']:<{w}} {r['eval']:<16} {float(r['fraction']):>8.2f}  {r['metric']:<8} "
       f"{float(r['value']):>6.3f}  {_interval(r):<16} {int(r['runs']):>4} {int(r['units']):>5}"
       f" {_sd(r['sd_runs']):>7} {_count(r['train_steps']):>8} {_count(r['pretrain_steps']):>14}"
       f" {_count(r['pretrain_views_seen']):>14} {_mark(r, rows)}".rstrip()
@@ -130,21 +131,22 @@ def significant(row: Mapping[str, Any]) -> bool:
 def differences_table(diffs: Sequence[Mapping[str, Any]]) -> str:
   """The differences of the main metric (`differences.compare`'s rows), with hierarchical CIs,
   the runs of each arm, and each pretraining seed's own difference."""
+  main = _with_cells(_main(diffs, "difference"))
+  w = max([8] + [len(str(d[k])) for d in main for k in ("init", "baseline")])  # fits every name
   lines = [
     "Differences, init − baseline (95% CI resampling each arm's runs and the same patients for"
     " both; * = the CI excludes 0; runs = init/baseline):",
-    f"{'eval':<16} {'fraction':>8}  {'metric':<8} {'init':<8} {'baseline':<8} "
+    f"{'eval':<16} {'fraction':>8}  {'metric':<8} {'init':<{w}} {'baseline':<{w}} "
     f"{'difference':>10}  {'95% CI':<17}   {'runs':>7}  per pretraining seed",
   ]
-  main = _with_cells(_main(diffs, "difference"))
   if not main:
     return "\n".join(lines + ["(no pairs: a difference needs two inits in one cell)"])
   for d in main:
     mark = "*" if significant(d) else " "
     runs = f"{int(d['runs'])}/{int(d['baseline_runs'])}"
     lines.append(
-      f"{d['eval']:<16} {float(d['fraction']):>8.2f}  {d['metric']:<8} {d['init']:<8} "
-      f"{d['baseline']:<8} {float(d['difference']):>+10.3f}  {_interval(d, '+'):<17} {mark} "
+      f"{d['eval']:<16} {float(d['fraction']):>8.2f}  {d['metric']:<8} {d['init']:<{w}} "
+      f"{d['baseline']:<{w}} {float(d['difference']):>+10.3f}  {_interval(d, '+'):<17} {mark} "
       f"{runs:>7}  {d['per_seed'] or '-'} {_mark(d, main)}".rstrip()
     )
   return "\n".join(lines) + _scopes(main)

@@ -289,6 +289,12 @@ def test_demo_data_is_rebuilt_only_when_its_stamp_changes(tmp_path):
   (foreign / "manual" / "nih" / "mine.csv").write_text("x\n")
   with pytest.raises(ValueError, match="mine|did not write"):
     demo.ensure(foreign, ["nih"], sizes)
+  # A build the tool did not make (a user's own, under the name a layout builds) is never deleted.
+  own = tmp_path / "own"
+  (own / "tensorflow_datasets" / "nih_cxr14" / "images" / "1.0.0").mkdir(parents=True)
+  with pytest.raises(ValueError, match="did not make"):
+    demo.ensure(own, ["nih"], sizes)
+  assert (own / "tensorflow_datasets" / "nih_cxr14" / "images" / "1.0.0").exists()
   with pytest.raises(ValueError, match="unknown layout 'mri'"):
     demo.ensure(tmp_path, ["mri"], sizes)
 

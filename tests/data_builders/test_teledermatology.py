@@ -15,7 +15,7 @@ from data_builders.synthetic import teledermatology_layout as layout
 
 def _cases(external: bool = False, n: int = 3000, seed: int = 0) -> list[teledermatology.Case]:
   rng = np.random.default_rng(seed)
-  clinic = teledermatology.make_clinic("x", rng, external=external)
+  clinic = teledermatology.make_clinic("external" if external else "home", rng, external=external)
   return list(teledermatology.sample_cases(clinic, n, rng, lambda r: "train"))
 
 
@@ -51,7 +51,7 @@ def test_photos_per_case_skewed_toward_few(home):
   assert 0.5 < np.mean(counts > 1) < 0.65
 
 
-def test_case_has_one_condition_and_patient_photos_share_or_change_lesion(home):
+def test_a_case_has_one_condition_and_its_photos_show_one_lesion_or_another(home):
   further = [shot for case in home for shot in case.shots[1:]]
   new = 0
   for case in home:
@@ -75,6 +75,16 @@ def test_case_has_one_condition_and_patient_photos_share_or_change_lesion(home):
     assert len({(p.rotation, p.tilt, p.distance, p.seed) for p in photos}) == len(photos)
 
 
+def test_photos_mostly_come_from_the_cases_device(home):
+  """Each photo is the case's device with p = SAME_DEVICE + (1 - SAME_DEVICE) / 5 (a random pick
+  of the clinic's five may fall on it), else one of the other four: two photos of a case share a
+  device with p = q² + (1 - q)² / 4."""
+  q = teledermatology.SAME_DEVICE + (1 - teledermatology.SAME_DEVICE) / 5
+  expected = q**2 + (1 - q) ** 2 / 4
+  same = [shot.device == case.shots[0].device for case in home for shot in case.shots[1:]]
+  assert abs(np.mean(same) - expected) < 4 * np.sqrt(expected * (1 - expected) / len(same))
+
+
 def test_patients_keep_their_skin_tone_across_cases(home):
   tones: dict[str, set[float]] = {}
   for case in home:
@@ -87,9 +97,9 @@ def test_patients_keep_their_skin_tone_across_cases(home):
 
 
 def test_external_clinic_is_shifted(home, external):
-  home_devices = {shot.device for case in home for shot in case.shots}
-  external_devices = {shot.device for case in external for shot in case.shots}
-  assert not home_devices & external_devices
+  home_gains = {shot.device.white_balance for case in home for shot in case.shots}
+  external_gains = {shot.device.white_balance for case in external for shot in case.shots}
+  assert len(home_gains) == 5 and len(external_gains) == 3 and not home_gains & external_gains
 
   def mean(cases, value):
     return np.mean([value(case, shot) for case in cases for shot in case.shots])
