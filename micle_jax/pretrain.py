@@ -17,6 +17,7 @@ naming the step, without saving over the last good checkpoint.
 
 import dataclasses
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -151,6 +152,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     label_spec=spec.labels,
   )
   on_save = _probe_hook(spec, workdir, writer, mesh, start_step, state)
+  last_logged: dict[str, Any] = {}
   state = loop.run(
     spec=spec.loop,
     workdir=workdir,
@@ -162,6 +164,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     mesh=mesh,
     total_steps=budget.total_steps,
     on_save=on_save,
+    on_log=lambda step, scalars: last_logged.update(step=step, metrics=scalars),
     label=f"pretrain {spec.method} {run_files.short(workdir)}",
   )
   mngr.wait_until_finished()
@@ -172,8 +175,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     final["probe"] = on_save.history if on_save is not None else None
     if on_save is not None and on_save.probe is not None:
       final["probe_images"] = on_save.probe.num_images
+    final["contrastive"] = contrastive_summary(last_logged, spec.batch_size)
     run_files.write_json(workdir / run_files.PRETRAINING_FILE, final)
   return state
+
+
+def contrastive_summary(last_logged: dict[str, Any], batch_size: int) -> dict[str, Any] | None:
+  """How far the contrastive task got: its accuracy and loss over the last logged window, beside
+  their values at chance (uniform logits over the 2B − 1 candidates of each row, both directions
+  summed, as `losses.nt_xent`). A loss not below chance means the pretraining learned nothing
+  (e.g. it diverged); None if this run logged no step."""
+  if not last_logged:
+    return None
+  scalars = {k: float(v) for k, v in last_logged["metrics"].items()}
+  candidates = 2 * batch_size - 1
+  return {
+    "step": int(last_logged["step"]),
+    "accuracy": scalars.get("contrast_acc"),
+    "loss": scalars.get("contrast_loss"),
+    "chance_accuracy": 1.0 / candidates,
+    "chance_loss": 2.0 * math.log(candidates),
+  }
 
 
 def _log_start(spec: specs.PretrainSpec, budget: Budget, state, writer, start_step: int) -> None:

@@ -174,6 +174,12 @@ def test_pretraining_records_its_budget(uninterrupted):
   assert summary["pairs_seen"] == 6 * 8 and summary["views_seen"] == 2 * 6 * 8
   assert summary["num_images"] > summary["num_examples"]  # MICLe: cases hold several images
   assert summary["init"]["source"] == "scratch"
+  # How far the contrastive task got, beside chance for batch 8 (15 candidates per row).
+  contrastive = summary["contrastive"]
+  assert contrastive["step"] == 6
+  assert contrastive["chance_accuracy"] == pytest.approx(1 / 15)
+  assert contrastive["chance_loss"] == pytest.approx(2 * np.log(15))
+  assert 0.0 <= contrastive["accuracy"] <= 1.0 and contrastive["loss"] > 0
 
 
 def test_the_probe_scores_every_checkpoint(uninterrupted):

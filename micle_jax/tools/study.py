@@ -258,6 +258,26 @@ class _Stopwatch:
     return result
 
 
+def pretraining_health(pretrainings: list[Pretraining]) -> str:
+  """Each pretraining's contrastive accuracy and loss at its end beside chance (its
+  pretraining.json); one whose loss is not below chance learned nothing (e.g. it diverged), and
+  every arm fine-tuned from it measures that, not the method: flagged."""
+  lines = ["Pretraining at its end (contrastive accuracy and loss over the last logged steps):"]
+  for p in pretrainings:
+    path = epath.Path(p.workdir) / run_files.PRETRAINING_FILE
+    c = (run_files.read_json(path) if path.exists() else {}).get("contrastive")
+    name = f"{p.method:<12} {unit_label(p.seed):<4}"
+    if not c or c.get("loss") is None:
+      lines.append(f"  {name} not recorded")
+      continue
+    flag = "  NOT BELOW CHANCE: learned nothing" if c["loss"] >= c["chance_loss"] else ""
+    lines.append(
+      f"  {name} step {c['step']:>6}  accuracy {c['accuracy']:.3f} (chance "
+      f"{c['chance_accuracy']:.3f})  loss {c['loss']:.2f} (chance {c['chance_loss']:.2f}){flag}"
+    )
+  return "\n".join(lines)
+
+
 def collect(study) -> tuple[list[dict], list[dict], list[dict]]:
   """results.csv, arms.csv, differences.csv and the plot under ROOT/finetune; prints the
   tables."""
@@ -279,8 +299,11 @@ def run_study(study: ml_collections.ConfigDict) -> tuple[list[dict], list[dict],
   for p in pretrainings:
     name = f"pretrain {p.method} seed {p.seed} ({steps[p.method]} steps)"
     clock.run(name, pretrain.train_and_evaluate, p.config, p.workdir)
+  health = pretraining_health(pretrainings)
+  print(health, flush=True)
   clock.run(f"fine-tune ({len(finetunings)} runs)", sweep.run, finetunings)
   out = clock.run("collect", collect, study)
+  print(health)
   total = sum(seconds for _, seconds in clock.stages)
   print(f"[study] total: {total:.0f} s ({total / 60:.1f} min)")
   return out

@@ -129,6 +129,7 @@ def run(
   mesh: jax.sharding.Mesh,
   total_steps: int,
   on_save: Callable[[int, Any], None] | None = None,
+  on_log: Callable[[int, dict[str, float]], None] | None = None,
   label: str = "train",
 ) -> Any:
   """Steps from `state.step` to `total_steps`, logging, checkpointing, and stopping cleanly.
@@ -137,7 +138,8 @@ def run(
   `step_fn(state, global_batch)` must report `loss` and `params_finite`; a
   non-finite step raises `FloatingPointError` before anything after it is saved or logged.
   `on_save(step, state)` runs after each checkpoint is written (e.g. a probe of the state); it
-  must not change the state. `label` names the run on its progress line.
+  must not change the state. `on_log(step, scalars)` sees each logged window of averages.
+  `label` names the run on its progress line.
   """
   start_step = int(state.step)
   hooks = _periodic_actions(spec, writer, workdir, total_steps)
@@ -170,7 +172,10 @@ def run(
       for hook in hooks:
         hook(step)
       if log_now:
-        writer.write_scalars(step, window.compute_and_reset())
+        scalars = window.compute_and_reset()
+        writer.write_scalars(step, scalars)
+        if on_log is not None:
+          on_log(step, scalars)
       if save_now:
         checkpoint.save(mngr, step, checkpoint.state_to_tree(state), force=True)
         if on_save is not None:

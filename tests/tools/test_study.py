@@ -225,6 +225,25 @@ def test_pair_policies_pretrain_on_every_view_at_one_budget_and_fine_tune_on_fro
     study.plan_pretraining(s)
 
 
+def test_a_pretraining_that_learned_nothing_is_flagged(cxr_data_dir, nih_data_dir, tmp_path):
+  """A pretraining whose contrastive loss ends at or above chance (a diverged run) is named in
+  the study's output: every arm fine-tuned from it measures the failure, not the method."""
+  s = _study(tmp_path, cxr_data_dir, nih_data_dir)
+  pretrainings = study.plan_pretraining(s)
+  chance = {"chance_accuracy": 1 / 63, "chance_loss": 8.29}
+  records = {
+    "simclr": {"step": 512, "accuracy": 0.41, "loss": 5.1, **chance},
+    "micle": {"step": 512, "accuracy": 0.02, "loss": 9.6, **chance},
+  }
+  for p in pretrainings:
+    (tmp_path / p.workdir).mkdir(parents=True, exist_ok=True)
+    path = tmp_path / p.workdir / "pretraining.json"
+    path.write_text(json.dumps({"contrastive": records[p.method]}))
+  lines = study.pretraining_health(pretrainings).splitlines()
+  assert "learned nothing" not in lines[1] and "accuracy 0.410" in lines[1]
+  assert lines[2].startswith("  micle") and lines[2].endswith("NOT BELOW CHANCE: learned nothing")
+
+
 def test_print_only_prints_every_command_and_runs_nothing(tmp_path):
   import os
   import pathlib
