@@ -19,9 +19,9 @@ Variants: `demo` (one pretraining seed, one fine-tuning seed, label fractions 10
 intervals conditional on its one pretraining run per method), `cpu` (twice the pretraining,
 pretraining seeds 0, 1 and 2, label fractions 10%, 30% and 100%, fine-tuning seeds 0 and 1).
 Chosen on synthetic data of generator seed 1, which no reported table uses (docs/study_derm.md): the
-`derm_small` pretraining augmentation (configs/derm.py:demo), the fine-tuning learning rate of
-the pretrained inits (0.01, as for chest X-rays) and scratch's (0.3); the rest is the chest X-ray
-demo's.
+`derm_small` pretraining augmentation and LARS 1.0 (configs/derm.py:demo), the fine-tuning
+learning rate of the pretrained inits (0.01, as for chest X-rays) and scratch's (0.3); the rest is
+the chest X-ray demo's.
 """
 
 import ml_collections
