@@ -23,6 +23,7 @@ _FORWARDED = {
   "micle_jax.sweep": "micle_jax.tools.sweep",
   "micle_jax.study": "micle_jax.tools.study",
   "micle_jax.predict": "micle_jax.tools.predict",
+  "micle_jax.probe_attributes": "micle_jax.tools.probe_attributes",
   "micle_jax.benchmark": "micle_jax.tools.benchmark",
   "micle_jax.convert_simclr": "micle_jax.tools.convert_simclr",
   "micle_jax.export_torch": "micle_jax.tools.export_torch",

@@ -22,6 +22,7 @@ ALIASES = {
   "convert_simclr",
   "sweep",
   "predict",
+  "probe_attributes",
   "study",
   "export_torch",
   "import_torch",

@@ -40,15 +40,28 @@ class Counts:
   valid_images: int
 
 
-def _structure(num_patients: int, study_probs: tuple[float, ...]) -> list[list[int]]:
-  """Returns, per patient, the number of views of each study (seed-independent).
+# The real train.csv's share of studies with a lateral view (16.7% of 187,641) and with two or
+# more images (18.1%): a second frontal view in about 1.7% of studies, with or without a lateral.
+LATERAL_SHARE = 0.167
+SECOND_FRONTAL_SHARE = 0.017
+TRUTH_FILE = "truth.csv"
+TRUTH_HEADER = ("Path", "cardiothoracic_ratio", "gamma", "gain", "tissue", "air")
 
-  `study_probs[i]` is the probability of i + 1 studies; each study has a lateral view 40% of the
-  time.
+
+def _structure(num_patients: int, study_probs: tuple[float, ...]) -> list[list[tuple[str, ...]]]:
+  """Returns, per patient, the views of each study in file order (seed-independent).
+
+  `study_probs[i]` is the probability of i + 1 studies. Every study has a frontal view; a second
+  frontal one with probability `SECOND_FRONTAL_SHARE` and a lateral one with `LATERAL_SHARE`.
   """
   rng = np.random.default_rng([0xC4E5, num_patients])
   num_studies = rng.choice(len(study_probs), size=num_patients, p=study_probs) + 1
-  return [[1 + int(rng.uniform() < 0.4) for _ in range(n)] for n in num_studies]
+
+  def study() -> tuple[str, ...]:
+    frontals = 1 + int(rng.uniform() < SECOND_FRONTAL_SHARE)
+    return ("frontal",) * frontals + ("lateral",) * int(rng.uniform() < LATERAL_SHARE)
+
+  return [[study() for _ in range(n)] for n in num_studies]
 
 
 def _study_labels(
@@ -82,40 +95,55 @@ def _study_labels(
 def _write_split(
   out_dir: pathlib.Path,
   split: str,
-  structure: list[list[int]],
+  structure: list[list[tuple[str, ...]]],
   first_patient: int,
   rng: np.random.Generator,
   image_size: int,
-) -> int:
-  """Writes the JPEGs and the CSV of one split; returns the number of images."""
-  rows = []
-  for offset, study_views in enumerate(structure):
+) -> list[list[str]]:
+  """Writes the JPEGs and the CSV of one split; returns its rows of `TRUTH_FILE`."""
+  rows, truth = [], []
+  for offset, studies in enumerate(structure):
     patient = f"patient{first_patient + offset:05d}"
     anatomy = cxr.sample_anatomy(rng)
     chronic = findings.sample_patient(rng)
     sex = str(rng.choice(["Male", "Female", "Unknown"], p=[0.55, 0.44, 0.01]))
     age = int(rng.integers(18, 91))
     shown = None
-    for study, num_views in enumerate(study_views, start=1):
+    for study, study_views in enumerate(studies, start=1):
       shown = findings.sample_study(rng, chronic, shown)
       cells, strengths = _study_labels(rng, shown, valid=split == "valid")
-      for view in range(1, num_views + 1):
-        lateral = view == 2
+      ratio = f"{cxr.cardiothoracic_ratio(anatomy, strengths):.4f}"
+      for view, kind in enumerate(study_views, start=1):
+        lateral = kind == "lateral"
         height = int(image_size + rng.integers(-14, 15))
         width = int(round(height * rng.uniform(0.78, 0.92)))
-        image = cxr.render(anatomy, strengths, lateral=lateral, height=height, width=width, rng=rng)
-        kind = "lateral" if lateral else "frontal"
+        exposure = cxr.sample_exposure(rng)
+        image = cxr.render(
+          anatomy,
+          strengths,
+          lateral=lateral,
+          height=height,
+          width=width,
+          rng=rng,
+          exposure=exposure,
+        )
         relative = f"{ROOT}/{split}/{patient}/study{study}/view{view}_{kind}.jpg"
         (out_dir / relative).parent.mkdir(parents=True, exist_ok=True)
         (out_dir / relative).write_bytes(drawing.encode_jpeg(image))
         ap_pa = "" if lateral else str(rng.choice(["AP", "PA", "LL"], p=[0.6, 0.39, 0.01]))
         meta = [relative, sex, str(age + study - 1), "Lateral" if lateral else "Frontal", ap_pa]
         rows.append(meta + [cells[name] for name in OBSERVATIONS])
-  with open(out_dir / ROOT / f"{split}.csv", "w", newline="") as f:
+        acquisition = [exposure.gamma, exposure.gain, exposure.tissue, exposure.air]
+        truth.append([relative, "" if lateral else ratio] + [f"{v:.4f}" for v in acquisition])
+  _write_csv(out_dir / ROOT / f"{split}.csv", HEADER, rows)
+  return truth
+
+
+def _write_csv(path: pathlib.Path, header, rows: list[list[str]]) -> None:
+  with open(path, "w", newline="") as f:
     writer = csv.writer(f, lineterminator="\n")
-    writer.writerow(HEADER)
+    writer.writerow(header)
     writer.writerows(rows)
-  return len(rows)
 
 
 def write_chexpert(
@@ -128,11 +156,18 @@ def write_chexpert(
 ) -> Counts:
   """Writes `out_dir/CheXpert-v1.0-small/{train,valid}.csv` and the JPEGs they list.
 
-  Train patients have 1-3 studies (45/35/20%); each study has a frontal view and, 40% of the
-  time, a lateral one. Valid patients (numbered after the train ones, as in the real release)
-  have one study and only 0/1 labels. The default (300 + 30 patients, ~96 px) writes 516 train
-  studies with 715 images and 30 valid studies with 45 images, in about 5 s. Findings follow
-  `findings.py`.
+  Train patients have 1-3 studies (45/35/20%); each study has a frontal view, a second frontal
+  one 1.7% of the time and a lateral one 16.7% of the time (the real train.csv's shares). Valid
+  patients (numbered after the train ones, as in the real release) have one study and only 0/1
+  labels. The images of one study show the same findings, each with its own exposure and pose.
+  The default (300 + 30 patients, ~96 px) writes 516 train studies with 609 images and 30 valid
+  studies with 37 images, in about 5 s. Findings follow `findings.py`.
+
+  Beside `CheXpert-v1.0-small/`, `truth.csv` (`TRUTH_HEADER`; no builder reads it) records what
+  each image was drawn with: the cardiothoracic ratio of a frontal view
+  (`cxr.cardiothoracic_ratio`, blank for laterals) and the image's exposure (`cxr.Exposure`:
+  gamma, gain, tissue and air brightness), for probing what a representation encodes
+  (`python -m micle_jax.probe_attributes`).
 
   Args:
     out_dir: the folder that will contain `CheXpert-v1.0-small/` (the builder's manual dir).
@@ -151,13 +186,14 @@ def write_chexpert(
   train = _structure(num_patients, (0.45, 0.35, 0.2))
   valid = _structure(num_valid_patients, (1.0,))
   rng = np.random.default_rng(seed)
-  train_images = _write_split(out_dir, "train", train, 1, rng, image_size)
-  valid_images = _write_split(out_dir, "valid", valid, num_patients + 1, rng, image_size)
+  train_truth = _write_split(out_dir, "train", train, 1, rng, image_size)
+  valid_truth = _write_split(out_dir, "valid", valid, num_patients + 1, rng, image_size)
+  _write_csv(out_dir / TRUTH_FILE, TRUTH_HEADER, train_truth + valid_truth)
   return Counts(
     train_patients=num_patients,
     train_studies=sum(len(s) for s in train),
-    train_images=train_images,
+    train_images=len(train_truth),
     valid_patients=num_valid_patients,
     valid_studies=num_valid_patients,
-    valid_images=valid_images,
+    valid_images=len(valid_truth),
   )

@@ -76,6 +76,23 @@ def sample_exposure(rng: np.random.Generator) -> Exposure:
   )
 
 
+# The frontal heart silhouette's half-width (before cardiomegaly, × the patient's heart size)
+# and how much a certain Cardiomegaly (strength 1) widens it on frontal and lateral views.
+_HEART_HALF_WIDTH = 0.27
+_WIDENING_FRONTAL = 0.7
+_WIDENING_LATERAL = 0.6
+
+
+def cardiothoracic_ratio(a: Anatomy, findings: Mapping[str, float]) -> float:
+  """The frontal view's heart width over its thorax width (outer edges of the lungs), as drawn.
+
+  What a radiologist measures for cardiomegaly (> 0.5 on a PA film): here 0.32-0.48
+  without it and 0.54-0.82 with a certain one (strength 1). Zoom and body size cancel out.
+  """
+  heart_scale = a.heart * (1.0 + _WIDENING_FRONTAL * findings.get("Cardiomegaly", 0.0))
+  return _HEART_HALF_WIDTH * heart_scale / (a.lung_gap + 2 * a.lung_width)
+
+
 def _lungs(y, x, a: Anatomy, findings: Mapping[str, float]) -> tuple[np.ndarray, list]:
   """Returns the lung mask (both sides) and per-side (mask, center, radii)."""
   sides = []
@@ -99,9 +116,12 @@ def _frontal(y, x, a: Anatomy, e: Exposure, findings: Mapping[str, float], rng) 
   image = image - (e.tissue - e.air) * lungs + 0.08 * ribs * lungs
   spine = drawing.sigmoid((0.07 - np.abs(x)) / 0.015) * body
   image = np.maximum(image, 0.62 * spine) + _lung_findings(y, x, sides, lungs, a, e, findings, rng)
-  heart_scale = a.heart * (1.0 + 0.7 * findings.get("Cardiomegaly", 0.0))
+  heart_scale = a.heart * (1.0 + _WIDENING_FRONTAL * findings.get("Cardiomegaly", 0.0))
   heart = drawing.soft_ellipse(
-    y, x, (0.22 * a.body, 0.1 * a.body), (0.26 * a.heart * a.body, 0.27 * heart_scale * a.body)
+    y,
+    x,
+    (0.22 * a.body, 0.1 * a.body),
+    (0.26 * a.heart * a.body, _HEART_HALF_WIDTH * heart_scale * a.body),
   )
   return image * (1 - heart) + 0.66 * heart
 
@@ -116,7 +136,7 @@ def _lateral(y, x, a: Anatomy, e: Exposure, findings: Mapping[str, float], rng) 
   spine = drawing.sigmoid((0.08 - np.abs(x - 0.45 * a.body)) / 0.015) * body
   image = np.maximum(image, 0.6 * spine * (0.8 + 0.2 * np.cos(14 * y) ** 2))
   image = image + _lung_findings(y, x, [(lung, center, radii)], lung, a, e, findings, rng)
-  heart_scale = a.heart * (1.0 + 0.6 * findings.get("Cardiomegaly", 0.0))
+  heart_scale = a.heart * (1.0 + _WIDENING_LATERAL * findings.get("Cardiomegaly", 0.0))
   heart = drawing.soft_ellipse(
     y, x, (0.25 * a.body, -0.2 * a.body), (0.27 * a.heart * a.body, 0.22 * heart_scale * a.body)
   )
@@ -161,6 +181,7 @@ def render(
   height: int,
   width: int,
   rng: np.random.Generator,
+  exposure: Exposure | None = None,
 ) -> np.ndarray:
   """Draws one chest X-ray as uint8 [height, width, 1].
 
@@ -172,8 +193,11 @@ def render(
     width: image width in pixels.
     rng: source of the per-image exposure and noise (`sample_exposure`) and of the patient's
       positioning on this image (shift, rotation, zoom).
+    exposure: this image's exposure, drawn by the caller with `sample_exposure(rng)` just before
+      (the same draws as leaving it None), e.g. to record it; None draws it here.
   """
-  exposure = sample_exposure(rng)
+  if exposure is None:
+    exposure = sample_exposure(rng)
   y, x = drawing.jitter(
     *drawing.grid(height, width), rng, max_shift=0.12, max_degrees=12.0, zoom=(0.85, 1.15)
   )

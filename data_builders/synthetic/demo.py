@@ -4,7 +4,7 @@
 
 writes `DATA/manual/<layout>/` at the demo's sizes (`DEMO`) and builds it with the real builders
 into `DATA/tensorflow_datasets`. Each written dataset carries a stamp (`SYNTHETIC.json`: the
-layout, its arguments and `GENERATOR_VERSION`), copied beside its TFDS builds, where a run's
+layout, its arguments and its `GENERATOR_VERSIONS` entry), copied beside its TFDS builds, where a run's
 data fingerprint records it. A dataset whose stamp matches is left alone; any other one that
 this module wrote is deleted and written again, together with its TFDS builds, so a demo never
 reads data that an older generator wrote (TFDS itself would reuse a prepared dataset whatever its
@@ -31,8 +31,9 @@ from absl import app, flags, logging
 
 from data_builders import build, synthetic
 
-# Bump whenever the generators write something different for the same arguments.
-GENERATOR_VERSION = 2
+# Bump a layout's entry whenever its generator writes something different for the same arguments
+# (3 for chexpert: the real share of multi-image studies, and truth.csv).
+GENERATOR_VERSIONS = {"chexpert": 3, "nih": 2, "ham10000": 2, "teledermatology": 2}
 STAMP = "SYNTHETIC.json"
 # Sizes of the demo: 600 training and 500 validation CheXpert patients (a mean-AUC CI of about
 # ±0.025), 700 NIH patients of whom half are in the test list.
@@ -65,7 +66,7 @@ _WRITERS = {
 
 
 def _stamp(layout: str, arguments: Mapping[str, Any]) -> dict[str, Any]:
-  return {"layout": layout, "arguments": dict(arguments), "version": GENERATOR_VERSION}
+  return {"layout": layout, "arguments": dict(arguments), "version": GENERATOR_VERSIONS[layout]}
 
 
 def _build_dirs(data_dir: pathlib.Path, name: str) -> list[pathlib.Path]:

@@ -63,6 +63,24 @@ def knn_scores(features: np.ndarray, groups: np.ndarray, targets: np.ndarray, k:
     return np.where(count > 0, total / count, np.nan)
 
 
+def attribute_r2(features: np.ndarray, groups: np.ndarray, values: np.ndarray, k: int) -> float:
+  """How much of a numeric attribute's variance the features' neighbours predict.
+
+  The leave-group-out kNN of `knn_scores` regresses `values` (e.g. a drawn heart size, an
+  exposure): each row is predicted by the mean value of its k most similar rows of other groups,
+  over the rows whose value is finite. Returns R² = 1 − SSE / SST: 1 when neighbours share the
+  value exactly, about 0 (or below) when the features carry nothing of it.
+  """
+  values = np.asarray(values, np.float64)
+  known = np.isfinite(values)
+  if known.sum() < 2 or np.ptp(values[known]) == 0:
+    return float("nan")
+  y = values[known]
+  predicted = knn_scores(np.asarray(features)[known], np.asarray(groups)[known], y[:, None], k)
+  residual = y - predicted[:, 0]
+  return float(1.0 - np.sum(residual**2) / np.sum((y - y.mean()) ** 2))
+
+
 def score(
   features: np.ndarray, batch: dict[str, np.ndarray], *, task: str, names, k: int
 ) -> dict[str, float]:
@@ -126,7 +144,7 @@ class Probe:
     )  # fmt: skip
     self.labels = {
       key: np.concatenate([b[key] for b in self.batches])[keep]
-      for key in ("label", "targets", "target_mask", "patient_id")
+      for key in ("label", "targets", "target_mask", "patient_id", "image_id")
       if key in self.batches[0]
     }
     self.keep = keep
@@ -138,6 +156,12 @@ class Probe:
     return int(self.keep.sum())
 
   def __call__(self, state: Any) -> dict[str, float]:
+    return score(
+      self.features(state), self.labels, task=self.spec.task, names=self.names, k=self.spec.k
+    )
+
+  def features(self, state: Any) -> np.ndarray:
+    """[num_images, D] backbone features of the probe set under `state` (in inference mode)."""
     if self._features is None:
       self._features = jax.jit(
         lambda variables, images: state.apply_fn(variables, images, train=False)["features"],
@@ -149,5 +173,4 @@ class Probe:
       sharding.to_host(self._features(variables, sharding.make_global_batch(b["image"], self.mesh)))
       for b in self.batches
     ]
-    features = np.concatenate(parts)[self.keep]
-    return score(features, self.labels, task=self.spec.task, names=self.names, k=self.spec.k)
+    return np.concatenate(parts)[self.keep]

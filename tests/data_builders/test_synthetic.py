@@ -64,7 +64,39 @@ def test_chexpert_builds_with_real_builder_and_counts_match(tmp_path):
 
 def test_default_chexpert_counts_are_documented():
   structure = chexpert_layout._structure(300, (0.45, 0.35, 0.2))
-  assert (sum(len(s) for s in structure), sum(map(sum, structure))) == (516, 715)
+  assert (sum(map(len, structure)), sum(len(v) for s in structure for v in s)) == (516, 609)
+
+
+def test_chexpert_multi_image_studies_have_the_real_shares():
+  """The real train.csv: a lateral in 16.7% of studies, two or more images in 18.1%."""
+  studies = [v for s in chexpert_layout._structure(40_000, (0.45, 0.35, 0.2)) for v in s]
+  assert all(v[0] == "frontal" and v.count("lateral") <= 1 for v in studies)
+  assert abs(np.mean(["lateral" in v for v in studies]) - 0.167) < 0.005
+  assert abs(np.mean([len(v) >= 2 for v in studies]) - 0.181) < 0.005
+  assert np.mean([v.count("frontal") == 2 for v in studies]) > 0.012
+
+
+def test_chexpert_truth_records_each_image(tmp_path):
+  """truth.csv: one row per written image; a frontal's cardiothoracic ratio is what was drawn
+  (above 0.5 with a certain Cardiomegaly, below without), the same for a study's frontals."""
+  counts = synthetic.write_chexpert(tmp_path, num_patients=60, seed=1, image_size=24)
+  truth = _csv(tmp_path / chexpert_layout.TRUTH_FILE)
+  assert tuple(truth[0]) == chexpert_layout.TRUTH_HEADER
+  train = _csv(tmp_path / chexpert_layout.ROOT / "train.csv")
+  valid = _csv(tmp_path / chexpert_layout.ROOT / "valid.csv")
+  labels = {r[0]: r for r in train[1:] + valid[1:]}
+  assert [r[0] for r in truth[1:]] == list(labels)
+  assert len(truth) - 1 == counts.train_images + counts.valid_images
+  column = train[0].index("Cardiomegaly")
+  by_study: dict[str, set[str]] = {}
+  for path, ratio, *acquisition in truth[1:]:
+    assert (ratio == "") == path.endswith("_lateral.jpg")
+    assert all(0.0 < float(v) < 2.0 for v in acquisition)
+    if ratio:
+      by_study.setdefault(path.rsplit("/", 1)[0], set()).add(ratio)
+      cell = labels[path][column]
+      assert (float(ratio) > 0.5) if cell == "1.0" else (cell == "-1.0" or float(ratio) < 0.5)
+  assert all(len(ratios) == 1 for ratios in by_study.values())
 
 
 @pytest.mark.parametrize(
@@ -265,7 +297,12 @@ def test_demo_data_is_rebuilt_only_when_its_stamp_changes(tmp_path):
   assert demo.ensure(tmp_path, ["nih"], sizes) == {"nih": True}
   built = tmp_path / "tensorflow_datasets" / "nih_cxr14" / "images"
   stamp = json.loads((tmp_path / "manual" / "nih" / demo.STAMP).read_text())
-  assert stamp == {"layout": "nih", "arguments": sizes["nih"], "version": demo.GENERATOR_VERSION}
+  assert stamp == {
+    "layout": "nih",
+    "arguments": sizes["nih"],
+    "version": demo.GENERATOR_VERSIONS["nih"],
+  }
+  assert set(demo.GENERATOR_VERSIONS) == set(demo.DEMO) == set(demo.BUILDS)
   assert json.loads((built / demo.STAMP).read_text()) == stamp  # beside the build, for runs
   before = _digests(tmp_path / "manual")
   assert demo.ensure(tmp_path, ["nih"], sizes) == {"nih": False}
