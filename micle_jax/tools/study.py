@@ -36,6 +36,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from absl import flags, logging
 from etils import epath
 
@@ -278,6 +279,37 @@ def pretraining_health(pretrainings: list[Pretraining]) -> str:
   return "\n".join(lines)
 
 
+def probe_summary(pretrainings: list[Pretraining]) -> str:
+  """Each pretraining's kNN probe at its last scored step (pretraining.json: every metric, e.g.
+  the AUC of each label), then each method's mean over its pretraining seeds; "" when none was
+  probed. What each representation holds of each label, before any fine-tuning."""
+  last = {}
+  for p in pretrainings:
+    path = epath.Path(p.workdir) / run_files.PRETRAINING_FILE
+    history = (run_files.read_json(path) if path.exists() else {}).get("probe") or {}
+    if history:
+      step = max(history, key=int)
+      last[(p.method, p.seed)] = (int(step), history[step])
+  if not last:
+    return ""
+  metrics = list(next(iter(last.values()))[1])
+  header = ["method", "seed", "step", *(m.removeprefix("auc/") for m in metrics)]
+  rows = [
+    [method, unit_label(seed), str(step), *(f"{scores.get(m, float('nan')):.3f}" for m in metrics)]
+    for (method, seed), (step, scores) in last.items()
+  ]
+  for method in dict.fromkeys(method for method, _ in last):
+    mine = [scores for (m, _), (_, scores) in last.items() if m == method]
+    means = [np.mean([s.get(m, np.nan) for s in mine]) for m in metrics]
+    rows.append([method, "mean", "", *(f"{v:.3f}" for v in means)])
+  widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+  lines = ["kNN probe of each pretraining at its last step (frozen features, leave-patient-out):"]
+  lines += [
+    "  " + "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in [header, *rows]
+  ]
+  return "\n".join(line.rstrip() for line in lines)
+
+
 def collect(study) -> tuple[list[dict], list[dict], list[dict]]:
   """results.csv, arms.csv, differences.csv and the plot under ROOT/finetune; prints the
   tables."""
@@ -299,7 +331,7 @@ def run_study(study: ml_collections.ConfigDict) -> tuple[list[dict], list[dict],
   for p in pretrainings:
     name = f"pretrain {p.method} seed {p.seed} ({steps[p.method]} steps)"
     clock.run(name, pretrain.train_and_evaluate, p.config, p.workdir)
-  health = pretraining_health(pretrainings)
+  health = "\n".join(filter(None, [pretraining_health(pretrainings), probe_summary(pretrainings)]))
   print(health, flush=True)
   clock.run(f"fine-tune ({len(finetunings)} runs)", sweep.run, finetunings)
   out = clock.run("collect", collect, study)

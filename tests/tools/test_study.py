@@ -244,6 +244,25 @@ def test_a_pretraining_that_learned_nothing_is_flagged(cxr_data_dir, nih_data_di
   assert lines[2].startswith("  micle") and lines[2].endswith("NOT BELOW CHANCE: learned nothing")
 
 
+def test_each_pretrainings_last_probe_is_tabled_with_each_methods_mean(
+  cxr_data_dir, nih_data_dir, tmp_path
+):
+  s = _study(tmp_path, cxr_data_dir, nih_data_dir)
+  pretrainings = study.plan_pretraining(s)
+  assert study.probe_summary(pretrainings) == ""  # nothing pretrained yet
+  for i, p in enumerate(pretrainings):
+    (tmp_path / p.workdir).mkdir(parents=True, exist_ok=True)
+    probe = {"0": {"mean_auc": 0.5, "auc/Cardiomegaly": 0.5}}
+    probe["512"] = {"mean_auc": 0.7 + 0.1 * i, "auc/Cardiomegaly": 0.6 - 0.1 * i}
+    probe["100"] = {"mean_auc": 0.1, "auc/Cardiomegaly": 0.1}  # steps sort as numbers
+    (tmp_path / p.workdir / "pretraining.json").write_text(json.dumps({"probe": probe}))
+  lines = study.probe_summary(pretrainings).splitlines()
+  assert lines[1].split() == ["method", "seed", "step", "mean_auc", "Cardiomegaly"]
+  assert lines[2].split() == [pretrainings[0].method, "p0", "512", "0.700", "0.600"]
+  means = {line.split()[0]: line.split()[2:] for line in lines if " mean " in line}
+  assert means == {"simclr": ["0.700", "0.600"], "micle": ["0.800", "0.500"]}
+
+
 def test_print_only_prints_every_command_and_runs_nothing(tmp_path):
   import os
   import pathlib
