@@ -45,7 +45,7 @@ class Counts:
 LATERAL_SHARE = 0.167
 SECOND_FRONTAL_SHARE = 0.017
 TRUTH_FILE = "truth.csv"
-TRUTH_HEADER = ("Path", "cardiothoracic_ratio", "gamma", "gain", "tissue", "air")
+TRUTH_HEADER = ("Path", "cardiothoracic_ratio", "body", "gamma", "gain", "tissue", "air")
 
 
 def _structure(num_patients: int, study_probs: tuple[float, ...]) -> list[list[tuple[str, ...]]]:
@@ -133,7 +133,7 @@ def _write_split(
         ap_pa = "" if lateral else str(rng.choice(["AP", "PA", "LL"], p=[0.6, 0.39, 0.01]))
         meta = [relative, sex, str(age + study - 1), "Lateral" if lateral else "Frontal", ap_pa]
         rows.append(meta + [cells[name] for name in OBSERVATIONS])
-        acquisition = [exposure.gamma, exposure.gain, exposure.tissue, exposure.air]
+        acquisition = [anatomy.body, exposure.gamma, exposure.gain, exposure.tissue, exposure.air]
         truth.append([relative, "" if lateral else ratio] + [f"{v:.4f}" for v in acquisition])
   _write_csv(out_dir / ROOT / f"{split}.csv", HEADER, rows)
   return truth
@@ -165,8 +165,9 @@ def write_chexpert(
 
   Beside `CheXpert-v1.0-small/`, `truth.csv` (`TRUTH_HEADER`; no builder reads it) records what
   each image was drawn with: the cardiothoracic ratio of a frontal view
-  (`cxr.cardiothoracic_ratio`, blank for laterals) and the image's exposure (`cxr.Exposure`:
-  gamma, gain, tissue and air brightness), for probing what a representation encodes
+  (`cxr.cardiothoracic_ratio`, blank for laterals), the patient's body size (`cxr.Anatomy`: an
+  identity cue, useless for diagnosis) and the image's exposure (`cxr.Exposure`: gamma, gain,
+  tissue and air brightness), for probing what a representation encodes
   (`python -m micle_jax.probe_attributes`).
 
   Args:
