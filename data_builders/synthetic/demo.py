@@ -32,8 +32,9 @@ from absl import app, flags, logging
 from data_builders import build, synthetic
 
 # Bump a layout's entry whenever its generator writes something different for the same arguments
-# (3 for chexpert: the real share of multi-image studies, and truth.csv).
-GENERATOR_VERSIONS = {"chexpert": 3, "nih": 2, "ham10000": 2, "teledermatology": 2}
+# (3 for chexpert: the real share of multi-image studies, and truth.csv; 3 for ham10000: the
+# texture drawn on the lesion).
+GENERATOR_VERSIONS = {"chexpert": 3, "nih": 2, "ham10000": 3, "teledermatology": 2}
 STAMP = "SYNTHETIC.json"
 # Sizes of the demo: 600 training and 500 validation CheXpert patients (a mean-AUC CI of about
 # ±0.025), 700 NIH patients of whom half are in the test list.

@@ -8,7 +8,9 @@ one lesion, SimCLR's two augmentations of one photograph):
   shares.
 - **Per lesion** (`Lesion`, drawn once per case): skin tone, radius, border wobble, elongation
   and the texture pattern itself. Shared by a case's images, so they agree on more than the
-  class: an identity signal that instance discrimination can use and diagnosis cannot.
+  class: an identity signal that instance discrimination can use and diagnosis cannot. The
+  texture lives on the lesion (`texture`: drawn at the lesion's own coordinates), so it turns,
+  shifts and scales with it: two photos of a lesion in different poses share no texture pixels.
 - **Per image** (`render`): rotation (any angle), shift, zoom (0.85-1.15), skin mottling,
   overall brightness (±12%) and sensor noise, as repeat photographs of one lesion differ. These
   are the nuisances MICLe's pairs teach invariance to without augmentation having to imitate
@@ -46,7 +48,7 @@ class Lesion:
   harmonics: tuple[float, ...]  # border wobble amplitudes of harmonics 2..6
   phases: tuple[float, ...]
   stretch: float
-  seed: int  # seeds the lesion's texture, identical across its images
+  seed: int  # seeds the lesion's texture (on the lesion plane), the same for all its images
 
 
 def sample_lesion(dx: str, rng: np.random.Generator) -> Lesion:
@@ -64,10 +66,16 @@ def sample_lesion(dx: str, rng: np.random.Generator) -> Lesion:
   )
 
 
+def texture(lesion: Lesion, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+  """The lesion's texture in [-0.5, 0.5] at the lesion-plane coordinates (y, x): about ten cells
+  across a photo, a function of the plane (not of the pixel grid), seeded by the lesion."""
+  return drawing.plane_noise(lesion.seed, y, x, frequency=5.0) - 0.5
+
+
 def render(lesion: Lesion, *, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
   """Draws one photograph of `lesion` as uint8 [height, width, 3]."""
   y, x = drawing.jitter(*drawing.grid(height, width), rng, max_degrees=180.0, zoom=(0.85, 1.15))
-  colour, _, texture, _ = CLASS_STYLE[lesion.dx]
+  colour, _, strength, _ = CLASS_STYLE[lesion.dx]
   angle = np.arctan2(y, x)
   wobble = sum(
     a * np.cos((k + 2) * angle + p)
@@ -75,9 +83,7 @@ def render(lesion: Lesion, *, height: int, width: int, rng: np.random.Generator)
   )
   r = np.sqrt(y**2 + (x * lesion.stretch) ** 2) / (lesion.radius * (1.0 + wobble))
   inside = drawing.sigmoid((1.0 - r) / 0.06)
-  own = np.random.default_rng(lesion.seed)
-  pattern = drawing.smooth_noise(own, y.shape, 10) - 0.5
-  lesion_rgb = np.array(colour, np.float32) * (1.0 + texture * pattern[..., None])
+  lesion_rgb = np.array(colour, np.float32) * (1.0 + strength * texture(lesion, y, x)[..., None])
   if lesion.dx == "df":
     lesion_rgb = lesion_rgb + 0.3 * drawing.gaussian(y, x, (0.0, 0.0), 0.12)[..., None]
   if lesion.dx == "bcc":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import os
@@ -18,7 +19,15 @@ import tensorflow_datasets as tfds
 
 from data_builders import build, common, synthetic
 from data_builders.synthetic import __main__ as synthetic_main
-from data_builders.synthetic import chexpert_layout, demo, findings, ham10000_layout, nih_layout
+from data_builders.synthetic import (
+  chexpert_layout,
+  demo,
+  derm,
+  drawing,
+  findings,
+  ham10000_layout,
+  nih_layout,
+)
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -131,6 +140,20 @@ def test_ham10000_layout(tmp_path):
   assert max(sizes) <= 6 and min(sizes) == 1
   image = tf.io.decode_jpeg(matches[0].read_bytes())
   assert image.shape == (40, 53, 3)
+
+
+def test_ham10000_texture_turns_with_the_lesion():
+  """No identity shortcut: the texture is a function of the lesion plane, so a photo turned by
+  90° shows the texture turned by 90° (the same plane sampled at the same points), not the
+  same pixels."""
+  lesion = derm.sample_lesion("bkl", np.random.default_rng(3))
+  y, x = drawing.grid(32, 32)
+  upright = derm.texture(lesion, y, x)
+  turned = derm.texture(lesion, x, -y)  # the coordinates of a photo turned by 90°
+  assert np.abs(upright - np.rot90(upright)).mean() > 0.05  # not symmetric: the test can fail
+  assert min(np.abs(turned - np.rot90(upright, k=k)).max() for k in (1, -1)) < 1e-5
+  other = derm.texture(dataclasses.replace(lesion, seed=lesion.seed + 1), y, x)
+  assert np.abs(other - upright).mean() > 0.05  # each lesion its own
 
 
 @pytest.mark.parametrize("legacy", [False, True])
