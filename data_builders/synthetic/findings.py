@@ -4,8 +4,8 @@ MICLe rests on one premise: several images of one case share the pathology, whil
 its own nuisance. The synthetic chest X-rays are built so that this holds for some findings and
 not for others, and the demo can show the method working or failing for a stated reason:
 
-- **Anatomy** (`cxr.Anatomy`: body and lung size, heart size, tissue and air intensity, gamma)
-  is drawn once per patient and shared by all their images: an identity signal, useless for
+- **Anatomy** (`cxr.Anatomy`: body and lung size, heart size, rib spacing, the side of
+  unilateral findings) is drawn once per patient and shared by all their images: an identity signal, useless for
   diagnosis, that any instance-discrimination method can latch onto.
 - **Chronic findings** (`CHRONIC`: Cardiomegaly, Pleural Effusion, Support Devices) are drawn
   once per patient with their prevalence; a patient who has one shows it in each of their
@@ -16,8 +16,9 @@ not for others, and the demo can show the method working or failing for a stated
   study's acute findings over with probability `CARRY_OVER` (0.5: a follow-up within the same
   episode) and otherwise draws them afresh. Two studies of a patient therefore share them more
   often than chance, and far less often than chronic ones.
-- **Per image**: view (frontal or lateral), a small shift, rotation and zoom, brightness and noise
-  (`cxr.render`), drawn for every image.
+- **Per image**: view (frontal or lateral), a small shift, rotation and zoom, and the exposure
+  (`cxr.Exposure`: tissue and air brightness, gamma, gain, noise), drawn for every image
+  (`cxr.render`).
 
 What this predicts: MICLe's positive pairs (two images of one patient, usually from different
 studies) agree on anatomy and chronic findings, differ in exposure and pose, and disagree on

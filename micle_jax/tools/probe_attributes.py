@@ -21,6 +21,7 @@ the same way. An image of the probe set missing from the CSV is an error naming 
 import csv
 import dataclasses
 import json
+import posixpath
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -66,11 +67,17 @@ def read_attributes(
     if missing:
       raise ValueError(f"{path}: no column(s) {missing} (it has {header})")
     values: dict[str, dict[str, float]] = {c: {} for c in wanted}
+    seen: dict[str, int] = {}
     for line, row in enumerate(reader, start=2):
+      # As the builders store an image's id: a normalised relative path.
+      image = posixpath.normpath((row[path_column] or "").strip().replace("\\", "/"))
+      if image in seen:
+        raise ValueError(f"{path}, row {line}: {image!r} again (first in row {seen[image]})")
+      seen[image] = line
       for column in wanted:
         cell = (row[column] or "").strip()
         try:
-          values[column][row[path_column]] = float(cell) if cell else float("nan")
+          values[column][image] = float(cell) if cell else float("nan")
         except ValueError:
           raise ValueError(
             f"{path}, row {line}: column {column!r} holds {cell!r}, not a number"
@@ -97,11 +104,24 @@ def probe_workdir(
   workdir: epath.PathLike,
   attributes: Mapping[str, Mapping[str, float]],
   *,
+  source: str = "the attributes",
   data_dir: str = "",
   max_images: int | None = None,
   mesh: jax.sharding.Mesh | None = None,
 ) -> dict[str, Any]:
-  """The probe's metrics and each attribute's R² for the latest checkpoint of `workdir`."""
+  """The probe's metrics and each attribute's R² for the latest checkpoint of `workdir`.
+
+  Args:
+    workdir: a pretraining workdir (config.json and checkpoints/).
+    attributes: {column: {image id: value}}, as `read_attributes` returns.
+    source: where `attributes` came from, for errors (e.g. the CSV's path).
+    data_dir: the probe set's TFDS data_dir ("" : the config's).
+    max_images: the probe set's size (None: the config's `probe.max_images`).
+    mesh: the device mesh (None: all devices).
+
+  Raises:
+    ValueError: naming `source`, the workdir and an example, for a probe image with no row.
+  """
   spec, weights = load(workdir)
   if not spec.probe.dataset:
     raise specs.ConfigError(f"{workdir}: its config has no probe (probe.dataset is empty)")
@@ -134,7 +154,8 @@ def probe_workdir(
     unknown = [i for i in ids if i not in by_image]
     if unknown:
       raise ValueError(
-        f"attribute {column!r}: {len(unknown)} probe image(s) have no row, e.g. {unknown[0]!r}"
+        f"{source}: column {column!r} has no row for {len(unknown)} image(s) of the probe set of "
+        f"{workdir}, e.g. {unknown[0]!r}"
       )
     values = np.array([by_image[i] for i in ids], np.float64)
     r2[column] = probe.attribute_r2(features, labels["patient_id"], values, probe_spec.k)
@@ -150,8 +171,9 @@ def probe_workdir(
 
 def format_table(reports: Sequence[Mapping[str, Any]]) -> str:
   """One row per workdir: step, the probe's metrics, then each attribute's R²."""
-  metrics = list(reports[0]["probe"]) if reports else []
-  columns = list(reports[0]["r2"]) if reports else []
+  # Columns in order of first appearance over all reports (a missing one prints nan).
+  metrics = list(dict.fromkeys(m for r in reports for m in r["probe"]))
+  columns = list(dict.fromkeys(c for r in reports for c in r["r2"]))
   header = ["workdir", "step", *metrics, *(f"r2/{c}" for c in columns)]
   rows = [
     [run_files.short(r["workdir"]), str(r["step"])]
@@ -160,7 +182,9 @@ def format_table(reports: Sequence[Mapping[str, Any]]) -> str:
     for r in reports
   ]
   widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-  return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in [header, *rows])
+  return "\n".join(
+    "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in [header, *rows]
+  )
 
 
 FLAGS = flags.FLAGS
@@ -185,7 +209,12 @@ def main() -> None:
   for workdir in FLAGS.workdir:
     reports.append(
       probe_workdir(
-        workdir, attributes, data_dir=FLAGS.data_dir, max_images=FLAGS.max_images, mesh=mesh
+        workdir,
+        attributes,
+        source=FLAGS.attributes,
+        data_dir=FLAGS.data_dir,
+        max_images=FLAGS.max_images,
+        mesh=mesh,
       )
     )
     logging.info("%s: %s", workdir, reports[-1])
