@@ -281,31 +281,41 @@ def pretraining_health(pretrainings: list[Pretraining]) -> str:
 
 def probe_summary(pretrainings: list[Pretraining]) -> str:
   """Each pretraining's kNN probe at its last scored step (pretraining.json: every metric, e.g.
-  the AUC of each label), then each method's mean over its pretraining seeds; "" when none was
-  probed. What each representation holds of each label, before any fine-tuning."""
+  the AUC of each label) beside its first metric at step 0, then each method's mean over its
+  pretraining seeds; "" when none was probed. What each representation holds of each label,
+  before any fine-tuning. A run whose first metric ended at or below its value at step 0 (the
+  architecture at initialisation) is flagged: its contrastive task may have trained, but on a
+  cue the labels do not share, and every arm fine-tuned from it measures that."""
   last = {}
   for p in pretrainings:
     path = epath.Path(p.workdir) / run_files.PRETRAINING_FILE
     history = (run_files.read_json(path) if path.exists() else {}).get("probe") or {}
     if history:
       step = max(history, key=int)
-      last[(p.method, p.seed)] = (int(step), history[step])
+      last[(p.method, p.seed)] = (int(step), history[step], history.get("0"))
   if not last:
     return ""
   metrics = list(next(iter(last.values()))[1])
-  header = ["method", "seed", "step", *(m.removeprefix("auc/") for m in metrics)]
-  rows = [
-    [method, unit_label(seed), str(step), *(f"{scores.get(m, float('nan')):.3f}" for m in metrics)]
-    for (method, seed), (step, scores) in last.items()
-  ]
+  main = metrics[0]
+  header = ["method", "seed", "step", f"{main}@0", *(m.removeprefix("auc/") for m in metrics)]
+  rows, flags = [], []
+  for (method, seed), (step, scores, start) in last.items():
+    at_start = (start or {}).get(main, float("nan"))
+    values = [f"{scores.get(m, float('nan')):.3f}" for m in metrics]
+    rows.append([method, unit_label(seed), str(step), f"{at_start:.3f}", *values])
+    flags.append(
+      "  NOT ABOVE INITIALISATION" if step > 0 and scores.get(main, np.nan) <= at_start else ""
+    )
   for method in dict.fromkeys(method for method, _ in last):
-    mine = [scores for (m, _), (_, scores) in last.items() if m == method]
+    mine = [scores for (m, _), (_, scores, _) in last.items() if m == method]
     means = [np.mean([s.get(m, np.nan) for s in mine]) for m in metrics]
-    rows.append([method, "mean", "", *(f"{v:.3f}" for v in means)])
+    rows.append([method, "mean", "", "", *(f"{v:.3f}" for v in means)])
+    flags.append("")
   widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
   lines = ["kNN probe of each pretraining at its last step (frozen features, leave-patient-out):"]
   lines += [
-    "  " + "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in [header, *rows]
+    "  " + "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) + flag
+    for r, flag in zip([header, *rows], ["", *flags], strict=True)
   ]
   return "\n".join(line.rstrip() for line in lines)
 

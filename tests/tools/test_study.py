@@ -257,10 +257,17 @@ def test_each_pretrainings_last_probe_is_tabled_with_each_methods_mean(
     probe["100"] = {"mean_auc": 0.1, "auc/Cardiomegaly": 0.1}  # steps sort as numbers
     (tmp_path / p.workdir / "pretraining.json").write_text(json.dumps({"probe": probe}))
   lines = study.probe_summary(pretrainings).splitlines()
-  assert lines[1].split() == ["method", "seed", "step", "mean_auc", "Cardiomegaly"]
-  assert lines[2].split() == [pretrainings[0].method, "p0", "512", "0.700", "0.600"]
+  assert lines[1].split() == ["method", "seed", "step", "mean_auc@0", "mean_auc", "Cardiomegaly"]
+  assert lines[2].split() == [pretrainings[0].method, "p0", "512", "0.500", "0.700", "0.600"]
   means = {line.split()[0]: line.split()[2:] for line in lines if " mean " in line}
   assert means == {"simclr": ["0.700", "0.600"], "micle": ["0.800", "0.500"]}
+  assert not any("NOT ABOVE" in line for line in lines)
+  # A representation that ends where a random network starts (or below) is flagged.
+  workdir = tmp_path / pretrainings[1].workdir
+  probe["512"] = {"mean_auc": 0.49, "auc/Cardiomegaly": 0.7}
+  (workdir / "pretraining.json").write_text(json.dumps({"probe": probe}))
+  flagged = [line for line in study.probe_summary(pretrainings).splitlines() if "NOT ABOVE" in line]
+  assert len(flagged) == 1 and flagged[0].split()[:2] == [pretrainings[1].method, "p0"]
 
 
 def test_print_only_prints_every_command_and_runs_nothing(tmp_path):
