@@ -18,12 +18,13 @@ Module names are stable and structural (`block_group_1_block_0/conv_1`), because
 conversion from the published TensorFlow weights matches on them.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from micle_jax import specs
 from micle_jax.models.layers import (
@@ -335,6 +336,12 @@ def create_model(spec: specs.ModelSpec) -> ContrastiveModel:
     freeze_backbone=spec.freeze_backbone,
     zero_init_head=spec.zero_init_head,
   )
+
+
+def head_classes(params: Mapping[str, Any]) -> int:
+  """The output count of a checkpoint's supervised head (0 where it has none)."""
+  head = params.get("head_supervised") or {}
+  return int(np.shape(head["kernel"])[-1]) if "kernel" in head else 0
 
 
 def count_params(tree: Any, prefixes: Sequence[str] = ()) -> int:

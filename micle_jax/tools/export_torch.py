@@ -152,11 +152,6 @@ def _load(source: Source) -> tuple[dict[str, Any], dict[str, Any], int]:
     raise ExportError(f"--checkpoint={source.checkpoint}: {e}") from e
 
 
-def _num_classes(params: Mapping[str, Any]) -> int:
-  head = params.get("head_supervised")
-  return int(np.shape(head["kernel"])[-1]) if head and "kernel" in head else 0
-
-
 def expected_shapes(spec: specs.ModelSpec) -> dict[str, tuple[int, ...]]:
   """Every leaf of the Flax model's {'params', 'batch_stats'} ("params/backbone/...") and shape."""
   model = resnet.create_model(spec)
@@ -314,7 +309,7 @@ def export(
   if existing and not overwrite:
     raise FileExistsError(f"--out={out}: {' and '.join(existing)} exist; pass --overwrite")
   params, batch_stats, step = _load(source)
-  spec = dataclasses.replace(source.model, num_classes=_num_classes(params))
+  spec = dataclasses.replace(source.model, num_classes=resnet.head_classes(params))
   if supervised_input_layer is not None:
     try:
       spec = dataclasses.replace(spec, supervised_input_layer=supervised_input_layer)

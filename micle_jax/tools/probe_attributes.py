@@ -94,8 +94,7 @@ def load(workdir: epath.PathLike) -> tuple[specs.PretrainSpec, Weights]:
   config = ml_collections.ConfigDict(run_files.upgrade(run_files.read_json(config_path)))
   spec = specs.from_config(specs.PretrainSpec, config)
   params, batch_stats, step = checkpoint.load_weights(workdir)
-  head = params.get("head_supervised") or {}
-  num_classes = int(np.shape(head["kernel"])[-1]) if "kernel" in head else 0
+  num_classes = resnet.head_classes(params)
   model = resnet.create_model(dataclasses.replace(spec.model, num_classes=num_classes))
   return spec, Weights(model.apply, params, batch_stats, step)
 

@@ -259,14 +259,19 @@ class _Stopwatch:
     return result
 
 
+def _record(p: Pretraining) -> dict[str, Any]:
+  """A pretraining's pretraining.json ({} before it ran)."""
+  path = epath.Path(p.workdir) / run_files.PRETRAINING_FILE
+  return run_files.read_json(path) if path.exists() else {}
+
+
 def pretraining_health(pretrainings: list[Pretraining]) -> str:
   """Each pretraining's contrastive accuracy and loss at its end beside chance (its
   pretraining.json); one whose loss is not below chance learned nothing (e.g. it diverged), and
   every arm fine-tuned from it measures that, not the method: flagged."""
   lines = ["Pretraining at its end (contrastive accuracy and loss over the last logged steps):"]
   for p in pretrainings:
-    path = epath.Path(p.workdir) / run_files.PRETRAINING_FILE
-    c = (run_files.read_json(path) if path.exists() else {}).get("contrastive")
+    c = _record(p).get("contrastive")
     name = f"{p.method:<12} {unit_label(p.seed):<4}"
     if not c or c.get("loss") is None:
       lines.append(f"  {name} not recorded")
@@ -288,8 +293,7 @@ def probe_summary(pretrainings: list[Pretraining]) -> str:
   cue the labels do not share, and every arm fine-tuned from it measures that."""
   last = {}
   for p in pretrainings:
-    path = epath.Path(p.workdir) / run_files.PRETRAINING_FILE
-    history = (run_files.read_json(path) if path.exists() else {}).get("probe") or {}
+    history = _record(p).get("probe") or {}
     if history:
       step = max(history, key=int)
       last[(p.method, p.seed)] = (int(step), history[step], history.get("0"))
