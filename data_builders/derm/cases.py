@@ -91,6 +91,21 @@ def make_cases(
   return cases
 
 
+def untrained_labels(cases: Iterable[Case]) -> dict[str, dict[str, int]]:
+  """Returns each label that no `train` case has, with its number of cases per split.
+
+  A classifier fine-tuned on such a data set has an output for the label that it never trains,
+  so every case of it (often of an `external` clinic) counts against every method alike.
+  """
+  trained = {case.label for case in cases if case.split == "train"}
+  counts: dict[str, dict[str, int]] = {}
+  for case in cases:
+    if case.label not in trained:
+      per_split = counts.setdefault(case.label, {})
+      per_split[case.split] = per_split.get(case.split, 0) + 1
+  return counts
+
+
 def class_names(cases: Iterable[Case], known: Sequence[str] | None) -> list[str]:
   """Returns the class names: `known` if given, else the sorted unique labels of `cases`."""
   return list(known) if known is not None else sorted({case.label for case in cases})

@@ -133,6 +133,14 @@ class Derm(tfds.core.GeneratorBasedBuilder):
     if _CLASSES[config.source] is None:
       label_feature.names = cases_lib.class_names(cases, None)
     logging.info("%s: %d cases, classes %s", config.name, len(cases), label_feature.names)
+    for label, per_split in cases_lib.untrained_labels(cases).items():
+      logging.warning(
+        "%s: label %r has no train case (cases per split: %s) in %s; a classifier never learns it",
+        config.name,
+        label,
+        per_split,
+        manual_dir,
+      )
     by_split: dict[str, list[cases_lib.Case]] = {}
     for case in cases:
       by_split.setdefault(case.split, []).append(case)

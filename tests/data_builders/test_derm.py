@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import Callable
 
@@ -13,6 +14,7 @@ from etils import epath
 
 from data_builders import synthetic
 from data_builders.common import DataError
+from data_builders.derm import cases as cases_lib
 from data_builders.derm import derm
 
 DUMMY_DATA = epath.Path(__file__).resolve().parents[2] / "data_builders" / "derm" / "dummy_data"
@@ -106,6 +108,30 @@ def test_generic_class_names_sorted_and_kept_on_reload(tmp_path):
   assert case["label"] == names.index("eczema") and case["num_images"] == 3
   assert [tf.io.decode_jpeg(data).shape[-1] for data in case["images"]] == [3, 3, 3]
   assert list(case["image_ids"]) == [f"images/case_e_{i}.jpg".encode() for i in (1, 2, 3)]
+
+
+def test_label_without_train_case_is_named_in_a_warning(tmp_path, caplog):
+  manual = _copy(tmp_path, "generic")
+  shutil.copy(manual / "images/case_a_1.jpg", manual / "images/case_x_1.jpg")
+  with (manual / "cases.csv").open("a") as f:
+    f.write("case_x,images/case_x_1.jpg,vitiligo,external,pat_9,50,male,face\n")
+  with caplog.at_level(logging.WARNING):
+    splits = _build(manual, "generic_cases")
+  assert len(splits["external"]) == 1
+  assert "label 'vitiligo' has no train case (cases per split: {'external': 1})" in caplog.text
+  assert "psoriasis" not in caplog.text  # trained, though also in validation
+
+
+def test_untrained_labels_counts_cases_per_split():
+  def case(label, split):
+    return cases_lib.Case(f"{label}_{split}", "p", label, split, ())
+
+  cases = [case("a", "train"), case("a", "test"), case("b", "test"), case("b", "external")]
+  cases += [case("c", "external"), case("c", "external")]
+  assert cases_lib.untrained_labels(cases) == {
+    "b": {"test": 1, "external": 1},
+    "c": {"external": 2},
+  }
 
 
 def test_ham10000_lower_case_folders_and_old_header(tmp_path):
