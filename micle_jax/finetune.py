@@ -233,8 +233,7 @@ def _pretraining_summary(init: loop.InitInfo) -> dict[str, Any] | None:
   """The init's `pretraining.json` (steps, pairs and views seen), when it is a pretraining workdir."""
   if init.source != "init_from":
     return None
-  path = epath.Path(init.path) / run_files.PRETRAINING_FILE
-  return run_files.read_json(path) if path.exists() else None
+  return run_files.read_json_if_exists(epath.Path(init.path) / run_files.PRETRAINING_FILE)
 
 
 def _init_summary(spec, init: loop.InitInfo, workdir: epath.Path) -> dict[str, Any]:
@@ -254,8 +253,7 @@ def _init_summary(spec, init: loop.InitInfo, workdir: epath.Path) -> dict[str, A
 
 def _recorded_pretraining(workdir: epath.Path) -> dict[str, Any] | None:
   """The init's pretraining summary as recorded when the run first started (for resumed runs)."""
-  path = workdir / run_files.PRETRAINING_FILE
-  return run_files.read_json(path) if path.exists() else None
+  return run_files.read_json_if_exists(workdir / run_files.PRETRAINING_FILE)
 
 
 def _scalars(prefix: str, result: dict[str, Any]) -> dict[str, float]:

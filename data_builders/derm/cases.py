@@ -91,7 +91,7 @@ def make_cases(
   return cases
 
 
-def untrained_labels(cases: Iterable[Case]) -> dict[str, dict[str, int]]:
+def untrained_labels(cases: Sequence[Case]) -> dict[str, dict[str, int]]:
   """Returns each label that no `train` case has, with its number of cases per split.
 
   A classifier fine-tuned on such a data set has an output for the label that it never trains,

@@ -74,8 +74,7 @@ def _record(folder: str, name: str) -> dict[str, Any] | None:
   """A run file of a checkpoint's folder, or None where it is absent or cannot be reached (a
   table is still written when a remote init is out of reach: the chain then names the folder)."""
   try:
-    path = run_files.run_dir(folder) / name
-    return run_files.read_json(path) if path.exists() else None
+    return run_files.read_json_if_exists(run_files.run_dir(folder) / name)
   except Exception:  # noqa: BLE001 -- e.g. gs:// without credentials
     return None
 

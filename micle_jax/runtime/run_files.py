@@ -158,6 +158,12 @@ def read_json(path: epath.PathLike) -> Any:
   return json.loads(epath.Path(path).read_text())
 
 
+def read_json_if_exists(path: epath.PathLike) -> Any | None:
+  """`read_json(path)`, or None where there is no such file (a run that has not written it)."""
+  path = epath.Path(path)
+  return read_json(path) if path.exists() else None
+
+
 def _without_locations(tree: Any) -> Any:
   if isinstance(tree, Mapping):
     return {k: _without_locations(v) for k, v in tree.items() if not k.endswith("data_dir")}

@@ -261,8 +261,7 @@ class _Stopwatch:
 
 def _record(p: Pretraining) -> dict[str, Any]:
   """A pretraining's pretraining.json ({} before it ran)."""
-  path = epath.Path(p.workdir) / run_files.PRETRAINING_FILE
-  return run_files.read_json(path) if path.exists() else {}
+  return run_files.read_json_if_exists(epath.Path(p.workdir) / run_files.PRETRAINING_FILE) or {}
 
 
 def pretraining_health(pretrainings: list[Pretraining]) -> str:

@@ -34,3 +34,9 @@ def test_another_config_is_refused_naming_the_keys(tmp_path):
   run_files.check_reusable(tmp_path, changed, what="resume", allow_length_change=True)
   with pytest.raises(ValueError, match="num_steps"):
     run_files.check_reusable(tmp_path, changed, what="skip", allow_length_change=False)
+
+
+def test_read_json_if_exists_reads_a_written_file_and_is_none_without_one(tmp_path):
+  assert run_files.read_json_if_exists(tmp_path / run_files.PRETRAINING_FILE) is None
+  run_files.write_json(tmp_path / run_files.PRETRAINING_FILE, {"steps": 3})
+  assert run_files.read_json_if_exists(tmp_path / run_files.PRETRAINING_FILE) == {"steps": 3}
